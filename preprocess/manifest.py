@@ -1,0 +1,82 @@
+"""The manifest: the only contract between `crop` and `train`/`predict`/`report`.
+
+One row per input photo, in a stable order, with explicit label columns. Nothing downstream
+re-derives a label from a folder name.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from . import labels as L
+from .imageio import atomic_write_bytes
+from .layouts import LayoutError, safe_relative
+
+COLUMNS = ["image_id", "source", "crop", "person_id", "gender", "race", "age", "mask", "age_group", "label",
+           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height"]
+INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height"}
+FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score"}
+
+# ok: MTCNN found the face in this photo; relaxed: found by the second, lower-threshold pass;
+# person_box: the median box of the same person's other photos; no_face: centre crop;
+# unreadable / missing: no pixels (a grey crop stands in so predict can still answer); bad_name: labels unknown.
+STATUSES = ("ok", "relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")
+TRAINABLE = ("ok", "relaxed", "person_box", "no_face")
+
+MANIFEST = "manifest.csv"
+META = "crops.json"
+
+
+def write_manifest(crops: Path, rows: list[dict], meta: dict) -> None:
+    """Write manifest.csv and crops.json atomically (each is replaced whole, or not at all)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    atomic_write_bytes(Path(crops) / MANIFEST, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(Path(crops) / META, json.dumps(meta, indent=2).encode("utf-8"))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) > 1.5 else f"{v:.6f}"
+    return str(v)
+
+
+def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
+    """Rows of CROPS/manifest.csv with typed values. With `old`, age_group and label are recomputed
+    from the explicit `age` column for that threshold (the manifest stores them for the crop's `old`)."""
+    path = Path(crops) / MANIFEST
+    if not path.is_file():
+        raise LayoutError(f"{crops} has no {MANIFEST}: run `maskcls crop RAW --out {crops}` first")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise LayoutError(f"{path} is not a maskcls manifest: missing columns {sorted(missing)}")
+        rows = []
+        for n, raw in enumerate(reader, start=2):
+            r = dict(raw)
+            try:
+                for k in INT_COLUMNS:
+                    r[k] = int(r[k]) if r[k] != "" else L.UNKNOWN
+                for k in FLOAT_COLUMNS:
+                    r[k] = float(r[k]) if r[k] != "" else None
+            except ValueError as e:
+                raise LayoutError(f"{path} line {n}: {e}") from None
+            r["crop"] = safe_relative(Path(crops), r["crop"], f"{path} line {n}")
+            if old is not None:
+                r["age_group"] = L.age_group(r["age"], old)
+                r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
+            rows.append(r)
+    return rows
+
+
+def read_meta(crops: Path) -> dict:
+    path = Path(crops) / META
+    return json.loads(path.read_text()) if path.is_file() else {}

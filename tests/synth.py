@@ -1,0 +1,112 @@
+"""Synthetic competition-style photos with a known face box, made from the public-domain faces in
+tests/assets/faces (see SOURCES.md there). Used by data_samples/make_samples.py, the benchmarks and
+the tests. Masks are drawn from the faces' MTCNN landmarks (stored in landmarks.json, so generating
+needs no detector).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "faces"
+W, H = 384, 512
+
+MASK_COLOURS = [(235, 235, 240), (150, 190, 230), (30, 30, 35), (230, 170, 190), (90, 120, 90), (200, 60, 60)]
+
+
+@dataclass
+class Source:
+    name: str
+    rgb: np.ndarray
+    box: np.ndarray        # x1 y1 x2 y2
+    landmarks: np.ndarray  # 5 x 2
+
+
+def sources() -> list[Source]:
+    meta = json.loads((ASSETS / "landmarks.json").read_text())
+    out = []
+    for name, m in meta.items():
+        bgr = cv2.imread(str(ASSETS / name), cv2.IMREAD_COLOR)
+        out.append(Source(name.rsplit(".", 1)[0], cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+                          np.array(m["box"], float), np.array(m["landmarks"], float)))
+    return out
+
+
+def compose(src: Source, rng: np.random.Generator, face_w: float | None = None, centre=None, flip=False,
+            size=(W, H), jitter=True):
+    """A size[0] x size[1] photo with src's face scaled to `face_w` pixels wide at `centre`.
+    Returns (rgb, box, landmarks) in the new photo's pixels."""
+    w, h = size
+    face_w = face_w if face_w is not None else rng.uniform(0.38, 0.5) * w
+    cx, cy = centre if centre is not None else (w / 2 + rng.uniform(-20, 20), h * 0.42 + rng.uniform(-20, 20))
+    bx1, by1, bx2, by2 = src.box
+    s = face_w / (bx2 - bx1)
+    sx = -s if flip else s
+    src_cx, src_cy = (bx1 + bx2) / 2, (by1 + by2) / 2
+    M = np.array([[sx, 0, cx - sx * src_cx], [0, s, cy - s * src_cy]])
+    img = cv2.warpAffine(src.rgb, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    pts = np.c_[src.landmarks, np.ones(5)] @ M.T
+    if flip:
+        pts = pts[[1, 0, 2, 4, 3]]  # left/right swap places under a mirror
+    corners = np.array([[bx1, by1, 1], [bx2, by2, 1]]) @ M.T
+    box = np.array([corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()])
+    if jitter:
+        gain = rng.uniform(0.8, 1.2, size=3)
+        img = np.clip(img.astype(np.float32) * gain + rng.uniform(-15, 15), 0, 255).astype(np.uint8)
+    return img, box, pts
+
+
+def draw_mask(img: np.ndarray, box, pts, kind: str = "wear", colour=(235, 235, 240)) -> np.ndarray:
+    """Draw a face mask: 'wear' covers nose to chin; 'incorrect' sits below the nose."""
+    img = img.copy()
+    x1, y1, x2, y2 = box
+    fw = x2 - x1
+    eye_y = (pts[0, 1] + pts[1, 1]) / 2
+    nose_x, nose_y = pts[2]
+    mouth_y = (pts[3, 1] + pts[4, 1]) / 2
+    top = nose_y - 0.45 * (nose_y - eye_y) if kind == "wear" else nose_y + 0.45 * (mouth_y - nose_y)
+    bottom = y2 + 0.04 * (y2 - y1)
+    poly = np.array([
+        [x1 + 0.02 * fw, top + 0.12 * fw], [nose_x, top], [x2 - 0.02 * fw, top + 0.12 * fw],
+        [x2 - 0.06 * fw, mouth_y + 0.25 * (bottom - mouth_y)], [nose_x + 0.2 * fw, bottom], [nose_x - 0.2 * fw, bottom],
+        [x1 + 0.06 * fw, mouth_y + 0.25 * (bottom - mouth_y)],
+    ], np.int32)
+    cv2.fillPoly(img, [poly], colour, lineType=cv2.LINE_AA)
+    shade = tuple(int(c * 0.8) for c in colour)
+    for k in (1, 2, 3):  # pleats
+        y = int(top + k * (bottom - top) / 4.5)
+        cv2.line(img, (int(x1 + 0.1 * fw), y), (int(x2 - 0.1 * fw), y), shade, 2, cv2.LINE_AA)
+    return img
+
+
+def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H)):
+    """The seven photos of one synthetic person: {stem: (rgb, true_box)}; they share framing, as in the data."""
+    face_w = rng.uniform(0.38, 0.5) * size[0]
+    centre = (size[0] / 2 + rng.uniform(-20, 20), size[1] * 0.42 + rng.uniform(-20, 20))
+    out = {}
+    for k, stem in enumerate(["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]):
+        c = (centre[0] + rng.uniform(-6, 6), centre[1] + rng.uniform(-6, 6))
+        img, box, pts = compose(src, rng, face_w * rng.uniform(0.96, 1.04), c, flip, size)
+        if stem != "normal":
+            colour = MASK_COLOURS[k % len(MASK_COLOURS)]
+            img = draw_mask(img, box, pts, "wear" if stem.startswith("mask") else "incorrect", colour)
+        out[stem] = (img, box)
+    return out
+
+
+def save(path: Path, rgb: np.ndarray, quality: int = 85) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
