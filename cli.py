@@ -104,5 +104,72 @@ def crop(
     console.print(f"manifest: {res.crops / 'manifest.csv'}")
 
 
+@app.command()
+@user_errors
+def train(
+    crops: Optional[Path] = typer.Argument(None, help="Crops folder written by `maskcls crop`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, split, metrics, checkpoints)."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options (the command line wins)."),
+    model: Optional[str] = typer.Option(None, help="resnet18|34|50, efficientnet_b0..b3, attention [resnet18]."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model [resnet18]."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per process [32]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [1e-3]."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [1e-4]."),
+    optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd [adamw]."),
+    scheduler: Optional[str] = typer.Option(None, help="none | cosine | onecycle [cosine]."),
+    img_size: Optional[int] = typer.Option(None, help="Model input side, pixels [224]."),
+    preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none [base]."),
+    mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup [none]."),
+    mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio [1.0]."),
+    loss: Optional[str] = typer.Option(None, help="ce | smooth | focal | f1 [ce]."),
+    smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth [0.1]."),
+    gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal [2.0]."),
+    task_weighting: Optional[str] = typer.Option(None, help="Attention model: fixed | uncertainty [uncertainty]."),
+    val_ratio: Optional[float] = typer.Option(None, help="Share of people held out for validation [0.2]."),
+    folds: Optional[int] = typer.Option(None, help="K-fold by person: K (0: use --val-ratio) [0]."),
+    fold: Optional[int] = typer.Option(None, help="Which fold validates, 0..K-1 [0]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the split, order, augmentation [42]."),
+    old: Optional[int] = typer.Option(None, help="Age-group threshold: age >= old is group 2 [60]."),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
+                                                   help="Train only the head [off]."),
+    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH [auto: imagenet if cached]."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [2]."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast + channels_last on CUDA [on]."),
+    sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) [none]."),
+    label_fixes: Optional[Path] = typer.Option(None, help="CSV image_id,field,value of label corrections."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
+):
+    """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
+    from classify.train import fit, load_config
+    from preprocess.runtime import dist_env
+
+    opts = {k: v for k, v in locals().items() if k not in ("config", "resume", "fit", "load_config", "dist_env")}
+    cfg = load_config(opts, config)
+    rank = dist_env()[0]
+    t0 = time.perf_counter()
+
+    def show(rec):
+        if rank:
+            return
+        t = Table(title=f"epoch {rec['epoch']}/{cfg.epochs}" + ("  [green]best[/]" if rec["best"] else ""),
+                  title_justify="left")
+        for c in ("loss", "val loss", "acc", "F1", "mask F1", "gend F1", "age F1", "lr", "sec"):
+            t.add_column(c, justify="right")
+        t.add_row(f"{rec['train_loss']:.4f}", f"{rec['val_loss']:.4f}", f"{rec['val_acc']:.3f}", f"{rec['val_f1']:.3f}",
+                  f"{rec['val_mask_f1']:.3f}", f"{rec['val_gender_f1']:.3f}", f"{rec['val_age_f1']:.3f}",
+                  f"{rec['lr']:.1e}", f"{rec['seconds']:.0f}")
+        console.print(t)
+
+    summary = fit(cfg, resume=resume, on_epoch=show, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+    if rank == 0:
+        b = summary["best"]
+        console.print(f"best epoch {b['epoch']}: macro F1 {b['val_f1']:.4f}, accuracy {b['val_acc']:.4f} "
+                      f"({summary['val_photos']} validation photos of {summary['val_people']} people) "
+                      f"in {time.perf_counter() - t0:.0f}s")
+        console.print(f"run: {cfg.out}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)")
+
+
 if __name__ == "__main__":
     app()

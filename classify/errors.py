@@ -11,5 +11,9 @@ class CheckpointError(Exception):
     """A file that is not a maskcls checkpoint, is corrupt, or would need to run code to load."""
 
 
-USER_ERRORS = (LayoutError, DeviceError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError,
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message names where and what was kept."""
+
+
+USER_ERRORS = (LayoutError, DeviceError, ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError,
                PermissionError)

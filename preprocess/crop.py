@@ -339,10 +339,12 @@ def _compact_journal(raw: Path, out: Path, key: str, units, rows) -> None:
 def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
     """Write crops.npy (N x size x size x 3 uint8, manifest order), decoded from the JPEG crops, atomically.
 
-    Skipped when an up-to-date pack exists (same crop files, sizes and mtimes)."""
+    Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
+    Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
     stamp = hashlib.sha256(json.dumps([(r["crop"], _fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
     target, stamp_file = out / PACKED, out / (PACKED + ".json")
-    if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()).get("stamp") == stamp:
+    info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
+    if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:
         return target
     tmp = out / f".{PACKED}.tmp.npy"
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
@@ -350,6 +352,23 @@ def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
         arr[i] = read_crop(out / r["crop"])
     arr.flush()
     del arr
+    stamp_file.unlink(missing_ok=True)  # no window where an old stamp vouches for a new array
     os.replace(tmp, target)
-    atomic_write_bytes(stamp_file, json.dumps({"stamp": stamp, "rows": len(rows), "size": size}).encode())
+    atomic_write_bytes(stamp_file, json.dumps(info).encode())
     return target
+
+
+def manifest_digest(out: Path) -> str:
+    return hashlib.sha256((Path(out) / "manifest.csv").read_bytes()).hexdigest()
+
+
+def packed_crops(out: Path) -> Path | None:
+    """crops.npy if it was packed from the current manifest, else None (callers then decode the JPEGs)."""
+    target, stamp_file = Path(out) / PACKED, Path(out) / (PACKED + ".json")
+    if not (target.is_file() and stamp_file.is_file()):
+        return None
+    try:
+        ok = json.loads(stamp_file.read_text()).get("manifest_sha256") == manifest_digest(out)
+    except (OSError, ValueError):
+        return None
+    return target if ok else None

@@ -1,0 +1,83 @@
+"""Losses for any head (the 18-class head and each task head), and the multi-task combination.
+
+`make_loss(name)` → fn(logits, target) → scalar:
+- ce: cross entropy; smooth: cross entropy with label smoothing; focal: (1 - p_t)^gamma x CE;
+- f1: 1 - soft macro F1 (probabilities as soft counts; only classes present in the batch's
+  targets or predictions count, as in the metric).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+LOSSES = ("ce", "smooth", "focal", "f1")
+
+
+def make_loss(name: str, smoothing: float = 0.1, gamma: float = 2.0):
+    if name == "ce":
+        return lambda logits, y: F.cross_entropy(logits, y)
+    if name == "smooth":
+        return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
+    if name == "focal":
+        return lambda logits, y: focal_loss(logits, y, gamma)
+    if name == "f1":
+        return soft_f1_loss
+    raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    logp = F.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)
+    return (-(1 - logp.exp()) ** gamma * logp).mean()
+
+
+def soft_f1_loss(logits: torch.Tensor, y: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    p = logits.softmax(-1)
+    t = F.one_hot(y, logits.shape[-1]).to(p.dtype)
+    tp = (p * t).sum(0)
+    fp = (p * (1 - t)).sum(0)
+    fn = ((1 - p) * t).sum(0)
+    f1 = 2 * tp / (2 * tp + fp + fn + eps)
+    present = (t.sum(0) > 0) | (p.argmax(-1)[:, None] == torch.arange(p.shape[-1], device=p.device)).any(0)
+    return 1 - f1[present].mean()
+
+
+def task_targets(label: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-task targets of 18-class labels (label = 6*mask + 3*gender + age)."""
+    return {"label": label, "mask": label // 6, "gender": (label // 3) % 2, "age": label % 3}
+
+
+class MultiTaskLoss(nn.Module):
+    """Combines the loss of every head a model returns.
+
+    weighting='fixed': sum of w_t * L_t with `weights` (default 1 each).
+    weighting='uncertainty': Kendall et al. (2018): sum of exp(-s_t) * L_t + s_t with a learned
+    s_t = log sigma_t^2 per head. The +s_t term grows as a weight exp(-s_t) shrinks, so no weight can
+    collapse to zero: at the optimum exp(-s_t) = 1 / L_t.
+    """
+
+    def __init__(self, loss_fn, heads=("label",), weighting: str = "fixed", weights: dict | None = None):
+        super().__init__()
+        if weighting not in ("fixed", "uncertainty"):
+            raise ConfigError(f"unknown task weighting {weighting!r}; choose fixed or uncertainty")
+        self.loss_fn, self.heads, self.weighting = loss_fn, tuple(heads), weighting
+        self.weights = {h: 1.0 for h in self.heads} | (weights or {})
+        self.log_vars = nn.Parameter(torch.zeros(len(self.heads)), requires_grad=weighting == "uncertainty")
+
+    def forward(self, outputs: dict, label: torch.Tensor, label_b: torch.Tensor | None = None, lam: float = 1.0):
+        """(total, {head: loss}). With label_b and lam (mixup/cutmix), each head's loss is
+        lam * L(y_a) + (1 - lam) * L(y_b)."""
+        ta, tb = task_targets(label), task_targets(label_b) if label_b is not None else None
+        parts, total = {}, 0.0
+        for i, h in enumerate(self.heads):
+            loss = self.loss_fn(outputs[h].float(), ta[h])
+            if tb is not None:
+                loss = lam * loss + (1 - lam) * self.loss_fn(outputs[h].float(), tb[h])
+            parts[h] = loss.detach()
+            if self.weighting == "uncertainty":
+                total = total + torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+            else:
+                total = total + self.weights[h] * loss
+        return total, parts

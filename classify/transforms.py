@@ -1,0 +1,43 @@
+"""One transform factory with a `train` switch. Evaluation and prediction both call
+`build_transform(..., train=False)` with the values stored in the checkpoint, so they cannot drift.
+
+Images are HWC uint8 RGB face crops (square, from the crop stage); augmentation runs on uint8 and
+normalisation comes last, then `ToTensorV2` (which does not scale).
+"""
+from __future__ import annotations
+
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS = ("base", "strong", "none")
+
+
+def build_transform(preset: str, img_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
+    """The albumentations pipeline for a preset.
+
+    - eval (any preset with train=False, and preset 'none'): resize to img_size, normalise;
+    - base: RandomResizedCrop of the crop's central region (scale 0.6-1), horizontal flip;
+    - strong: base + colour jitter, small affine, grey, blur, coarse dropout (cutout).
+
+    >>> t = build_transform("base", 224, train=False)
+    >>> t(image=crop_uint8)["image"].shape   # torch.Size([3, 224, 224])
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    if not train or preset == "none":
+        return A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")] + tail)
+    ops = [A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.85, 1.18)),
+           A.HorizontalFlip(p=0.5)]
+    if preset == "strong":
+        ops += [
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
+            A.Affine(rotate=(-12, 12), translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), p=0.5),
+            A.ToGray(p=0.1),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.08, 0.2), hole_width_range=(0.08, 0.2),
+                            fill=0, p=0.5),
+        ]
+    return A.Compose(ops + tail)
