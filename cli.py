@@ -56,8 +56,8 @@ def crop(
     margin: float = typer.Option(0.3, help="Fraction of the face box side added on each side."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (auto: cuda when available)."),
     batch_size: int = typer.Option(32, help="Photos per detector call; equal-size photos are batched."),
-    detect_side: int = typer.Option(320, help="Detect on a copy with this longer side (0: full size)."),
-    min_face: float = typer.Option(0.2, help="Smallest face searched, fraction of the photo's shorter side."),
+    detect_side: int = typer.Option(256, help="Detect on a copy with this longer side (0: full size)."),
+    min_face: float = typer.Option(0.3, help="Smallest face searched, fraction of the photo's shorter side."),
     workers: int = typer.Option(2, help="Threads that decode photos and write crops."),
     old: int = typer.Option(60, help="Age-group threshold for the manifest's age_group/label (>= old is group 2)."),
     pack: bool = typer.Option(True, help="Also write crops.npy, the uint8 array training memory-maps."),
@@ -169,6 +169,87 @@ def train(
                       f"({summary['val_photos']} validation photos of {summary['val_people']} people) "
                       f"in {time.perf_counter() - t0:.0f}s")
         console.print(f"run: {cfg.out}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)")
+
+
+@app.command()
+@user_errors
+def predict(
+    paths: list[Path] = typer.Argument(..., help="CKPT... then RAW_OR_CROPS: checkpoint(s), then an eval folder "
+                                                 "(info.csv + images/) or a crops folder."),
+    out: Path = typer.Option(Path("submission.csv"), "--out", "-o", help="Submission CSV (ImageID,ans)."),
+    probs: Optional[Path] = typer.Option(None, help="Also write the 18 probabilities per image here."),
+    tta: int = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
+                                    "--tta alone is not valid: give a number."),
+    crops: Optional[Path] = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/...]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="DataLoader worker processes."),
+):
+    """Predict eval photos with one checkpoint or an ensemble; writes ImageID,ans in info.csv order."""
+    from classify.errors import ConfigError
+    from classify.predict import predict as run_predict
+
+    if len(paths) < 2:
+        raise ConfigError("give at least one checkpoint and then the folder to predict")
+    *ckpts, source = paths
+    t0 = time.perf_counter()
+    with progress_bar("crop") as bar:
+        task = bar.add_task("crop", total=None, rate="")
+
+        def tick(done, total):
+            bar.update(task, completed=done, total=total,
+                       rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} photos/s")
+
+        pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
+                           batch_size=batch_size, workers=workers, on_progress=tick)
+    secs = time.perf_counter() - t0
+    for w in pred.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    counts = {}
+    for y in pred.labels:
+        counts[int(y)] = counts.get(int(y), 0) + 1
+    console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s), tta={tta}, "
+                  f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
+    console.print(f"submission: {out}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    paths: list[Path] = typer.Argument(..., help="CKPT... then CROPS: checkpoint(s), then a labelled crops folder."),
+    tta: int = typer.Option(1, help="Views averaged (see predict)."),
+    confusion: Optional[Path] = typer.Option(None, help="Write the confusion matrix PNG here."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(2),
+):
+    """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) on a labelled crops folder."""
+    from classify.errors import ConfigError
+    from classify.evaluate import evaluate as run_evaluate
+
+    if len(paths) < 2:
+        raise ConfigError("give at least one checkpoint and then the crops folder")
+    *ckpts, crops_dir = paths
+    res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
+                       confusion_png=confusion)
+    sc = res["scores"]
+    t = Table(title=f"{res['n']} labelled photos of {crops_dir}")
+    for c in ("", "accuracy", "macro F1"):
+        t.add_column(c, justify="right" if c else "left")
+    t.add_row("18 classes", f"{sc['acc']:.4f}", f"{sc['f1']:.4f}")
+    for task in ("mask", "gender", "age"):
+        t.add_row(task, f"{sc[task + '_acc']:.4f}", f"{sc[task + '_f1']:.4f}")
+    console.print(t)
+    pc = Table(title="per-class F1")
+    pc.add_column("class")
+    pc.add_column("F1", justify="right")
+    pc.add_column("photos", justify="right")
+    support = [sum(row) for row in res["confusion"]]
+    for name, f1, n in zip(res["class_names"], res["per_class_f1"], support):
+        pc.add_row(name, f"{f1:.3f}", str(n))
+    console.print(pc)
+    if confusion:
+        console.print(f"confusion matrix: {confusion}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .engine import autocast, infer, make_loader
 from .errors import ConfigError, TrainingError
 from .losses import LOSSES, MultiTaskLoss, make_loss
 from .metrics import confusion, scores
+from .plots import plot_confusion
 from .models import create_model, freeze_backbone, list_models, model_kwargs, resolve_weights
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform
 
@@ -259,7 +260,7 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         best = max(history, key=lambda r: r["val_f1"])
         if best_val is None:  # resumed after the best epoch: its predictions are already on disk
             best_val = _read_val_predictions(out)
-        _plot_confusion(out / "confusion.png", confusion(best_val[2], best_val[1].argmax(1), L.NUM_CLASSES),
+        plot_confusion(out / "confusion.png", confusion(best_val[2], best_val[1].argmax(1), L.NUM_CLASSES),
                         L.class_names(cfg.old), f"validation, epoch {best['epoch']} (macro F1 {best['val_f1']:.3f})")
         summary = {"best_epoch": best["epoch"], "best": best, "last": history[-1], "epochs": len(history),
                    "train_photos": len(train_rows), "val_photos": len(val_rows),
@@ -360,27 +361,3 @@ def _read_val_predictions(out: Path):
         rows = list(csv.DictReader(f))
     probs = np.array([[float(r[f"p{k}"]) for k in range(L.NUM_CLASSES)] for r in rows])
     return np.arange(len(rows)), probs, np.array([int(r["label"]) for r in rows])
-
-
-def _plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 9.5), dpi=100)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix: {title}")
-    fig.tight_layout()
-    buf = __import__("io").BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

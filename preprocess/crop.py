@@ -52,8 +52,8 @@ class CropConfig:
     margin: float = 0.3        # fraction of the face box side added on each side
     device: str = "auto"
     batch_size: int = 32       # photos per detector call (equal sizes are batched together)
-    detect_side: int = 320     # detection runs on a copy whose longer side is this (0: full size)
-    min_face: float = 0.2      # smallest face searched, as a fraction of the photo's shorter side
+    detect_side: int = 256     # detection runs on a copy whose longer side is this (0: full size)
+    min_face: float = 0.3      # smallest face searched, as a fraction of the photo's shorter side
     workers: int = 2           # threads decoding photos and encoding crops
     old: int = L.DEFAULT_OLD   # age-group threshold for the manifest's age_group/label columns
     pack: bool = True          # write crops.npy for fast training loads

@@ -48,7 +48,7 @@ class MTCNNDetector:
     >>> faces = det.detect([rgb_uint8_array])   # [Face(box=(x1, y1, x2, y2), score=0.99, ...)] or [None]
     """
 
-    def __init__(self, device: str = "auto", detect_side: int = 320, min_face: float = 0.2,
+    def __init__(self, device: str = "auto", detect_side: int = 256, min_face: float = 0.3,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
                  relaxed_thresholds: tuple[float, float, float] = (0.4, 0.5, 0.5),
                  factor: float = 0.709, batch_size: int = 32):

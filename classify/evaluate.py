@@ -1,0 +1,36 @@
+"""Evaluation of checkpoint(s) on a labelled crops folder: accuracy and macro F1 of the 18 classes and
+per task, per-class F1, the confusion matrix. It predicts with `predict.ensemble_probs`, the same
+path as `predict` and as validation during training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import labels as L
+
+from .checkpoint import load_checkpoint
+from .data import load_rows
+from .errors import ConfigError
+from .metrics import confusion, per_class_f1, scores
+from .predict import ensemble_probs
+from .plots import plot_confusion
+from preprocess.runtime import resolve_device
+
+
+def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "auto", batch_size: int = 64,
+             workers: int = 2, confusion_png: Path | None = None) -> dict:
+    """{'scores': {...}, 'per_class_f1': [...], 'confusion': 18x18, 'n': photos} for the labelled
+    photos of `crops` (statuses ok, relaxed, person_box, no_face), labels at the checkpoint's `old`."""
+    ckpts = [load_checkpoint(p) for p in checkpoints]
+    old = ckpts[0]["config"].get("old", L.DEFAULT_OLD)
+    _, rows = load_rows(Path(crops), old)
+    if not rows:
+        raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
+    probs = ensemble_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers)
+    y, p = np.array([r["label"] for r in rows]), probs.argmax(1)
+    cm = confusion(y, p, L.NUM_CLASSES)
+    if confusion_png:
+        plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{Path(crops).name} ({len(rows)} photos)")
+    return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
+            "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old)}

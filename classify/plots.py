@@ -1,0 +1,41 @@
+"""Figures, written atomically as PNG (matplotlib's Agg backend: no display needed)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.imageio import atomic_write_bytes
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 9.5), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix: {title}")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,127 @@
+"""The crop stage with a fake detector whose boxes are known: statuses, fallbacks, geometry, caching."""
+import json
+
+import numpy as np
+import pytest
+
+from preprocess import CropConfig, crop_dataset
+from preprocess.crop import centre_box, crop_square, square_around
+from preprocess.imageio import read_crop
+from preprocess.manifest import COLUMNS, read_manifest
+from tests.conftest import photo, save_rgb
+
+CFG = CropConfig(size=64, workers=2, device="cpu")
+
+
+def test_every_photo_gets_one_row_with_labels_and_the_documented_status(raw_train, tmp_path, fake_detector):
+    res = crop_dataset(raw_train, tmp_path / "c", CFG, detector=fake_detector)
+    rows = read_manifest(tmp_path / "c")
+    assert len(rows) == 21 and [r["image_id"] for r in rows] == [r["image_id"] for r in res.rows]
+    by_id = {r["image_id"]: r for r in rows}
+    # relaxed pass found the dim face; the faceless photo took its person's median box.
+    assert by_id["000002_male_Asian_61/mask3"]["status"] == "relaxed"
+    faceless = by_id["000010-1_male_Asian_22/normal"]
+    assert faceless["status"] == "person_box"
+    assert (faceless["x1"], faceless["y1"], faceless["x2"], faceless["y2"]) == (140, 160, 260, 280)
+    assert res.counts == {"ok": 19, "relaxed": 1, "person_box": 1, "no_face": 0, "unreadable": 0, "missing": 0,
+                          "bad_name": 0}
+    r = by_id["000002_male_Asian_61/incorrect_mask"]
+    assert (r["person_id"], r["gender"], r["age"], r["mask"], r["age_group"], r["label"]) == ("000002", 0, 61, 1, 2, 8)
+    assert r["status"] == "ok" and r["score"] == pytest.approx(0.99)
+    assert (r["x1"], r["y1"], r["x2"], r["y2"], r["width"], r["height"]) == (140, 160, 260, 280, 384, 512)
+    header = (tmp_path / "c" / "manifest.csv").read_text().splitlines()[0].split(",")
+    assert header == COLUMNS
+
+
+def test_a_photo_alone_without_face_gets_a_centre_crop_and_no_face(tmp_path, fake_detector):
+    raw = tmp_path / "eval"
+    save_rgb(raw / "images" / "blank.jpg", photo(level=0))
+    (raw / "info.csv").write_text("ImageID,ans\nblank.jpg,0\n")
+    crop_dataset(raw, tmp_path / "c", CFG, detector=fake_detector)
+    (r,) = read_manifest(tmp_path / "c")
+    assert r["status"] == "no_face" and r["label"] == -1
+    assert (r["x1"], r["y1"], r["x2"], r["y2"]) == pytest.approx(centre_box(384, 512))
+
+
+def test_unreadable_and_missing_files_get_rows_with_reasons_and_the_run_goes_on(tmp_path, fake_detector):
+    raw = tmp_path / "eval"
+    save_rgb(raw / "images" / "good.jpg", photo())
+    (raw / "images" / "text.jpg").write_text("this is not a photo")
+    (raw / "images" / "empty.jpg").write_bytes(b"")
+    (raw / "info.csv").write_text("ImageID,ans\ngood.jpg,0\ntext.jpg,0\nempty.jpg,0\ngone.jpg,0\n")
+    res = crop_dataset(raw, tmp_path / "c", CFG, detector=fake_detector)
+    rows = {r["image_id"]: r for r in read_manifest(tmp_path / "c")}
+    assert rows["good.jpg"]["status"] == "ok"
+    assert rows["text.jpg"]["status"] == "unreadable" and "not a readable image" in rows["text.jpg"]["reason"]
+    assert rows["empty.jpg"]["status"] == "unreadable" and "0 bytes" in rows["empty.jpg"]["reason"]
+    assert rows["gone.jpg"]["status"] == "missing"
+    assert res.counts["unreadable"] == 2 and res.counts["missing"] == 1
+    stand_in = read_crop(tmp_path / "c" / rows["text.jpg"]["crop"])  # a grey crop, so predict can still answer
+    assert stand_in.shape == (64, 64, 3) and abs(int(stand_in.mean()) - 128) <= 2
+
+
+def test_bad_names_are_cropped_but_carry_no_label(tmp_path, fake_detector):
+    images = tmp_path / "raw" / "images"
+    save_rgb(images / "000001_female_Asian_45" / "normal.jpg", photo())
+    save_rgb(images / "000001_female_Asian_45" / "selfie.jpg", photo())
+    res = crop_dataset(tmp_path / "raw", tmp_path / "c", CFG, detector=fake_detector)
+    rows = {r["image_id"]: r for r in res.rows}
+    bad = rows["000001_female_Asian_45/selfie"]
+    assert bad["status"] == "bad_name" and bad["label"] == -1 and "selfie.jpg" in bad["reason"]
+    assert rows["000001_female_Asian_45/normal"]["label"] == 16
+    with pytest.raises(Exception, match="--strict"):
+        crop_dataset(tmp_path / "raw", tmp_path / "c2", CropConfig(strict=True), detector=fake_detector)
+    assert not (tmp_path / "c2" / "manifest.csv").exists()
+
+
+def test_the_crop_is_centred_on_the_detected_face(tmp_path, fake_detector):
+    """An off-centre box: its centre must land on the crop's centre, and the crop must hold the face."""
+    box = (40, 300, 120, 400)  # near the left edge: the square with margin leaves the photo
+    raw = tmp_path / "eval"
+    save_rgb(raw / "images" / "a.png", photo(box))
+    (raw / "info.csv").write_text("ImageID,ans\na.png,0\n")
+    crop_dataset(raw, tmp_path / "c", CropConfig(size=100, margin=0.25, pack=False), detector=fake_detector)
+    (r,) = read_manifest(tmp_path / "c")
+    crop = read_crop(tmp_path / "c" / r["crop"]).min(axis=2)
+    ys, xs = np.nonzero(crop > 200)
+    assert abs((xs.min() + xs.max()) / 2 - 49.5) <= 2 and abs((ys.min() + ys.max()) / 2 - 49.5) <= 2
+    # the face is 80x100 px, the square 150 px (margin 0.25 of the longer side on each side)
+    assert abs((xs.max() - xs.min() + 1) - 80 * 100 / 150) <= 2
+    assert abs((ys.max() - ys.min() + 1) - 100 * 100 / 150) <= 2
+
+
+def test_geometry_helpers():
+    assert square_around((0, 0, 100, 50), 0.5) == (50, 25, 200)
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[40:60, 40:60] = 255
+    out = crop_square(img, 50, 50, 40, 40)
+    assert out[20, 20].min() == 255 and out[2, 2].max() == 0
+
+
+def test_second_run_does_no_detection_and_a_settings_change_recrops(raw_train, tmp_path, fake_detector):
+    out = tmp_path / "c"
+    crop_dataset(raw_train, out, CFG, detector=fake_detector)
+    first = (out / "manifest.csv").read_bytes()
+    calls = fake_detector.calls
+    res = crop_dataset(raw_train, out, CFG, detector=fake_detector)
+    assert fake_detector.calls == calls and res.detected == 0
+    assert (out / "manifest.csv").read_bytes() == first
+    # a changed photo is re-detected with its person (7 photos), nothing else
+    save_rgb(raw_train / "images" / "000001_female_Asian_45" / "mask2.jpg", photo(seed=99))
+    res = crop_dataset(raw_train, out, CFG, detector=fake_detector)
+    assert res.detected == 7
+    # another margin changes every crop: all 21 photos are cropped again
+    res = crop_dataset(raw_train, out, CropConfig(size=64, margin=0.5), detector=fake_detector)
+    assert res.detected == 21
+    assert json.loads((out / "crops.json").read_text())["config"]["margin"] == 0.5
+
+
+def test_packed_array_equals_the_decoded_crops_and_no_temp_files_remain(raw_train, tmp_path, fake_detector):
+    out = tmp_path / "c"
+    crop_dataset(raw_train, out, CFG, detector=fake_detector)
+    rows = read_manifest(out)
+    packed = np.load(out / "crops.npy")
+    assert packed.shape == (21, 64, 64, 3)
+    for i, r in enumerate(rows):
+        assert np.array_equal(packed[i], read_crop(out / r["crop"]))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
