@@ -237,7 +237,7 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
                   "val_loss": val_loss, **{f"val_{k}": v for k, v in m.items()},
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if criterion.weighting == "uncertainty":
-            record |= {f"weight_{h}": float(torch.exp(-criterion.log_vars[i])) for i, h in enumerate(heads)}
+            record |= {f"weight_{h}": float(torch.exp(-criterion.log_vars[i].detach())) for i, h in enumerate(heads)}
         history.append(record)
         improved = m["f1"] > best_f1
         if improved:

@@ -1,0 +1,65 @@
+"""Bad and unusual photos: each is read correctly or refused with a reason, in bounded memory."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocess.imageio import UnreadableImage, load_rgb
+
+
+def _png_header_only(path, w, h):
+    """A PNG that claims w x h pixels but carries almost no data (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+
+
+def test_broken_files_are_refused_with_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image at all")
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
+    reasons = {}
+    for name in ("empty.jpg", "text.jpg", "trunc.jpg", "absent.jpg"):
+        with pytest.raises(UnreadableImage) as e:
+            load_rgb(tmp_path / name)
+        reasons[name] = str(e.value)
+    assert "0 bytes" in reasons["empty.jpg"] and "not found" in reasons["absent.jpg"]
+    assert "not a readable image" in reasons["text.jpg"] and "not a readable image" in reasons["trunc.jpg"]
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(UnreadableImage, match="20000x20000 = 400 MP"):
+        load_rgb(tmp_path / "bomb.png")
+
+
+def test_modes_become_8bit_rgb(tmp_path):
+    Image.new("RGBA", (8, 6), (255, 0, 0, 0)).save(tmp_path / "alpha.png")  # fully transparent red
+    Image.fromarray(np.full((6, 8), 65535, np.uint16)).save(tmp_path / "w16.png")
+    Image.new("L", (8, 6), 77).save(tmp_path / "grey.jpg")
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    alpha, w16, grey, cmyk = (load_rgb(tmp_path / n) for n in ("alpha.png", "w16.png", "grey.jpg", "cmyk.jpg"))
+    for a in (alpha, w16, grey, cmyk):
+        assert a.shape == (6, 8, 3) and a.dtype == np.uint8
+    assert alpha.min() == 255                       # transparent → the white it is shown on
+    assert w16.min() == 255                         # 16-bit white stays white, not clipped garbage
+    assert abs(int(grey.mean()) - 77) <= 2
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    """A landscape array stored with orientation 6 (rotate 90° clockwise to view) must come out portrait."""
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :10] = 255  # white band on the left edge as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_rgb(tmp_path / "rot.jpg")
+    assert out.shape == (60, 40, 3)
+    assert out[:10].mean() > 200 and out[-10:].mean() < 40  # the left band is now on top

@@ -1,0 +1,51 @@
+"""Person-level splits: no person on both sides, stratified, reproducible; k folds partition people."""
+import random
+
+from classify.data import person_key, split_persons
+
+
+def _rows(n_people=60, seed=0):
+    rnd = random.Random(seed)
+    rows = []
+    for p in range(n_people):
+        g, a = rnd.randrange(2), rnd.choice([0, 0, 1, 1, 1, 2])
+        for k in range(7):
+            rows.append({"person_id": f"{p:06d}", "image_id": f"{p:06d}/{k}", "gender": g, "age_group": a})
+    return rows
+
+
+def test_no_person_is_in_two_splits_and_every_photo_follows_its_person():
+    rows = _rows()
+    split = split_persons(rows, seed=3, val_ratio=0.2)
+    sides = {}
+    for r in rows:
+        sides.setdefault(person_key(r), set()).add(split[person_key(r)])
+    assert all(len(s) == 1 for s in sides.values())
+    n_val = sum(v == "val" for v in split.values())
+    assert n_val == 12  # 20% of 60 people
+
+
+def test_split_is_stratified_and_reproducible():
+    rows = _rows(200)
+    a, b, c = split_persons(rows, seed=7), split_persons(rows, seed=7), split_persons(rows, seed=8)
+    assert a == b and a != c
+    people = {person_key(r): (r["gender"], r["age_group"]) for r in rows}
+    for stratum in set(people.values()):
+        members = [p for p, s in people.items() if s == stratum]
+        share = sum(a[p] == "val" for p in members) / len(members)
+        assert abs(share - 0.2) <= 1.0 / len(members) + 0.01
+
+
+def test_k_folds_partition_the_people():
+    rows = _rows(50)
+    folds = [split_persons(rows, seed=1, folds=5, fold=k) for k in range(5)]
+    val_sets = [{p for p, s in f.items() if s == "val"} for f in folds]
+    assert set().union(*val_sets) == {person_key(r) for r in rows}
+    assert sum(len(v) for v in val_sets) == 50  # disjoint
+    assert all(8 <= len(v) <= 12 for v in val_sets)
+
+
+def test_rows_without_person_id_are_split_per_photo():
+    rows = [{"person_id": "", "image_id": f"x{i}", "gender": 0, "age_group": 0} for i in range(10)]
+    split = split_persons(rows, val_ratio=0.3)
+    assert len(split) == 10 and sum(v == "val" for v in split.values()) == 3
