@@ -42,9 +42,29 @@ def user_errors(fn):
     return wrapper
 
 
-def progress_bar(what: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False)
+class LazyProgress:
+    """A rich progress bar that appears on the first update, so a command that fails before any
+    work prints only its error. `update(done, total)` shows photos/s and the ETA."""
+
+    def __init__(self, what: str):
+        self.what, self.bar, self.task, self.t0 = what, None, None, time.perf_counter()
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn(f"[bold]{self.what}"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                console=console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=total, rate="")
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f} photos/s")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @app.command()
@@ -75,14 +95,8 @@ def crop(
         from classify.distributed import init_distributed
         dist = init_distributed(cfg.device)
     t0 = time.perf_counter()
-    with progress_bar("crop") as bar:
-        task = bar.add_task("crop", total=None, rate="")
-
-        def tick(done, total):
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, completed=done, total=total, rate=f"{rate:.1f} photos/s")
-
-        res = crop_dataset(raw, out, cfg, on_progress=tick, rank=rank, world=world,
+    with LazyProgress("crop") as bar:
+        res = crop_dataset(raw, out, cfg, on_progress=bar.update, rank=rank, world=world,
                            barrier=dist.barrier if dist else None)
     if rank != 0:
         return
@@ -159,7 +173,7 @@ def train(
             t.add_column(c, justify="right")
         t.add_row(f"{rec['train_loss']:.4f}", f"{rec['val_loss']:.4f}", f"{rec['val_acc']:.3f}", f"{rec['val_f1']:.3f}",
                   f"{rec['val_mask_f1']:.3f}", f"{rec['val_gender_f1']:.3f}", f"{rec['val_age_f1']:.3f}",
-                  f"{rec['lr']:.1e}", f"{rec['seconds']:.0f}")
+                  f"{rec['lr']:.0e}", f"{rec['seconds']:.0f}")
         console.print(t)
 
     summary = fit(cfg, resume=resume, on_epoch=show, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
@@ -193,15 +207,9 @@ def predict(
         raise ConfigError("give at least one checkpoint and then the folder to predict")
     *ckpts, source = paths
     t0 = time.perf_counter()
-    with progress_bar("crop") as bar:
-        task = bar.add_task("crop", total=None, rate="")
-
-        def tick(done, total):
-            bar.update(task, completed=done, total=total,
-                       rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} photos/s")
-
+    with LazyProgress("crop") as bar:
         pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                           batch_size=batch_size, workers=workers, on_progress=tick)
+                           batch_size=batch_size, workers=workers, on_progress=bar.update)
     secs = time.perf_counter() - t0
     for w in pred.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

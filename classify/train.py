@@ -135,10 +135,6 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         # Resume continues the saved run: only where it runs (and how many epochs in all) may change.
         cfg = dataclasses.replace(saved, device=cfg.device, workers=cfg.workers, epochs=max(cfg.epochs, saved.epochs))
     device = d.device
-    weights = resolve_weights(cfg.weights, cfg.backbone if cfg.model == "attention" else cfg.model)
-    if cfg.weights == "auto" and weights == "none" and d.main and state is None:
-        warn("no ImageNet weights in the torch hub cache: training from random init "
-             "(see `--weights` in the README to use pretrained weights offline)")
     rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
     if not usable:
         raise ConfigError(f"{crops}/manifest.csv has no photo with a known label and a usable crop")
@@ -149,6 +145,10 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         raise ConfigError(f"the split left {len(train_rows)} training and {len(val_rows)} validation photos; "
                           "use more people or another --val-ratio/--folds")
 
+    weights = resolve_weights(cfg.weights, cfg.backbone if cfg.model == "attention" else cfg.model)
+    if cfg.weights == "auto" and weights == "none" and d.main and state is None:
+        warn("no ImageNet weights in the torch hub cache: training from random init "
+             "(see `--weights` in the README to use pretrained weights offline)")
     torch.manual_seed(cfg.seed)
     train_ds = CropDataset(crops, train_rows, build_transform(cfg.preset, cfg.img_size, True), cfg.seed)
     eval_tf = build_transform(cfg.preset, cfg.img_size, train=False)

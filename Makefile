@@ -1,0 +1,21 @@
+# One command each, on a fresh machine (Python 3.11, pip):
+#   make demo   installs maskcls and runs crop → train → predict on data_samples/
+#   make test   installs maskcls with the test extras and runs the tests
+PY ?= python3
+OUT ?= runs/demo
+
+install:
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+
+demo: install
+	maskcls crop data_samples/train --out $(OUT)/crops
+	maskcls train $(OUT)/crops --out $(OUT)/run --model attention --epochs 2 --img-size 128
+	maskcls predict $(OUT)/run/best.pt data_samples/eval --out $(OUT)/submission.csv --crops $(OUT)/eval_crops --tta 2
+	@echo "submission: $(OUT)/submission.csv"
+
+test: install
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pytest -q
+
+.PHONY: install demo test

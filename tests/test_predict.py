@@ -1,0 +1,147 @@
+"""predict: parity with validation, order and completeness of the submission, TTA and ensembles."""
+import csv
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from classify.checkpoint import save_checkpoint
+from classify.errors import CheckpointError
+from classify.models import create_model, model_kwargs, register_model
+from classify.predict import predict
+from classify.train import TrainConfig, fit
+from classify.transforms import IMAGENET_MEAN, IMAGENET_STD
+from preprocess import CropConfig
+from preprocess import labels as L
+from preprocess.manifest import read_manifest
+from tests.conftest import SAMPLES, photo, save_rgb
+
+
+class FlipSymmetric(nn.Module):
+    """Logits from per-channel means and vertical profiles only: exactly invariant to a horizontal flip."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Identity()
+        self.head = nn.Linear(3 + 3 * 32, 18)
+
+    def forward(self, x):
+        rows = x.mean(dim=3).flatten(1)  # mean over width: unchanged by a mirror
+        return {"label": self.head(torch.cat([x.mean(dim=(2, 3)), rows], 1))}
+
+
+register_model("test_flip_symmetric")(FlipSymmetric)
+
+
+def make_ckpt(path, name="resnet18", seed=0, img_size=32, crop_size=48):
+    torch.manual_seed(seed)
+    kwargs = model_kwargs(name)
+    model = create_model(name, **kwargs)
+    save_checkpoint(path, {"model": {"name": name, "kwargs": kwargs}, "model_state": model.state_dict(),
+                           "classes": L.class_names(), "img_size": img_size, "mean": list(IMAGENET_MEAN),
+                           "std": list(IMAGENET_STD), "preset": "base",
+                           "crop": {"config": asdict(CropConfig(size=crop_size)), "detector": {"detector": "fake"}},
+                           "config": {"amp": False, "old": 60}, "epoch": 0})
+    return path
+
+
+@pytest.fixture
+def eval_raw(tmp_path):
+    """An eval folder: info.csv lists 6 photos (one unreadable, one missing) in a non-sorted order."""
+    raw = tmp_path / "eval"
+    names = ["f.jpg", "b.jpg", "broken.jpg", "a.png", "gone.jpg", "c.jpg"]
+    for k, n in enumerate(names):
+        if n == "broken.jpg":
+            (raw / "images").mkdir(parents=True, exist_ok=True)
+            (raw / "images" / n).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        elif n != "gone.jpg":
+            save_rgb(raw / "images" / n, photo(box=(100 + 10 * k, 150, 230 + 10 * k, 290), seed=k))
+    (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
+    return raw
+
+
+def _read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_submission_has_every_info_row_in_order_and_warns_about_unreadable(eval_raw, tmp_path, fake_detector):
+    ck = make_ckpt(tmp_path / "m.pt")
+    pred = predict([ck], eval_raw, tmp_path / "sub.csv", probs_out=tmp_path / "p.csv", cache=tmp_path / "cache",
+                   device="cpu", workers=0, detector=fake_detector)
+    sub = _read(tmp_path / "sub.csv")
+    assert [r["ImageID"] for r in sub] == [r["ImageID"] for r in _read(eval_raw / "info.csv")]
+    assert all(0 <= int(r["ans"]) < 18 for r in sub)
+    probs = _read(tmp_path / "p.csv")
+    assert len(probs) == 6 and np.allclose([sum(float(r[f"p{k}"]) for k in range(18)) for r in probs], 1, atol=1e-6)
+    warned = " ".join(pred.warnings)
+    assert "broken.jpg" in warned and "gone.jpg" in warned
+
+
+def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_otherwise(eval_raw, tmp_path, fake_detector):
+    sym = make_ckpt(tmp_path / "sym.pt", name="test_flip_symmetric")
+    kw = dict(cache=tmp_path / "cache", device="cpu", workers=0, detector=fake_detector)
+    one = predict([sym], eval_raw, **kw).probs
+    two = predict([sym], eval_raw, tta=2, **kw).probs
+    assert np.allclose(one, two, atol=1e-6) and not np.allclose(one, one.mean(0), atol=1e-4)
+    # a model that is not symmetric: tta=2 is the mean of the crop's and the mirrored crop's probabilities
+    res = make_ckpt(tmp_path / "r.pt", seed=3)
+    plain = predict([res], eval_raw, **kw)
+    tta = predict([res], eval_raw, tta=2, **kw).probs
+    assert not np.allclose(plain.probs, tta, atol=1e-6)
+    from classify.checkpoint import load_checkpoint
+    from classify.predict import load_model
+    from classify.transforms import build_transform
+    from preprocess.imageio import read_crop
+    model = load_model(load_checkpoint(res), torch.device("cpu"))
+    tf = build_transform("base", 32, train=False)
+    row = plain.rows[0]
+    x = tf(image=read_crop(plain.crops / row["crop"]))["image"][None]
+    with torch.no_grad():
+        manual = (model(x)["label"].softmax(-1) + model(torch.flip(x, dims=[3]))["label"].softmax(-1)) / 2
+    assert np.allclose(tta[0], manual[0].numpy(), atol=1e-5)
+
+
+def test_an_ensemble_averages_the_probabilities_of_its_checkpoints(eval_raw, tmp_path, fake_detector):
+    a, b = make_ckpt(tmp_path / "a.pt", seed=1), make_ckpt(tmp_path / "b.pt", name="attention", seed=2)
+    kw = dict(cache=tmp_path / "cache", device="cpu", workers=0, detector=fake_detector)
+    pa, pb = predict([a], eval_raw, **kw).probs, predict([b], eval_raw, **kw).probs
+    both = predict([a, b], eval_raw, tmp_path / "sub.csv", **kw)
+    assert np.allclose(both.probs, (pa + pb) / 2, atol=1e-7)
+    assert [int(r["ans"]) for r in _read(tmp_path / "sub.csv")] == both.probs.argmax(1).tolist()
+
+
+def test_foreign_checkpoint_is_a_clear_error(eval_raw, tmp_path):
+    torch.save({"model": "something else"}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a maskcls checkpoint"):
+        predict([tmp_path / "foreign.pt"], eval_raw, device="cpu")
+
+
+@pytest.mark.slow
+def test_predict_on_validation_photos_reproduces_val_predictions(sample_crops, tmp_path):
+    """Train on real crops (MTCNN), then predict the validation photos from raw files laid out as an
+    eval folder: predict must crop them the same way and give the same probabilities."""
+    run = tmp_path / "run"
+    fit(TrainConfig(crops=str(sample_crops), out=str(run), model="resnet18", epochs=1, img_size=64, batch_size=16,
+                    weights="none", device="cpu", workers=0, seed=5, val_ratio=0.3), warn=lambda m: None)
+    val = {r["image_id"]: r for r in _read(run / "val_predictions.csv")}
+    rows = {r["image_id"]: r for r in read_manifest(sample_crops)}
+    # person_box photos need their person's other photos, which an eval folder does not group: skip those.
+    chosen = [i for i in val if rows[i]["status"] in ("ok", "relaxed")]
+    assert len(chosen) >= 0.8 * len(val) and len(chosen) >= 7
+    raw = tmp_path / "eval"
+    (raw / "images").mkdir(parents=True)
+    names = []
+    for k, iid in enumerate(chosen):
+        src = SAMPLES / "train" / rows[iid]["source"]
+        name = f"{k:03d}{src.suffix}"
+        shutil.copy(src, raw / "images" / name)
+        names.append(name)
+    (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
+    pred = predict([run / "best.pt"], raw, tmp_path / "sub.csv", cache=tmp_path / "cache", device="cpu", workers=0)
+    expected = np.array([[float(val[i][f"p{k}"]) for k in range(18)] for i in chosen])
+    assert pred.labels.tolist() == [int(val[i]["pred"]) for i in chosen]
+    assert np.abs(pred.probs - expected).max() <= 1e-5
