@@ -50,21 +50,23 @@ class MTCNNDetector:
 
     def __init__(self, device: str = "auto", detect_side: int = 256, min_face: float = 0.3,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-                 relaxed_thresholds: tuple[float, float, float] = (0.4, 0.5, 0.5),
+                 relaxed_thresholds: tuple[float, float, float] = (0.3, 0.4, 0.4),
                  factor: float = 0.709, batch_size: int = 32):
         self.device = resolve_device(device)
         self.detect_side, self.min_face, self.batch_size = detect_side, min_face, batch_size
         self._args = (list(thresholds), factor)
         self._net = None  # loaded on the first detect(): a fully cached run never pays for it
-        self._relaxed = (list(relaxed_thresholds), max(0.5 * min_face, 0.05), 0.8)
-        self.settings = {"detector": "mtcnn", "detect_side": detect_side, "min_face": min_face,
+        # The relaxed pass: lower thresholds (masked faces lose R-/O-Net confidence, not size) and a
+        # minimum face of 2/3 of the first pass's, same pyramid step.
+        self._relaxed = (list(relaxed_thresholds), max(min_face * 2 / 3, 0.05), factor)
+        self.settings = {"detector": "mtcnn", "impl": "lean-1", "detect_side": detect_side, "min_face": min_face,
                          "thresholds": list(thresholds), "relaxed_thresholds": list(relaxed_thresholds),
                          "factor": factor}
 
     def _mtcnn(self):
         if self._net is None:
-            from facenet_pytorch import MTCNN
-            self._net = MTCNN(device=self.device, thresholds=self._args[0], factor=self._args[1], keep_all=True)
+            from .mtcnn import LeanMTCNN
+            self._net = LeanMTCNN(self.device)
         return self._net
 
     def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[Face | None]:
@@ -78,34 +80,24 @@ class MTCNNDetector:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(scaled):
             groups.setdefault(img.shape[:2], []).append(i)
-        m = self._mtcnn()
-        saved = (m.thresholds, m.min_face_size, m.factor)
-        try:
-            for (h, w), idx in groups.items():
-                frac = self._relaxed[1] if relaxed else self.min_face
-                m.min_face_size = max(12, int(frac * min(h, w)))
-                if relaxed:
-                    m.thresholds, m.factor = self._relaxed[0], self._relaxed[2]
-                for start in range(0, len(idx), self.batch_size):
-                    chunk = idx[start:start + self.batch_size]
-                    batch = np.stack([scaled[i] for i in chunk])
-                    with torch.inference_mode():
-                        boxes, probs, points = m.detect(batch, landmarks=True)
-                    for j, i in enumerate(chunk):
-                        results[i] = _to_face(boxes[j], probs[j], points[j], scales[i])
-        finally:
-            m.thresholds, m.min_face_size, m.factor = saved
+        net = self._mtcnn()
+        thresholds, factor = self._args
+        frac = self.min_face
+        if relaxed:
+            thresholds, frac, factor = self._relaxed
+        for (h, w), idx in groups.items():
+            min_face = max(12, int(frac * min(h, w)))
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                found = net.detect(np.stack([scaled[i] for i in chunk]), min_face, thresholds, factor)
+                for i, (boxes, probs, points) in zip(chunk, found):
+                    results[i] = _to_face(boxes, probs, points, scales[i])
         return results
 
-
-def _to_face(boxes, probs, points, scale: float) -> Face | None:
-    if boxes is None:
+def _to_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale: float) -> Face | None:
+    if len(boxes) == 0:
         return None
-    # numpy 2: facenet-pytorch hands back object arrays; make them numeric before any arithmetic.
-    boxes = np.asarray(np.stack(list(boxes)), dtype=np.float64).reshape(-1, 4)
-    probs = np.asarray(list(probs), dtype=np.float64).reshape(-1)
-    pts = None if points is None else np.asarray(np.stack(list(points)), dtype=np.float64).reshape(-1, 5, 2)
-    k = pick_face(boxes, probs, pts)
+    k = pick_face(boxes, probs, points)
     box = tuple(float(v) / scale for v in boxes[k])
-    lm = None if pts is None else tuple((float(x) / scale, float(y) / scale) for x, y in pts[k])
+    lm = tuple((float(x) / scale, float(y) / scale) for x, y in points[k])
     return Face(box=box, score=float(probs[k]), landmarks=lm)

@@ -1,0 +1,48 @@
+"""The benchmark workload: competition-style 384x512 photos, one face each at a known box.
+
+Made from the public-domain faces in tests/assets/faces by tests/synth.py: each synthetic person's
+seven photos share framing (shifted, scaled, recoloured, mirrored for half of them), five with a
+drawn mask, one with the mask below the nose, one without. `truth.json` maps each photo to its box.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.synth import person_photos, save, sources  # noqa: E402
+
+
+def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list[float]]:
+    """Write ceil(photos / 7) people in the competition train layout under `out`; returns {source: box}."""
+    out = Path(out)
+    truth_file = out / "truth.json"
+    if truth_file.is_file():
+        truth = json.loads(truth_file.read_text())
+        if len(truth) >= photos:
+            return truth
+    rng = np.random.default_rng(seed)
+    srcs = sources()
+    truth = {}
+    people = -(-photos // 7)
+    for p in range(people):
+        src = srcs[p % len(srcs)]
+        folder = f"{p + 1:06d}_{'female' if p % 2 else 'male'}_Asian_{20 + (p * 7) % 60}"
+        for stem, (img, box) in person_photos(src, rng, flip=bool((p // len(srcs)) % 2)).items():
+            rel = f"images/{folder}/{stem}.jpg"
+            save(out / rel, img, quality=90)
+            truth[rel] = [float(v) for v in box]
+    truth_file.write_text(json.dumps(truth))
+    return truth
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
