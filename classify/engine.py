@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
@@ -22,16 +24,16 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, loader: DataLoader, device: torch.device, tta: int = 1, amp: bool = False):
+def infer(model: torch.nn.Module, loader: DataLoader, device: torch.device, tta: int = 1, amp: bool = False,
+          mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(manifest indices, probabilities N x 18 as float64) of every item of `loader`.
 
     tta = number of views averaged by probability: 1 the image; 2 + its horizontal mirror;
     3 + a 90% centre zoom; 4 + the zoom's mirror."""
     model.eval()
     idx, probs = [], []
-    cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for x, _, i in loader:
-        x = x.to(device, non_blocking=True).to(memory_format=cl)
+        x = normalize(x.to(device, non_blocking=True), mean, std, channels_last=device.type == "cuda")
         views = tta_views(x, tta)
         p = 0
         for v in views:

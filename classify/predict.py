@@ -63,11 +63,12 @@ def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: tor
     """Mean over checkpoints of their (TTA-averaged) probabilities for `rows` of `crops`, N x 18."""
     total = np.zeros((len(rows), L.NUM_CLASSES))
     for ckpt in ckpts:
-        tf = build_transform(ckpt["preset"], ckpt["img_size"], train=False, mean=ckpt["mean"], std=ckpt["std"])
+        tf = build_transform(ckpt["preset"], ckpt["img_size"], train=False)
         ds = CropDataset(crops, rows, tf)
         model = load_model(ckpt, device)
         amp = bool(ckpt["config"].get("amp")) and device.type == "cuda"
-        idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp)
+        idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
+                           mean=ckpt["mean"], std=ckpt["std"])
         pos = {r["index"]: k for k, r in enumerate(rows)}
         total[[pos[i] for i in idx]] += probs
     return total / len(ckpts)

@@ -39,7 +39,7 @@ from .losses import LOSSES, MultiTaskLoss, make_loss
 from .metrics import confusion, scores
 from .plots import plot_confusion
 from .models import create_model, freeze_backbone, list_models, model_kwargs, resolve_weights
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform, normalize
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,8 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         net.train()
         sums, n = {}, 0
         for step, (x, y, _) in enumerate(loader):
-            x = x.to(device, non_blocking=True)
+            x = normalize(x.to(device, non_blocking=True), channels_last=use_amp)
             y = y.to(device, non_blocking=True)
-            if use_amp:
-                x = x.to(memory_format=torch.channels_last)
             x, y_b, lam = _mix(cfg, x, y, epoch, step, d.rank)
             with autocast(device, use_amp):
                 outputs = net(x)

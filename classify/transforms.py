@@ -1,20 +1,23 @@
 """One transform factory with a `train` switch. Evaluation and prediction both call
 `build_transform(..., train=False)` with the values stored in the checkpoint, so they cannot drift.
 
-Images are HWC uint8 RGB face crops (square, from the crop stage); augmentation runs on uint8 and
-normalisation comes last, then `ToTensorV2` (which does not scale).
+Images are HWC uint8 RGB face crops (square, from the crop stage). Augmentation runs on uint8 and
+the pipeline returns HWC uint8, so a loader yields N x H x W x 3 uint8 batches: a quarter of the
+bytes of float batches, collated by plain contiguous copies. Normalisation and the change to the
+model's N x 3 x H x W layout come last, on the device, in `normalize` (called by the training step
+and by `engine.infer`, the only two places that feed a model).
 """
 from __future__ import annotations
 
 import albumentations as A
-from albumentations.pytorch import ToTensorV2
+import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("base", "strong", "none")
 
 
-def build_transform(preset: str, img_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
+def build_transform(preset: str, img_size: int, train: bool) -> A.Compose:
     """The albumentations pipeline for a preset.
 
     - eval (any preset with train=False, and preset 'none'): resize to img_size, normalise;
@@ -22,13 +25,12 @@ def build_transform(preset: str, img_size: int, train: bool, mean=IMAGENET_MEAN,
     - strong: base + colour jitter, small affine, grey, blur, coarse dropout (cutout).
 
     >>> t = build_transform("base", 224, train=False)
-    >>> t(image=crop_uint8)["image"].shape   # torch.Size([3, 224, 224])
+    >>> t(image=crop_uint8)["image"].shape   # (224, 224, 3), uint8
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
     if not train or preset == "none":
-        return A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")] + tail)
+        return A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")])
     ops = [A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.85, 1.18)),
            A.HorizontalFlip(p=0.5)]
     if preset == "strong":
@@ -40,4 +42,14 @@ def build_transform(preset: str, img_size: int, train: bool, mean=IMAGENET_MEAN,
             A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.08, 0.2), hole_width_range=(0.08, 0.2),
                             fill=0, p=0.5),
         ]
-    return A.Compose(ops + tail)
+    return A.Compose(ops)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> torch.Tensor:
+    """A loader batch, uint8 N x H x W x 3 (on any device) → float32 N x 3 x H x W, scaled to [0, 1]
+    and standardised per channel. One conversion and two in-place passes."""
+    scale = 1.0 / (255.0 * torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
+    shift = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 * scale
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = x.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=fmt, copy=True)
+    return y.mul_(scale).sub_(shift)

@@ -94,12 +94,12 @@ def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_other
     assert not np.allclose(plain.probs, tta, atol=1e-6)
     from classify.checkpoint import load_checkpoint
     from classify.predict import load_model
-    from classify.transforms import build_transform
+    from classify.transforms import build_transform, normalize
     from preprocess.imageio import read_crop
     model = load_model(load_checkpoint(res), torch.device("cpu"))
     tf = build_transform("base", 32, train=False)
     row = plain.rows[0]
-    x = tf(image=read_crop(plain.crops / row["crop"]))["image"][None]
+    x = normalize(torch.from_numpy(tf(image=read_crop(plain.crops / row["crop"]))["image"])[None])
     with torch.no_grad():
         manual = (model(x)["label"].softmax(-1) + model(torch.flip(x, dims=[3]))["label"].softmax(-1)) / 2
     assert np.allclose(tta[0], manual[0].numpy(), atol=1e-5)
