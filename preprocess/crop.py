@@ -347,11 +347,16 @@ def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
     if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:
         return target
     tmp = out / f".{PACKED}.tmp.npy"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
-    for i, r in enumerate(rows):
-        arr[i] = read_crop(out / r["crop"])
-    arr.flush()
-    del arr
+    # Plain sequential writes, not a writable memory map: mapped dirty pages count as the process's
+    # memory, so a map would grow with the data set.
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)})
+        for r in rows:
+            crop = read_crop(out / r["crop"])
+            if crop.shape != (size, size, 3):
+                raise ValueError(f"{r['crop']} is {crop.shape}, expected {(size, size, 3)}: recrop this folder")
+            f.write(np.ascontiguousarray(crop).tobytes())
     stamp_file.unlink(missing_ok=True)  # no window where an old stamp vouches for a new array
     os.replace(tmp, target)
     atomic_write_bytes(stamp_file, json.dumps(info).encode())

@@ -131,7 +131,7 @@ class LeanMTCNN(nn.Module):
         boxes, idx = _top_per_image(_square(boxes), idx, self.keep_rnet)
         # Stage 2: R-Net on 24x24 cuts.
         if len(boxes):
-            reg, prob = self.rnet(_cut(norm, boxes, idx, 24).contiguous(memory_format=torch.channels_last))
+            reg, prob = _run_bucketed(self.rnet, _cut(norm, boxes, idx, 24))
             ok = prob[:, 1] > thresholds[1]
             boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
             idx, reg = idx[ok], reg[ok]
@@ -140,7 +140,7 @@ class LeanMTCNN(nn.Module):
         # Stage 3: O-Net on 48x48 cuts, with landmarks.
         points = torch.zeros(0, 5, 2, device=self.device)
         if len(boxes):
-            reg, lm, prob = self.onet(_cut(norm, boxes, idx, 48).contiguous(memory_format=torch.channels_last))
+            reg, lm, prob = _run_bucketed(self.onet, _cut(norm, boxes, idx, 48))
             ok = prob[:, 1] > thresholds[2]
             boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
             idx, reg, lm = idx[ok], reg[ok], lm[ok]
@@ -157,6 +157,18 @@ class LeanMTCNN(nn.Module):
             out.append((boxes[sel, :4].astype(np.float64), boxes[sel, 4].astype(np.float64),
                         points[sel].astype(np.float64)))
         return out
+
+
+def _run_bucketed(net, x, bucket: int = 64):
+    """net(x) with the batch padded to a multiple of `bucket`. The number of candidates changes with
+    every batch, and each new input shape makes oneDNN compile and cache another kernel: memory
+    grew with the number of photos (measured: +440 MiB over 1,000 photos) until shapes were bucketed."""
+    n = x.shape[0]
+    pad = (-n) % bucket
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+    out = net(x.contiguous(memory_format=torch.channels_last))
+    return tuple(o[:n] for o in out)
 
 
 def _grid_boxes(reg, prob, scale: float, thresh: float):
