@@ -5,6 +5,7 @@ project's own errors become a one-line message and exit code 1.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import time
@@ -29,6 +30,9 @@ def main():
     """maskcls: raw photos → face crops → trained classifier → submission."""
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
 def user_errors(fn):
     """Turn the project's own errors (a user's mistake, not a bug) into one line and exit code 1."""
     @functools.wraps(fn)
@@ -38,6 +42,13 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            console.print(f"[bold red]error:[/] cannot write{where}: {e.strerror or e}. Files written before "
+                          "(manifest, checkpoints) are left as they were.", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     return wrapper
 
@@ -156,11 +167,21 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
-    from classify.train import fit, load_config
+    from classify.errors import ConfigError
+    from classify.train import fit, load_config, resume_config
     from preprocess.runtime import dist_env
 
-    opts = {k: v for k, v in locals().items() if k not in ("config", "resume", "fit", "load_config", "dist_env")}
-    cfg = load_config(opts, config)
+    opts = {k: v for k, v in locals().items() if k not in ("config", "resume", "fit", "load_config", "dist_env",
+                                                          "resume_config", "ConfigError")}
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN, the run to continue")
+        given = {k: v for k, v in opts.items() if k not in ("crops", "out")}
+        cfg = resume_config(out, given)
+        if crops is not None and Path(cfg.crops).resolve() != crops.resolve():
+            raise ConfigError(f"--resume: {out} was trained on {cfg.crops}, not {crops}")
+    else:
+        cfg = load_config(opts, config)
     rank = dist_env()[0]
     t0 = time.perf_counter()
 

@@ -110,6 +110,28 @@ def load_config(cli: dict, toml_path: Path | None = None) -> TrainConfig:
     return cfg
 
 
+RESUMABLE = ("epochs", "device", "workers", "amp")
+
+
+def _last_checkpoint(out: Path) -> Path:
+    last = Path(out) / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"--resume: {last} does not exist; nothing to resume")
+    return last
+
+
+def resume_config(out: Path, overrides: dict | None = None) -> TrainConfig:
+    """The config of the run in `out` (from its last.pt), with only --epochs, --device, --workers or
+    --amp changed. Any other option given with --resume is an error: a resumed run is the same run."""
+    saved = TrainConfig(**load_checkpoint(_last_checkpoint(out))["config"])
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    bad = sorted(k for k in overrides if k not in RESUMABLE and overrides[k] != getattr(saved, k))
+    if bad:
+        raise ConfigError(f"--resume continues the saved run; it accepts only "
+                          f"{', '.join('--' + k for k in RESUMABLE)}, not {', '.join('--' + k.replace('_', '-') for k in bad)}")
+    return dataclasses.replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+
+
 def fit(cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
         on_step: Callable[[int, int], None] | None = None, warn: Callable[[str], None] = print) -> dict:
     """Train per `cfg`; returns the summary (also written to RUN/summary.json).
@@ -127,13 +149,12 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
     out, crops = Path(cfg.out), Path(cfg.crops)
     state = None
     if resume:
-        last = out / "last.pt"
-        if not last.is_file():
-            raise ConfigError(f"--resume: {last} does not exist; nothing to resume")
-        state = load_checkpoint(last)
+        state = load_checkpoint(_last_checkpoint(out))
         saved = TrainConfig(**state["config"])
-        # Resume continues the saved run: only where it runs (and how many epochs in all) may change.
-        cfg = dataclasses.replace(saved, device=cfg.device, workers=cfg.workers, epochs=max(cfg.epochs, saved.epochs))
+        changed = sorted(k for k in asdict(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k))
+        if changed:
+            raise ConfigError(f"--resume continues {out} as it was configured; these differ from its config: "
+                              f"{', '.join(changed)} (build the config with resume_config)")
     device = d.device
     rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
     if not usable:

@@ -97,6 +97,10 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     paths = crop_paths(found.photos)
     units = _units(found.photos)
     cache = _read_journal(out, key)
+    if cache and rank == 0:
+        _remove_stale_temp_files(out)  # a killed run may have left half-written '.<name>.tmp' files
+    if world > 1:
+        barrier()  # no rank writes before rank 0 has cleaned up
     todo, done_rows = [], {}
     for u in units:
         fps = [_fingerprint(raw / p.source) for p in u]
@@ -321,6 +325,12 @@ def _read_journal(out: Path, key: str) -> dict[tuple[str, ...], dict]:
                 if rec.get("key") == key:
                     units[tuple(rec["sources"])] = rec
     return units
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    for p in out.rglob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _compact_journal(raw: Path, out: Path, key: str, units, rows) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.train import TrainConfig, fit, load_config
+from classify.train import TrainConfig, fit, load_config, resume_config
 from tests.conftest import make_crops
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -81,7 +81,7 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(crops, tmp_path):
         fit(TrainConfig(crops=str(crops), out=str(tmp_path / "cut"), **(FAST | {"epochs": 3})),
             on_epoch=die_after_first_epoch, warn=lambda m: None)
     assert len((tmp_path / "cut" / "metrics.csv").read_text().splitlines()) == 2
-    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "cut"), epochs=3, workers=0), resume=True, warn=lambda m: None)
+    fit(resume_config(tmp_path / "cut", {"workers": 0}), resume=True, warn=lambda m: None)
     full = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
     cut = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
     drop_time = lambda lines: [",".join(v for k, v in zip(lines[0].split(","), l.split(",")) if k != "seconds") for l in lines]
@@ -122,3 +122,12 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
         _fit(crops, tmp_path / "r", epochs=3, batch_size=29)
     last = load_checkpoint(tmp_path / "r" / "last.pt")
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_options_that_would_change_the_run(crops, tmp_path):
+    _fit(crops, tmp_path / "r", epochs=1)
+    assert resume_config(tmp_path / "r", {"epochs": 4, "lr": None}).epochs == 4
+    with pytest.raises(ConfigError, match="--lr"):
+        resume_config(tmp_path / "r", {"lr": 0.5})
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        resume_config(tmp_path / "absent")
