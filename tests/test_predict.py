@@ -33,7 +33,14 @@ class FlipSymmetric(nn.Module):
         return {"label": self.head(torch.cat([x.mean(dim=(2, 3)), rows], 1))}
 
 
-register_model("test_flip_symmetric")(FlipSymmetric)
+@pytest.fixture
+def flip_symmetric_model():
+    """Registered for one test only, so registry-wide tests do not see it."""
+    from classify import models
+
+    register_model("test_flip_symmetric")(FlipSymmetric)
+    yield "test_flip_symmetric"
+    models._REGISTRY.pop("test_flip_symmetric")
 
 
 def make_ckpt(path, name="resnet18", seed=0, img_size=32, crop_size=48):
@@ -81,8 +88,9 @@ def test_submission_has_every_info_row_in_order_and_warns_about_unreadable(eval_
     assert "broken.jpg" in warned and "gone.jpg" in warned
 
 
-def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_otherwise(eval_raw, tmp_path, fake_detector):
-    sym = make_ckpt(tmp_path / "sym.pt", name="test_flip_symmetric")
+def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_otherwise(eval_raw, tmp_path, fake_detector,
+                                                                                   flip_symmetric_model):
+    sym = make_ckpt(tmp_path / "sym.pt", name=flip_symmetric_model)
     kw = dict(cache=tmp_path / "cache", device="cpu", workers=0, detector=fake_detector)
     one = predict([sym], eval_raw, **kw).probs
     two = predict([sym], eval_raw, tta=2, **kw).probs
