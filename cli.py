@@ -102,13 +102,20 @@ def crop(
                      min_face=min_face, workers=workers, old=old, pack=pack, strict=strict)
     rank, world, _ = dist_env()
     dist = None
-    if world > 1:
+    if world > 1:  # under torchrun: each rank crops its share of the people on its own device
+        import dataclasses
+
         from classify.distributed import init_distributed
         dist = init_distributed(cfg.device)
+        cfg = dataclasses.replace(cfg, device=str(dist.device))
     t0 = time.perf_counter()
-    with LazyProgress("crop") as bar:
-        res = crop_dataset(raw, out, cfg, on_progress=bar.update, rank=rank, world=world,
-                           barrier=dist.barrier if dist else None)
+    try:
+        with LazyProgress("crop") as bar:
+            res = crop_dataset(raw, out, cfg, on_progress=bar.update if rank == 0 else None, rank=rank,
+                               world=world, barrier=dist.barrier if dist else None)
+    finally:
+        if dist:
+            dist.close()
     if rank != 0:
         return
     secs = time.perf_counter() - t0
@@ -137,6 +144,7 @@ def train(
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options (the command line wins)."),
     model: Optional[str] = typer.Option(None, help="resnet18|34|50, efficientnet_b0..b3, attention [resnet18]."),
     backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model [resnet18]."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout before the head(s) [0.2]."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size per process [32]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [1e-3]."),

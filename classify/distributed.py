@@ -44,6 +44,15 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def average_grads(self, params) -> None:
+        """All-reduce (mean) the gradients of parameters that DDP does not manage (the loss's task weights)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

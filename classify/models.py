@@ -165,8 +165,12 @@ def freeze_backbone(model: nn.Module) -> None:
     model.backbone.eval()
 
 
-def model_kwargs(name: str, backbone: str | None = None) -> dict:
-    return {"backbone": backbone or "resnet18"} if name == "attention" else {}
+def model_kwargs(name: str, backbone: str | None = None, dropout: float | None = None) -> dict:
+    """The constructor arguments a config implies (stored in checkpoints, so predict rebuilds the same model)."""
+    kw = {"backbone": backbone or "resnet18"} if name == "attention" else {}
+    if dropout is not None:
+        kw["dropout"] = dropout
+    return kw
 
 
 # -- pretrained weights -------------------------------------------------------------------------------

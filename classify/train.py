@@ -48,6 +48,7 @@ class TrainConfig:
     out: str
     model: str = "resnet18"
     backbone: str = "resnet18"        # the attention model's backbone
+    dropout: float = 0.2              # before the head (and in the attention model's task branches)
     epochs: int = 10
     batch_size: int = 32              # per process (torchrun: global batch = batch_size x processes)
     lr: float = 1e-3
@@ -175,7 +176,7 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
     eval_tf = build_transform(cfg.preset, cfg.img_size, train=False)
     val_ds = CropDataset(crops, val_rows, eval_tf, cfg.seed)
 
-    kwargs = model_kwargs(cfg.model, cfg.backbone)
+    kwargs = model_kwargs(cfg.model, cfg.backbone, cfg.dropout)
     model = create_model(cfg.model, weights=weights if state is None else "none", **kwargs)
     if cfg.freeze_backbone:
         freeze_backbone(model)
@@ -189,7 +190,11 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type == "cuda":
+            # BatchNorm statistics over the global batch, as one process would compute them (gloo on the
+            # CPU has no SyncBatchNorm: there each rank normalises over its own share).
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in criterion.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
@@ -237,6 +242,7 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
                                     f"training stopped ({kept}). Try a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            d.average_grads(criterion.parameters())
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

@@ -66,7 +66,7 @@ class CropResult:
     layout: str
     rows: list[dict]
     counts: dict[str, int]
-    detected: int              # photos that went through the detector in this run (0: all cached)
+    detected: int              # photos cropped in this run, all ranks together (0: everything came from the cache)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -111,13 +111,12 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
             todo.append((u, fps))
     mine = todo[rank::world]
     total = sum(len(u) for u, _ in mine)
-    detected = 0
+    detected = sum(len(u) for u, _ in todo)
     journal_path = out / (JOURNAL if world == 1 else f".journal.rank{rank}.jsonl")
     with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
         finished = 0
         for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-            rows, n_det = _crop_chunk(pool, out, paths, chunk, images, config, detector)
-            detected += n_det
+            rows = _crop_chunk(pool, out, paths, chunk, images, config, detector)
             for (u, fps), urows in zip(chunk, rows):
                 journal.write(json.dumps({"key": key, "sources": [p.source for p in u], "fps": fps, "rows": urows}) + "\n")
                 done_rows.update({r["source"]: r for r in urows})
@@ -254,7 +253,7 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: C
     for unit, _ in chunk:
         by_unit.append(rows[k:k + len(unit)])
         k += len(unit)
-    return by_unit, len(flat)
+    return by_unit
 
 
 def _relative(box, shape) -> np.ndarray:
