@@ -54,8 +54,29 @@ class Dist:
                 p.grad /= self.world
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the job. Rank 0 leaves last: the other ranks wait (on the rendezvous store, not on a
+        gloo collective) until rank 0 says it is done. With gloo, a peer that exits right after the last
+        collective can cut off messages still in flight ("Connection closed by peer")."""
+        if self.world == 1 or not dist.is_initialized():
+            return
+        store = _store()
+        key = f"maskcls/done/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if store is not None:
+            if self.rank == 0:
+                store.set(key, "1")
+            else:
+                store.wait([key])
+        dist.destroy_process_group()
+
+
+def _store():
+    """A client of torchrun's rendezvous store (MASTER_ADDR:MASTER_PORT), or None outside torchrun."""
+    from datetime import timedelta
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(hours=2))
 
 
 def init_distributed(device: str = "auto") -> Dist:

@@ -79,7 +79,8 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     >>> res.counts   # {'ok': 52, 'relaxed': 2, ...}
 
     `on_progress(done, total)` is called as photos finish. Under torchrun (`world` > 1) each rank
-    crops its share of the persons and rank 0 writes the one manifest (same rows, same order).
+    crops its share of the persons and rank 0 writes the one manifest (same rows, same order) and
+    returns the whole result; the other ranks return their share (no counts).
     """
     raw, out = Path(raw).resolve(), Path(out).resolve()
     found = discover(raw)
@@ -126,22 +127,24 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
             if on_progress:
                 on_progress(finished, total)
     if world > 1:
-        barrier()
+        barrier()  # every rank's journal is complete
+        if rank != 0:  # rank 0 alone merges the journals and writes; the others return their share
+            rows = [done_rows[p.source] for p in found.photos if p.source in done_rows]
+            return CropResult(out, found.layout, rows, {}, detected, found.warnings)
         for r in _read_journal(out, key).values():
             done_rows.update({row["source"]: row for row in r["rows"]})
     rows = [done_rows[p.source] for p in found.photos]
     counts = {s: 0 for s in ("ok", "relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    if rank == 0:
-        meta = {"version": CROP_VERSION, "key": key, "layout": found.layout, "raw": str(raw),
-                "config": asdict(config), "detector": detector.settings, "counts": counts, "rows": len(rows)}
-        write_manifest(out, rows, meta)
-        _compact_journal(raw, out, key, units, rows)
-        if config.pack:
-            pack_crops(out, rows, config.size)
-    if world > 1:
-        barrier()
+    meta = {"version": CROP_VERSION, "key": key, "layout": found.layout, "raw": str(raw),
+            "config": asdict(config), "detector": detector.settings, "counts": counts, "rows": len(rows)}
+    write_manifest(out, rows, meta)
+    _compact_journal(raw, out, key, units, rows)
+    if config.pack:
+        pack_crops(out, rows, config.size)
+    # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
+    # Dist.close(), on the rendezvous store).
     return CropResult(out, found.layout, rows, counts, detected, found.warnings)
 
 
