@@ -1,5 +1,5 @@
 # One command each, on a fresh machine (Python 3.11, pip):
-#   make demo   installs maskcls and runs crop → train → predict on data_samples/
+#   make demo   installs maskcls and runs crop → train → report → predict on data_samples/
 #   make test   installs maskcls with the test extras and runs the tests
 PY ?= python3
 OUT ?= runs/demo
@@ -11,7 +11,9 @@ install:
 demo: install
 	maskcls crop data_samples/train --out $(OUT)/crops
 	maskcls train $(OUT)/crops --out $(OUT)/run --model attention --epochs 2 --img-size 128
+	maskcls report $(OUT)/crops $(OUT)/run --out $(OUT)/report
 	maskcls predict $(OUT)/run/best.pt data_samples/eval --out $(OUT)/submission.csv --crops $(OUT)/eval_crops --tta 2
+	@echo "report: $(OUT)/report/index.html"
 	@echo "submission: $(OUT)/submission.csv"
 
 test: install

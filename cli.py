@@ -289,5 +289,21 @@ def evaluate(
         console.print(f"confusion matrix: {confusion}")
 
 
+@app.command()
+@user_errors
+def report(
+    crops: Path = typer.Argument(..., help="Crops folder written by `maskcls crop`."),
+    run: Optional[Path] = typer.Argument(None, help="Optional run folder written by `maskcls train`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNG figures, their CSVs and index.html."),
+    seed: int = typer.Option(0, help="Seed of the random crops shown per class."),
+    per_class: int = typer.Option(6, help="Crops shown per class in the grid."),
+):
+    """Figures of the data (and of a run) with their numbers as CSV, and one index.html."""
+    from classify.report import report as run_report
+
+    index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
+    console.print(f"report: {index}")
+
+
 if __name__ == "__main__":
     app()

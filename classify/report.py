@@ -1,0 +1,332 @@
+"""`maskcls report`: figures of the data (and of a run), each with its numbers saved as CSV beside it,
+and one index.html that shows them with captions.
+
+Data (from the manifest alone): counts per class and per task, the age histogram with the age-group
+thresholds, a grid of random crops per class, and a gallery of every photo that did not get a face
+of its own (relaxed, person_box, no_face, unreadable, missing, bad_name) with its crop and the box
+drawn on the original. Run (from RUN's metrics.csv and val_predictions.csv): training curves, the
+confusion matrix (counts and row-normalised), per-class F1, and the validation photos the model got
+most confidently wrong.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from preprocess import labels as L
+from preprocess.imageio import UnreadableImage, atomic_write_bytes, load_rgb, read_crop
+from preprocess.manifest import read_manifest, read_meta
+
+from .errors import ConfigError
+from .metrics import confusion, per_class_f1
+from .plots import plot_confusion, pyplot, save_figure
+
+GALLERY_PAGE = 24
+FALLBACKS = ("relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")
+
+
+def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_class: int = 6) -> Path:
+    """Write the figures, their CSVs and index.html into `out`; returns the index path.
+
+    >>> report(Path("/tmp/c"), Path("/tmp/report"), run=Path("/tmp/r"))
+    """
+    crops, out = Path(crops), Path(out)
+    old = read_meta(crops).get("config", {}).get("old", L.DEFAULT_OLD)
+    if run is not None:
+        cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+        old = cfg.get("old", old)
+    rows = read_manifest(crops, old=old)
+    out.mkdir(parents=True, exist_ok=True)
+    names = L.class_names(old)
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+    data = [_class_counts(out, rows, names), _task_counts(out, rows, old), _ages(out, rows, old),
+            _crop_grid(out, crops, rows, names, seed, per_class)]
+    data += _gallery(out, crops, rows)
+    sections.append(("Data", data))
+    if run is not None:
+        run = Path(run)
+        if not (run / "metrics.csv").is_file():
+            raise ConfigError(f"{run} has no metrics.csv: is it a `maskcls train` run folder?")
+        sections.append(("Model", [_curves(out, run), *_confusions(out, run, names), _per_class(out, run, names),
+                                   _wrong(out, crops, run, rows, names)]))
+    return _index(out, crops, run, rows, sections)
+
+
+# -- data figures -------------------------------------------------------------------------------------
+
+def _class_counts(out: Path, rows, names):
+    counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=L.NUM_CLASSES)
+    _write_csv(out / "class_counts.csv", ["label", "class", "photos"], [[k, names[k], int(c)] for k, c in enumerate(counts)])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(12, 5.5), dpi=100)
+    colours = [("#4c72b0", "#dd8452", "#55a868")[L.decode(k)[0]] for k in range(L.NUM_CLASSES)]
+    bars = ax.bar(range(L.NUM_CLASSES), counts, color=colours)
+    ax.bar_label(bars, labels=[str(int(c)) for c in counts], fontsize=8, padding=2)
+    ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("photos")
+    ax.set_title(f"Photos per class ({int(counts.sum())} labelled photos; colour = mask status)")
+    fig.tight_layout()
+    save_figure(fig, out / "class_counts.png")
+    return "class_counts.png", "Photos per class, as in the manifest (labelled rows of every status). " \
+                               "Blue: mask worn, orange: incorrect, green: no mask."
+
+
+def _task_counts(out: Path, rows, old: int):
+    tasks = {"mask": ([r["mask"] for r in rows], L.MASK_NAMES), "gender": ([r["gender"] for r in rows], L.GENDER_NAMES),
+             "age group": ([r["age_group"] for r in rows], L.age_names(old))}
+    table = []
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
+    for ax, (task, (values, labels)) in zip(axes, tasks.items()):
+        counts = np.bincount([v for v in values if v >= 0], minlength=len(labels))
+        table += [[task, labels[k], int(c)] for k, c in enumerate(counts)]
+        bars = ax.bar(labels, counts, color="#4c72b0")
+        ax.bar_label(bars, labels=[str(int(c)) for c in counts], fontsize=9, padding=2)
+        ax.set_title(task)
+        ax.set_ylabel("photos")
+    fig.suptitle("Photos per task")
+    fig.tight_layout()
+    save_figure(fig, out / "task_counts.png")
+    _write_csv(out / "task_counts.csv", ["task", "value", "photos"], table)
+    return "task_counts.png", "Photos per value of each task: mask status, gender, age group."
+
+
+def _ages(out: Path, rows, old: int):
+    ages = np.array([r["age"] for r in rows if r["age"] >= 0])
+    edges = np.arange(0, max(int(ages.max()) if len(ages) else 0, old) + 3, 2)
+    hist, _ = np.histogram(ages, bins=edges)
+    _write_csv(out / "ages.csv", ["from", "to_excl", "photos"], [[int(a), int(b), int(h)] for a, b, h in
+                                                                  zip(edges[:-1], edges[1:], hist)])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    ax.bar(edges[:-1], hist, width=2, align="edge", color="#4c72b0", edgecolor="white")
+    for t, label in ((L.YOUNG, f"{L.YOUNG}: group 1 starts"), (old, f"{old}: group 2 starts")):
+        ax.axvline(t, color="#c44e52", linestyle="--")
+        ax.text(t + 0.5, ax.get_ylim()[1] * 0.92, label, color="#c44e52", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+    ax.set_xlabel("age (years, 2-year bins)")
+    ax.set_ylabel("photos")
+    ax.set_title(f"Ages of the photographed people ({len(ages)} photos)")
+    fig.tight_layout()
+    save_figure(fig, out / "ages.png")
+    return "ages.png", f"Age histogram; dashed lines are the age-group thresholds (30 and {old})."
+
+
+def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
+    rng = np.random.default_rng(seed)
+    tile = 96
+    grid = np.full((L.NUM_CLASSES * tile, per_class * tile, 3), 255, np.uint8)
+    table = []
+    for k in range(L.NUM_CLASSES):
+        members = [r for r in rows if r["label"] == k]
+        picked = [members[i] for i in rng.permutation(len(members))[:per_class]]
+        for j, r in enumerate(picked):
+            grid[k * tile:(k + 1) * tile, j * tile:(j + 1) * tile] = cv2.resize(read_crop(crops / r["crop"]), (tile, tile),
+                                                                                  interpolation=cv2.INTER_AREA)
+            table.append([k, names[k], j, r["image_id"], r["status"]])
+    _write_csv(out / "crops_grid.csv", ["label", "class", "column", "image_id", "status"], table)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(per_class * 1.2 + 2.2, L.NUM_CLASSES * 1.2), dpi=100)
+    ax.imshow(grid)
+    ax.set_yticks([k * tile + tile / 2 for k in range(L.NUM_CLASSES)], names, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(f"Random crops per class (up to {per_class}; seed {seed})")
+    fig.tight_layout()
+    save_figure(fig, out / "crops_grid.png")
+    return "crops_grid.png", "Random crops of each class, one row per class: what the model is trained on."
+
+
+def _gallery(out: Path, crops: Path, rows):
+    bad = [r for r in rows if r["status"] in FALLBACKS]
+    _write_csv(out / "fallbacks.csv", ["image_id", "status", "reason", "x1", "y1", "x2", "y2", "page"],
+               [[r["image_id"], r["status"], r["reason"], r["x1"], r["y1"], r["x2"], r["y2"],
+                 1 + i // GALLERY_PAGE] for i, r in enumerate(bad)])
+    if not bad:
+        return [("", "Every photo had its face found by the first detection pass: no fallback gallery.")]
+    raw = Path(read_meta(crops).get("raw", ""))
+    figures = []
+    pages = range(0, len(bad), GALLERY_PAGE)
+    for p, start in enumerate(pages, start=1):
+        page = bad[start:start + GALLERY_PAGE]
+        cols = min(4, len(page))
+        nrows = -(-len(page) // cols)
+        plt = pyplot()
+        fig, axes = plt.subplots(nrows, cols * 2, figsize=(cols * 2 * 1.9, nrows * 2.4), dpi=100, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i, r in enumerate(page):
+            a_orig, a_crop = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
+            try:
+                img = load_rgb(raw / r["source"]).copy()
+                if r["x1"] is not None:
+                    x1, y1, x2, y2 = (int(round(r[k])) for k in ("x1", "y1", "x2", "y2"))
+                    cv2.rectangle(img, (x1, y1), (x2, y2), (255, 40, 40), max(2, img.shape[1] // 120))
+                a_orig.imshow(img)
+            except (UnreadableImage, OSError):
+                a_orig.text(0.5, 0.5, "no pixels", ha="center", va="center", fontsize=9)
+            a_crop.imshow(read_crop(crops / r["crop"]))
+            a_orig.set_title(f"{r['status']}\n{_short(r['image_id'])}", fontsize=7)
+            a_crop.set_title("crop used", fontsize=7)
+        fig.suptitle(f"Photos without a first-pass face: original with the box used (red), and the crop "
+                     f"(page {p} of {len(pages)})", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        name = f"fallbacks_{p}.png"
+        save_figure(fig, out / name)
+        figures.append((name, f"Fallback gallery, page {p}/{len(pages)}: {len(bad)} photos in all "
+                              "(relaxed: found by the second pass; person_box: the person's box; no_face: centre "
+                              "crop; unreadable/missing: grey stand-in). Reasons are in fallbacks.csv."))
+    return figures
+
+
+def _short(s: str, n: int = 28) -> str:
+    return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
+# -- run figures --------------------------------------------------------------------------------------
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _curves(out: Path, run: Path):
+    m = _read_csv(run / "metrics.csv")
+    ep = [int(r["epoch"]) for r in m]
+    cols = ["train_loss", "val_loss", "val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"]
+    _write_csv(out / "curves.csv", ["epoch"] + cols, [[r["epoch"]] + [r[c] for c in cols] for r in m])
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), dpi=100)
+    for c in ("train_loss", "val_loss"):
+        a.plot(ep, [float(r[c]) for r in m], marker="o", label=c.replace("_", " "))
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.set_title("Loss")
+    a.legend()
+    for c in ("val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"):
+        b.plot(ep, [float(r[c]) for r in m], marker="o", label=c.replace("val_", "").replace("_", " "))
+    b.set_xlabel("epoch")
+    b.set_ylabel("score")
+    b.set_ylim(0, 1.02)
+    b.set_title("Validation accuracy and macro F1")
+    b.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    save_figure(fig, out / "curves.png")
+    return "curves.png", "Training curves: losses (left), validation accuracy and macro F1 of the 18 classes and per task (right)."
+
+
+def _val(run: Path):
+    rows = _read_csv(run / "val_predictions.csv")
+    y = np.array([int(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"p{k}"]) for k in range(L.NUM_CLASSES)] for r in rows])
+    return rows, y, probs
+
+
+def _confusions(out: Path, run: Path, names):
+    _, y, probs = _val(run)
+    cm = confusion(y, probs.argmax(1), L.NUM_CLASSES)
+    _write_csv(out / "confusion.csv", ["true \\ predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))])
+    plot_confusion(out / "confusion_counts.png", cm, names, f"validation counts ({len(y)} photos)")
+    rown = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    plot_confusion(out / "confusion_normalised.png", np.round(rown * 100).astype(int), names,
+                   "validation, % of each true class (rows sum to 100)")
+    return [("confusion_counts.png", "Confusion matrix of the best epoch's validation predictions (counts)."),
+            ("confusion_normalised.png", "The same, row-normalised: each true class's photos spread over predictions, in %.")]
+
+
+def _per_class(out: Path, run: Path, names):
+    _, y, probs = _val(run)
+    f1 = per_class_f1(y, probs.argmax(1), L.NUM_CLASSES)
+    support = np.bincount(y, minlength=L.NUM_CLASSES)
+    _write_csv(out / "per_class_f1.csv", ["label", "class", "f1", "photos"],
+               [[k, names[k], f"{f1[k]:.6f}", int(support[k])] for k in range(L.NUM_CLASSES)])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
+    bars = ax.bar(range(L.NUM_CLASSES), f1, color="#55a868")
+    ax.bar_label(bars, labels=[f"{v:.2f}\n(n={n})" for v, n in zip(f1, support)], fontsize=7, padding=2)
+    ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("F1")
+    ax.set_title("Validation F1 per class (n = validation photos of the class)")
+    fig.tight_layout()
+    save_figure(fig, out / "per_class_f1.png")
+    return "per_class_f1.png", "Validation F1 of each class; n is the number of validation photos of that class."
+
+
+def _wrong(out: Path, crops: Path, run: Path, rows, names, top: int = 16):
+    vrows, y, probs = _val(run)
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    wrong = [i for i in np.argsort(-conf, kind="stable") if pred[i] != y[i]][:top]
+    by_id = {r["image_id"]: r for r in rows}
+    _write_csv(out / "most_confidently_wrong.csv", ["image_id", "true", "predicted", "confidence"],
+               [[vrows[i]["image_id"], names[y[i]], names[pred[i]], f"{conf[i]:.6f}"] for i in wrong])
+    plt = pyplot()
+    cols = 4
+    nrows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3, nrows * 3.3), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, i in enumerate(wrong):
+        ax = axes[k // cols, k % cols]
+        r = by_id.get(vrows[i]["image_id"])
+        if r is not None:
+            ax.imshow(read_crop(crops / r["crop"]))
+        ax.set_title(f"true {names[y[i]]}\npredicted {names[pred[i]]} ({conf[i]:.0%})", fontsize=8)
+    fig.suptitle(f"Validation photos most confidently wrong ({len(wrong)} shown)")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    save_figure(fig, out / "most_confidently_wrong.png")
+    return "most_confidently_wrong.png", "The validation photos the model got wrong with the highest confidence: " \
+                                         "look here for label errors and crop failures."
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+def _write_csv(path: Path, header, rows) -> None:
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def _index(out: Path, crops: Path, run, rows, sections) -> Path:
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>maskcls report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#444}</style>",
+             "</head><body><h1>maskcls report</h1>",
+             f"<p>Crops: <code>{html.escape(str(crops))}</code> ({len(rows)} photos; "
+             + ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(counts.items())) + ")"
+             + (f"<br>Run: <code>{html.escape(str(run))}</code>" if run else "") + "</p>"]
+    for title, figs in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        for name, caption in figs:
+            if name:
+                csv_name = _csv_for(name)
+                parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
+                             f"<figcaption>{html.escape(caption)} Numbers: <a href='{csv_name}'>{csv_name}</a>."
+                             "</figcaption></figure>")
+            else:
+                parts.append(f"<p>{html.escape(caption)}</p>")
+    parts.append("</body></html>")
+    atomic_write_bytes(out / "index.html", "\n".join(parts).encode("utf-8"))
+    return out / "index.html"
+
+
+def _csv_for(png: str) -> str:
+    if png.startswith("fallbacks_"):
+        return "fallbacks.csv"
+    if png.startswith("confusion_"):
+        return "confusion.csv"
+    return png.replace(".png", ".csv")

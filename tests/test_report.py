@@ -1,0 +1,69 @@
+"""maskcls report: the CSV numbers agree with the manifest and the run, and the page shows every figure."""
+import csv
+import re
+
+import numpy as np
+
+from classify.report import report
+from classify.train import TrainConfig, fit
+from preprocess import CropConfig, crop_dataset
+from preprocess.manifest import read_manifest
+from tests.conftest import make_person
+
+
+def _csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
+    raw = tmp_path / "raw"
+    for p in range(12):
+        make_person(raw / "images", f"{p:06d}_{'male' if p % 2 else 'female'}_Asian_{[22, 45, 70][p % 3]}",
+                    levels={"normal": 0} if p == 3 else ({"mask2": 150} if p == 5 else None))
+    (raw / "images" / "000003_male_Asian_22" / "mask5.jpg").write_text("broken")
+    crops = tmp_path / "crops"
+    crop_dataset(raw, crops, CropConfig(size=48), detector=fake_detector)
+    run = tmp_path / "run"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=2, img_size=32, workers=0, weights="none",
+                    device="cpu", val_ratio=0.34), warn=lambda m: None)
+    out = tmp_path / "report"
+    index = report(crops, out, run=run)
+
+    rows = read_manifest(crops)
+    counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=18)
+    assert [int(r["photos"]) for r in _csv(out / "class_counts.csv")] == counts.tolist()
+    tasks = {(r["task"], r["value"]): int(r["photos"]) for r in _csv(out / "task_counts.csv")}
+    assert tasks["mask", "wear"] == sum(r["mask"] == 0 for r in rows)
+    assert tasks["gender", "female"] == sum(r["gender"] == 1 for r in rows)
+    assert tasks["age group", ">=60"] == sum(r["age_group"] == 2 for r in rows)
+    assert sum(int(r["photos"]) for r in _csv(out / "ages.csv")) == len(rows)
+    fallbacks = _csv(out / "fallbacks.csv")
+    assert {(f["image_id"], f["status"]) for f in fallbacks} == \
+           {(r["image_id"], r["status"]) for r in rows if r["status"] != "ok"}
+    assert {f["status"] for f in fallbacks} == {"relaxed", "person_box", "unreadable"}
+    grid = _csv(out / "crops_grid.csv")
+    labels = {r["image_id"]: r["label"] for r in rows}
+    assert all(labels[g["image_id"]] == int(g["label"]) for g in grid)
+
+    metrics = _csv(run / "metrics.csv")
+    curves = _csv(out / "curves.csv")
+    assert [c["val_f1"] for c in curves] == [m["val_f1"] for m in metrics]
+    val = _csv(run / "val_predictions.csv")
+    conf = _csv(out / "confusion.csv")
+    cm = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in conf])
+    assert cm.sum() == len(val) and np.trace(cm) == sum(v["label"] == v["pred"] for v in val)
+    f1 = _csv(out / "per_class_f1.csv")
+    assert sum(int(r["photos"]) for r in f1) == len(val)
+    wrong = _csv(out / "most_confidently_wrong.csv")
+    assert len(wrong) == min(16, sum(v["label"] != v["pred"] for v in val))
+    confs = [float(w["confidence"]) for w in wrong]
+    assert confs == sorted(confs, reverse=True)
+
+    page = index.read_text(encoding="utf-8")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 10
+    referenced = set(re.findall(r"src='([^']+\.png)'", page))
+    assert referenced == set(pngs)
+    for name in re.findall(r"href='([^']+\.csv)'", page):
+        assert (out / name).is_file()
