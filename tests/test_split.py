@@ -49,3 +49,26 @@ def test_rows_without_person_id_are_split_per_photo():
     rows = [{"person_id": "", "image_id": f"x{i}", "gender": 0, "age_group": 0} for i in range(10)]
     split = split_persons(rows, val_ratio=0.3)
     assert len(split) == 10 and sum(v == "val" for v in split.values()) == 3
+
+
+def test_label_fixes_change_labels_by_photo_or_person_and_refuse_unknown_ids(tmp_path):
+    import pytest
+
+    from classify.data import load_rows
+    from classify.errors import ConfigError
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=3)
+    fixes = tmp_path / "fixes.csv"
+    # person 0000 is female (gender 0 → male in make_crops: p % 2 == 0 → 0); fix the whole person to female,
+    # and one photo of person 0001 from mask (wear) to normal
+    fixes.write_text("image_id,field,value\n0000,gender,female\n0001/mask3,mask,2\n")
+    _, rows = load_rows(crops, label_fixes=fixes)
+    by_id = {r["image_id"]: r for r in rows}
+    assert all(by_id[f"0000/{s}"]["gender"] == 1 for s in ("mask1", "normal"))
+    assert by_id["0000/mask1"]["label"] == 3 * 1 + by_id["0000/mask1"]["age_group"]
+    assert by_id["0001/mask3"]["mask"] == 2 and by_id["0001/mask3"]["label"] >= 12
+    assert by_id["0001/mask4"]["mask"] == 0
+    fixes.write_text("image_id,field,value\n9999/mask1,gender,male\n0001/mask1,colour,red\n")
+    with pytest.raises(ConfigError, match="2 fix"):
+        load_rows(crops, label_fixes=fixes)
