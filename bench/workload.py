@@ -14,7 +14,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.synth import person_photos, save, sources  # noqa: E402
+from tests.synth import iou, person_photos, save, sources  # noqa: E402,F401 (iou: for the benchmarks)
 
 
 def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list[float]]:
@@ -39,10 +39,3 @@ def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list
     truth_file.write_text(json.dumps(truth))
     return truth
 
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
