@@ -57,8 +57,8 @@ class LazyProgress:
     """A rich progress bar that appears on the first update, so a command that fails before any
     work prints only its error. `update(done, total)` shows photos/s and the ETA."""
 
-    def __init__(self, what: str):
-        self.what, self.bar, self.task, self.t0 = what, None, None, time.perf_counter()
+    def __init__(self, what: str, unit: str = "photos"):
+        self.what, self.unit, self.bar, self.task, self.t0 = what, unit, None, None, time.perf_counter()
 
     def update(self, done: int, total: int) -> None:
         if self.bar is None:
@@ -68,7 +68,7 @@ class LazyProgress:
             self.bar.start()
             self.task = self.bar.add_task(self.what, total=total, rate="")
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f} photos/s")
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f} {self.unit}/s")
 
     def __enter__(self):
         return self
@@ -205,7 +205,26 @@ def train(
                   f"{rec['lr']:.0e}", f"{rec['seconds']:.0f}")
         console.print(t)
 
-    summary = fit(cfg, resume=resume, on_epoch=show, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+    bar = {"p": None}
+
+    def step(done, total):
+        if rank:
+            return
+        if bar["p"] is None or done == 1:
+            if bar["p"] is not None:
+                bar["p"].__exit__()
+            bar["p"] = LazyProgress("train", unit="batches")
+        bar["p"].update(done, total)
+        if done == total:
+            bar["p"].__exit__()
+            bar["p"] = None
+
+    try:
+        summary = fit(cfg, resume=resume, on_epoch=show, on_step=step,
+                      warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+    finally:
+        if bar["p"] is not None:
+            bar["p"].__exit__()
     if rank == 0:
         b = summary["best"]
         console.print(f"best epoch {b['epoch']}: macro F1 {b['val_f1']:.4f}, accuracy {b['val_acc']:.4f} "
