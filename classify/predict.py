@@ -24,7 +24,7 @@ from preprocess.crop import CropConfig, crop_dataset
 from preprocess.detector import FaceDetector, MTCNNDetector
 from preprocess.imageio import atomic_write_bytes
 from preprocess.layouts import LayoutError
-from preprocess.manifest import read_manifest
+from preprocess.manifest import read_manifest, read_meta
 from preprocess.runtime import resolve_device
 
 from .checkpoint import load_checkpoint
@@ -113,8 +113,17 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     if not checkpoints:
         raise CheckpointError("give at least one checkpoint")
     ckpts = [load_checkpoint(p) for p in checkpoints]
+    keys = {(c.get("crop") or {}).get("key") for c in ckpts}
+    if len(keys) > 1:
+        raise CheckpointError("these checkpoints were trained on crops made with different settings, so no one "
+                              "crop of the photos suits them all: predict them separately and average the --probs")
     dev = resolve_device(device)
     crops, warnings = crops_for(Path(source), ckpts[0], cache, device, detector, on_progress)
+    given_key, trained_key = read_meta(crops).get("key"), keys.pop()
+    if given_key and trained_key and given_key != trained_key:
+        warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
+                        f"{trained_key}): predictions may be worse than validation said; pass the raw folder to "
+                        "crop it the training way")
     rows = read_manifest(crops)
     for i, r in enumerate(rows):
         r["index"] = i

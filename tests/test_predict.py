@@ -153,3 +153,14 @@ def test_predict_on_validation_photos_reproduces_val_predictions(sample_crops, t
     expected = np.array([[float(val[i][f"p{k}"]) for k in range(18)] for i in chosen])
     assert pred.labels.tolist() == [int(val[i]["pred"]) for i in chosen]
     assert np.abs(pred.probs - expected).max() <= 1e-5
+
+
+def test_checkpoints_from_differently_cropped_data_are_not_mixed(eval_raw, tmp_path, fake_detector):
+    from classify.checkpoint import load_checkpoint, save_checkpoint
+
+    a = make_ckpt(tmp_path / "a.pt")
+    b = load_checkpoint(make_ckpt(tmp_path / "b.pt"))
+    b["crop"] = dict(b["crop"], key="another-key")
+    save_checkpoint(tmp_path / "b.pt", {k: v for k, v in b.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="different settings"):
+        predict([a, tmp_path / "b.pt"], eval_raw, device="cpu", detector=fake_detector, cache=tmp_path / "cache")
