@@ -119,7 +119,7 @@ def crop(
     if rank != 0:
         return
     secs = time.perf_counter() - t0
-    table = Table(title=f"crop: {len(res.rows)} photos ({res.layout} layout) in {secs:.1f}s")
+    table = Table(title=f"{len(res.rows)} photos, {res.layout} layout, {secs:.1f}s")
     table.add_column("status")
     table.add_column("photos", justify="right")
     for status, n in res.counts.items():
