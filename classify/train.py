@@ -207,6 +207,15 @@ def _fit(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> di
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
+            if cfg.epochs != saved.epochs:  # --resume --epochs N: stretch the schedule over the new length
+                if cfg.scheduler == "onecycle":
+                    raise ConfigError("--resume with another --epochs cannot stretch a onecycle schedule; "
+                                      "use --scheduler cosine or none for runs you may extend")
+                scheduler.T_max = max(1, cfg.epochs * steps_per_epoch)
+                done = scheduler.last_epoch  # steps taken; continue as if the longer run had been planned
+                for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                    g["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (
+                        1 + math.cos(math.pi * done / scheduler.T_max)) / 2
         start, best_f1, history = state["epoch"] + 1, state["best_f1"], state["history"]
 
     if d.main:

@@ -131,3 +131,14 @@ def test_resume_refuses_options_that_would_change_the_run(crops, tmp_path):
         resume_config(tmp_path / "r", {"lr": 0.5})
     with pytest.raises(ConfigError, match="nothing to resume"):
         resume_config(tmp_path / "absent")
+
+
+def test_resume_with_more_epochs_continues_the_cosine_schedule_to_the_new_end(crops, tmp_path):
+    _fit(crops, tmp_path / "r", epochs=1)
+    summary = fit(resume_config(tmp_path / "r", {"epochs": 3}), resume=True, warn=lambda m: None)
+    with open(tmp_path / "r" / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert summary["epochs"] == 3 and len(lrs) == 3
+    # epoch 1 ended its 1-epoch plan at eta_min; extended, the cosine picks up where a 3-epoch plan would be
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] > lrs[2] and lrs[1] > 10 * lrs[0]
+    assert lrs[2] == pytest.approx(1e-3 * 0.01, rel=1e-3)
