@@ -130,9 +130,11 @@ def crop(
     console.print(table)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    for r in res.rows:
-        if r["status"] in ("unreadable", "missing", "bad_name"):
-            console.print(f"[yellow]{r['status']}:[/] {r['source']}: {r['reason']}", highlight=False)
+    problems = [r for r in res.rows if r["status"] in ("unreadable", "missing", "bad_name")]
+    for r in problems[:20]:
+        console.print(f"[yellow]{r['status']}:[/] {r['source']}: {r['reason']}", highlight=False)
+    if len(problems) > 20:
+        console.print(f"[yellow]… and {len(problems) - 20} more:[/] see the status and reason columns of the manifest")
     console.print(f"manifest: {res.crops / 'manifest.csv'}")
 
 
