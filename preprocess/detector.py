@@ -8,7 +8,8 @@ face filling a large part of it, so MTCNN's default (`min_face_size=20` on the f
 steps) spends most of its time on P-Net scales that look for 20-pixel faces that are never there.
 `MTCNNDetector` runs on a copy scaled so its longer side is `detect_side` pixels, with the minimum
 face size a fraction of the shorter side, and maps boxes back to the photo's pixels. Photos of equal
-size go through P-Net/R-Net/O-Net together in batches (on the GPU this is where the speed comes from).
+size go through P-Net/R-Net/O-Net together in batches (on the GPU this is where the speed comes from),
+in `mtcnn.LeanMTCNN` (facenet-pytorch's weights; see that module for why not its own `detect`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def pick_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray | None) -
 
 
 class MTCNNDetector:
-    """facenet-pytorch MTCNN with a speed-tuned pyramid and equal-size batching.
+    """MTCNN (facenet-pytorch's weights, `LeanMTCNN`) with a speed-tuned pyramid and equal-size batching.
 
     >>> det = MTCNNDetector(device="cpu")
     >>> faces = det.detect([rgb_uint8_array])   # [Face(box=(x1, y1, x2, y2), score=0.99, ...)] or [None]
