@@ -67,7 +67,7 @@ def test_train_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
         if (run / "metrics.csv").is_file() and len((run / "metrics.csv").read_text().splitlines()) == 2:
             break  # epoch 1 saved: the kill lands inside epoch 2
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.15)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
