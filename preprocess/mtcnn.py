@@ -105,8 +105,12 @@ class LeanMTCNN(nn.Module):
 
     @torch.inference_mode()
     def detect(self, images: np.ndarray, min_face: int, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709):
+        n = len(images)
+        pad = (1 << (n - 1).bit_length()) - n  # batch sizes of powers of two: few shapes for oneDNN to cache
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         imgs = torch.as_tensor(images, device=self.device).permute(0, 3, 1, 2).float()
-        n, _, h, w = imgs.shape
+        _, _, h, w = imgs.shape
         norm = (imgs - 127.5) * 0.0078125
         # Stage 1: P-Net over the pyramid, all images at once per scale.
         m = 12.0 / min_face
