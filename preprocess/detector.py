@@ -18,7 +18,6 @@ from typing import Protocol, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from .runtime import resolve_device
 
