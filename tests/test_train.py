@@ -142,3 +142,33 @@ def test_resume_with_more_epochs_continues_the_cosine_schedule_to_the_new_end(cr
     # epoch 1 ended its 1-epoch plan at eta_min; extended, the cosine picks up where a 3-epoch plan would be
     assert lrs[0] == pytest.approx(1e-5) and lrs[1] > lrs[2] and lrs[1] > 10 * lrs[0]
     assert lrs[2] == pytest.approx(1e-3 * 0.01, rel=1e-3)
+
+
+def test_weighted_sampler_evens_out_classes_and_mixing_weights_match_the_pixels():
+    from classify.distributed import Dist
+    from classify.train import _epoch_order, _mix
+
+    class DS:
+        labels = torch.tensor([0] * 90 + [17] * 10)
+
+        def __len__(self):
+            return 100
+
+    counts = np.bincount(DS.labels.numpy(), minlength=18)
+    cfg = TrainConfig(crops="x", out="y", sampler="weighted")
+    order = _epoch_order(cfg, 0, DS(), counts, Dist())
+    rare = sum(DS.labels[i].item() == 17 for i in order)
+    assert len(order) == 100 and 35 <= rare <= 65  # 10% of the data, about half of the draws
+    assert order != _epoch_order(cfg, 1, DS(), counts, Dist())  # a new draw each epoch
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = torch.tensor([1, 2])
+    mixed, y_b, lam = _mix(TrainConfig(crops="x", out="y", mix="mixup"), x, y, 0, 0, 0)
+    perm = [[1, 2].index(int(v)) for v in y_b]  # the partner of each sample, read off its label
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    cut, y_b, lam = _mix(TrainConfig(crops="x", out="y", mix="cutmix", seed=3), x, y, 0, 0, 0)
+    perm = [[1, 2].index(int(v)) for v in y_b]
+    changed = (cut != x).any(dim=1).float().mean(dim=(1, 2))  # share of pixels pasted from the partner
+    for i in range(2):
+        if perm[i] != i:
+            assert changed[i].item() == pytest.approx(1 - lam, abs=1e-6)
