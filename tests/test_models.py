@@ -79,3 +79,18 @@ def test_weights_from_a_local_file_are_loaded(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ConfigError, match="lacks"):
         create_model("resnet18", weights=str(tmp_path / "bad.pth"))
+
+
+def test_imagenet_weights_come_from_the_hub_cache_and_auto_uses_them_when_present(tmp_path, monkeypatch):
+    from classify.models import imagenet_weights_file, resolve_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert resolve_weights("auto", "resnet18") == "none"
+    torch.manual_seed(5)
+    src = create_model("resnet18")
+    path = imagenet_weights_file("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(src.backbone.net.state_dict(), path)
+    assert resolve_weights("auto", "resnet18") == "imagenet"
+    model = create_model("attention", weights="imagenet", backbone="resnet18")
+    assert torch.equal(model.backbone.net.layer4[1].conv2.weight, src.backbone.net.layer4[1].conv2.weight)
