@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from . import labels as L
-from .detector import Face, FaceDetector
+from .detector import Face, FaceDetector, detect_two_pass
 from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_rgb, read_crop
 from .layouts import LayoutError, Photo, discover
 from .manifest import write_manifest
@@ -234,18 +234,8 @@ def _prefetch(pool, raw: Path, chunks):
 
 def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: CropConfig, detector: FaceDetector):
     flat = [(ui, pi) for ui, u in enumerate(images) for pi, im in enumerate(u) if isinstance(im, np.ndarray)]
-    faces: dict[tuple[int, int], tuple[Face, str]] = {}
-    found = detector.detect([images[ui][pi] for ui, pi in flat]) if flat else []
-    misses = []
-    for (ui, pi), f in zip(flat, found):
-        if f is not None:
-            faces[ui, pi] = (f, "ok")
-        else:
-            misses.append((ui, pi))
-    if misses:
-        for (ui, pi), f in zip(misses, detector.detect([images[ui][pi] for ui, pi in misses], relaxed=True)):
-            if f is not None:
-                faces[ui, pi] = (f, "relaxed")
+    found = detect_two_pass(detector, [images[ui][pi] for ui, pi in flat])
+    faces: dict[tuple[int, int], tuple[Face, str]] = {k: hit for k, hit in zip(flat, found) if hit is not None}
     jobs = []
     for ui, ((unit, _), imgs) in enumerate(zip(chunk, images)):
         rel = [_relative(f.box, imgs[pi].shape) for (u2, pi), (f, _) in faces.items() if u2 == ui]

@@ -41,6 +41,19 @@ def pick_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray | None) -
     return int(np.argmax(area * probs))
 
 
+def detect_two_pass(detector: FaceDetector, images: Sequence[np.ndarray]) -> list[tuple[Face, str] | None]:
+    """The crop stage's detection: the fast pass for all, the relaxed pass for the photos it missed.
+    Per photo (face, 'ok' | 'relaxed'), or None where neither pass found a face."""
+    found: list[tuple[Face, str] | None] = [None if f is None else (f, "ok") for f in detector.detect(images)] \
+        if len(images) else []
+    misses = [i for i, f in enumerate(found) if f is None]
+    if misses:
+        for i, f in zip(misses, detector.detect([images[i] for i in misses], relaxed=True)):
+            if f is not None:
+                found[i] = (f, "relaxed")
+    return found
+
+
 class MTCNNDetector:
     """MTCNN (facenet-pytorch's weights, `LeanMTCNN`) with a speed-tuned pyramid and equal-size batching.
 
