@@ -52,8 +52,9 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
         run = Path(run)
         if not (run / "metrics.csv").is_file():
             raise ConfigError(f"{run} has no metrics.csv: is it a `maskcls train` run folder?")
-        sections.append(("Model", [_curves(out, run), *_confusions(out, run, names), _per_class(out, run, names),
-                                   _wrong(out, crops, run, rows, names)]))
+        val = _val(run)  # read once, used by three figures
+        sections.append(("Model", [_curves(out, run), *_confusions(out, val, names), _per_class(out, val, names),
+                                   _wrong(out, crops, val, rows, names)]))
     return _index(out, crops, run, rows, sections)
 
 
@@ -229,8 +230,8 @@ def _val(run: Path):
     return rows, y, probs
 
 
-def _confusions(out: Path, run: Path, names):
-    _, y, probs = _val(run)
+def _confusions(out: Path, val, names):
+    _, y, probs = val
     cm = confusion(y, probs.argmax(1), L.NUM_CLASSES)
     _write_csv(out / "confusion.csv", ["true \\ predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))])
     plot_confusion(out / "confusion_counts.png", cm, names, f"validation counts ({len(y)} photos)")
@@ -241,8 +242,8 @@ def _confusions(out: Path, run: Path, names):
             ("confusion_normalised.png", "The same, row-normalised: each true class's photos spread over predictions, in %.")]
 
 
-def _per_class(out: Path, run: Path, names):
-    _, y, probs = _val(run)
+def _per_class(out: Path, val, names):
+    _, y, probs = val
     f1 = per_class_f1(y, probs.argmax(1), L.NUM_CLASSES)
     support = np.bincount(y, minlength=L.NUM_CLASSES)
     _write_csv(out / "per_class_f1.csv", ["label", "class", "f1", "photos"],
@@ -260,8 +261,8 @@ def _per_class(out: Path, run: Path, names):
     return "per_class_f1.png", "Validation F1 of each class; n is the number of validation photos of that class."
 
 
-def _wrong(out: Path, crops: Path, run: Path, rows, names, top: int = 16):
-    vrows, y, probs = _val(run)
+def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
+    vrows, y, probs = val
     pred = probs.argmax(1)
     conf = probs.max(1)
     wrong = [i for i in np.argsort(-conf, kind="stable") if pred[i] != y[i]][:top]
