@@ -53,7 +53,8 @@ def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
     by_id: dict[str, list[dict]] = {}
     for r in rows:
         by_id.setdefault(r["image_id"], []).append(r)
-        by_id.setdefault(r["image_id"].split("/")[0], []).append(r)
+        if "/" in r["image_id"]:  # also reachable by its person folder (an eval id has none)
+            by_id.setdefault(r["image_id"].split("/")[0], []).append(r)
     bad, n = [], 0
     for k, fx in enumerate(fixes, start=2):
         iid, field, value = (fx.get("image_id") or "").strip(), (fx.get("field") or "").strip(), (fx.get("value") or "").strip()

@@ -72,3 +72,17 @@ def test_label_fixes_change_labels_by_photo_or_person_and_refuse_unknown_ids(tmp
     fixes.write_text("image_id,field,value\n9999/mask1,gender,male\n0001/mask1,colour,red\n")
     with pytest.raises(ConfigError, match="2 fix"):
         load_rows(crops, label_fixes=fixes)
+
+
+def test_a_label_fix_of_an_id_without_folder_applies_once():
+    from pathlib import Path
+    import tempfile
+
+    from classify.data import apply_label_fixes
+
+    rows = [{"image_id": "a.jpg", "gender": 0, "age": 20, "mask": 0, "age_group": 0, "label": 0}]
+    with tempfile.TemporaryDirectory() as d:
+        fixes = Path(d) / "f.csv"
+        fixes.write_text("image_id,field,value\na.jpg,age,65\n")
+        assert apply_label_fixes(rows, fixes, old=60) == 1
+    assert rows[0]["age_group"] == 2 and rows[0]["label"] == 2
