@@ -139,7 +139,8 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     meta = {"version": CROP_VERSION, "key": key, "layout": found.layout, "raw": str(raw),
-            "config": asdict(config), "detector": detector.settings, "counts": counts, "rows": len(rows)}
+            "config": asdict(config), "detector": detector.settings, "engine": getattr(detector, "engine", None),
+            "counts": counts, "rows": len(rows)}
     write_manifest(out, rows, meta)
     _compact_journal(out, key, units, unit_fps, rows)
     if config.pack:

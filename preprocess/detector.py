@@ -9,7 +9,8 @@ steps) spends most of its time on P-Net scales that look for 20-pixel faces that
 `MTCNNDetector` runs on a copy scaled so its longer side is `detect_side` pixels, with the minimum
 face size a fraction of the shorter side, and maps boxes back to the photo's pixels. Photos of equal
 size go through P-Net/R-Net/O-Net together in batches (on the GPU this is where the speed comes from),
-in `mtcnn.LeanMTCNN` (facenet-pytorch's weights; see that module for why not its own `detect`).
+in `mtcnn.detect_batch` (facenet-pytorch's weights; see that module for why not its own `detect`): on
+the CPU the nets run in OpenCV (`mtcnn.CvNets`, no torch import), on CUDA in torch (`mtcnn_torch`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
-from .runtime import resolve_device
+from .mtcnn import CvNets, Nets, detect_batch
+from .runtime import device_name
 
 
 @dataclass(frozen=True)
@@ -55,31 +57,40 @@ def detect_two_pass(detector: FaceDetector, images: Sequence[np.ndarray]) -> lis
 
 
 class MTCNNDetector:
-    """MTCNN (facenet-pytorch's weights, `LeanMTCNN`) with a speed-tuned pyramid and equal-size batching.
+    """MTCNN (facenet-pytorch's weights, `mtcnn.detect_batch`) with a speed-tuned pyramid and equal-size batching.
 
     >>> det = MTCNNDetector(device="cpu")
     >>> faces = det.detect([rgb_uint8_array])   # [Face(box=(x1, y1, x2, y2), score=0.99, ...)] or [None]
+
+    `engine`: 'auto' runs the nets in OpenCV on the CPU and in torch on CUDA; 'torch' forces torch
+    (on the CPU too: how the tests check the GPU path's code without a GPU).
     """
 
     def __init__(self, device: str = "auto", detect_side: int = 256, min_face: float = 0.3,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
                  relaxed_thresholds: tuple[float, float, float] = (0.3, 0.4, 0.4),
-                 factor: float = 0.709, batch_size: int = 32):
-        self.device = resolve_device(device)
+                 factor: float = 0.709, batch_size: int = 32, engine: str = "auto"):
+        if engine not in ("auto", "torch"):
+            raise ValueError(f"engine must be 'auto' or 'torch', not {engine!r}")
+        self.device = device_name(device)  # a string: on the CPU, torch is never imported
+        self.engine = "opencv" if engine == "auto" and self.device == "cpu" else "torch"
         self.detect_side, self.min_face, self.batch_size = detect_side, min_face, batch_size
         self._args = (list(thresholds), factor)
         self._net = None  # loaded on the first detect(): a fully cached run never pays for it
         # The relaxed pass: lower thresholds (masked faces lose R-/O-Net confidence, not size) and a
         # minimum face of 2/3 of the first pass's, same pyramid step.
         self._relaxed = (list(relaxed_thresholds), max(min_face * 2 / 3, 0.05), factor)
-        self.settings = {"detector": "mtcnn", "impl": "lean-1", "detect_side": detect_side, "min_face": min_face,
+        self.settings = {"detector": "mtcnn", "impl": "lean-2", "detect_side": detect_side, "min_face": min_face,
                          "thresholds": list(thresholds), "relaxed_thresholds": list(relaxed_thresholds),
                          "factor": factor}
 
-    def _mtcnn(self):
+    def _nets(self) -> Nets:
         if self._net is None:
-            from .mtcnn import LeanMTCNN
-            self._net = LeanMTCNN(self.device)
+            if self.engine == "opencv":
+                self._net = CvNets()
+            else:
+                from .mtcnn_torch import TorchNets  # imports torch: only for CUDA
+                self._net = TorchNets(self.device)
         return self._net
 
     def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[Face | None]:
@@ -93,7 +104,7 @@ class MTCNNDetector:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(scaled):
             groups.setdefault(img.shape[:2], []).append(i)
-        net = self._mtcnn()
+        nets = self._nets()
         thresholds, factor = self._args
         frac = self.min_face
         if relaxed:
@@ -102,7 +113,7 @@ class MTCNNDetector:
             min_face = max(12, int(frac * min(h, w)))
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                found = net.detect(np.stack([scaled[i] for i in chunk]), min_face, thresholds, factor)
+                found = detect_batch(nets, np.stack([scaled[i] for i in chunk]), min_face, thresholds, factor)
                 for i, (boxes, probs, points) in zip(chunk, found):
                     results[i] = _to_face(boxes, probs, points, scales[i])
         return results

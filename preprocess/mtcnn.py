@@ -1,253 +1,241 @@
 """A lean MTCNN (Zhang et al., 2016) over facenet-pytorch's shipped P-/R-/O-Net weights.
 
-Why not facenet-pytorch's own `MTCNN.detect`: importing it imports all of torchvision (about 1.5 s
-per process on this project's CPU), and its second and third stages cut and resize every candidate
-box in a Python loop (thousands of small `interpolate` calls per batch). Here:
+The geometry (pyramid, box regression, squaring, NMS, landmarks) is facenet-pytorch's `detect_face`,
+written once here in numpy. The three networks run in a backend:
 
-- the three networks are the same layers, loaded from the same weight files (no torchvision import);
-- the candidates of a whole batch are cut and resized with one `grid_sample` per image and stage
-  (bilinear at twice the size, then 2x2 average pooling, close to the "area" resize of the original);
-- only the `keep_rnet` / `keep_onet` best candidates per image go on to the next stage: we want the
-  one main face of a photo, not every face in a crowd.
+- `CvNets` (the CPU): OpenCV's DNN module, fed an ONNX graph built in memory from the weights
+  (`onnx_proto`). As fast as torch's oneDNN on these small nets, and the crop stage then never
+  imports torch, which costs 1.8 s per process on this project's CPU (see BENCHMARKS.md). The
+  weights are read from facenet-pytorch's files by `load_weights` without torch as well.
+  Candidates are cut and resized with `cv2.resize(INTER_AREA)`, as the original MTCNN does.
+- `mtcnn_torch.TorchNets` (CUDA): the same nets in torch, batches on the GPU, candidates cut for a
+  whole batch with one `grid_sample` per image (bilinear at twice the size, then 2x2 average
+  pooling, close to the area resize).
 
-The geometry (pyramid, box regression, squaring, clipping, NMS thresholds, landmarks) follows
-facenet-pytorch's `detect_face`, so boxes agree with it to a few pixels.
+Why not facenet-pytorch's own `MTCNN.detect`: importing it imports torch and all of torchvision,
+and its second and third stages cut every candidate box in a Python loop of `interpolate` calls.
+Here only the `keep_rnet` / `keep_onet` best candidates per image go on to the next stage: we want
+the one main face of a photo, not every face in a crowd.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
+import pickle
+import struct
+import zipfile
+from typing import Protocol
 
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+from . import onnx_proto as ox
+
+# The nets, layer by layer, named as in the weight files. ("flatten",) is Caffe's order (N, W, H, C),
+# which the dense weights expect. Heads named "prob" end in a softmax over the two classes.
+SPECS = {
+    "pnet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 2), ("conv", "conv2"), ("prelu", "prelu2"),
+                      ("conv", "conv3"), ("prelu", "prelu3")],
+             "heads": [("reg", "conv4_2"), ("prob", "conv4_1")]},
+    "rnet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3), ("conv", "conv2"), ("prelu", "prelu2"),
+                      ("pool", 3), ("conv", "conv3"), ("prelu", "prelu3"), ("flatten",), ("dense", "dense4"),
+                      ("prelu", "prelu4")],
+             "heads": [("reg", "dense5_2"), ("prob", "dense5_1")], "side": 24},
+    "onet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3), ("conv", "conv2"), ("prelu", "prelu2"),
+                      ("pool", 3), ("conv", "conv3"), ("prelu", "prelu3"), ("pool", 2), ("conv", "conv4"),
+                      ("prelu", "prelu4"), ("flatten",), ("dense", "dense5"), ("prelu", "prelu5")],
+             "heads": [("reg", "dense6_2"), ("landmarks", "dense6_3"), ("prob", "dense6_1")], "side": 48},
+}
 
 
-def _weights(name: str) -> dict:
-    spec = importlib.util.find_spec("facenet_pytorch")  # locates the package without importing it
+# -- weights ----------------------------------------------------------------------------------------
+
+def weights_path(name: str) -> str:
+    spec = importlib.util.find_spec("facenet_pytorch")  # locates the package without importing it (and torch)
     if spec is None or spec.origin is None:
         raise RuntimeError("facenet-pytorch is not installed: pip install facenet-pytorch==2.5.3")
-    path = os.path.join(os.path.dirname(spec.origin), "data", f"{name}.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return os.path.join(os.path.dirname(spec.origin), "data", f"{name}.pt")
 
 
-class PNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
-        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
-        self.conv4_1, self.conv4_2 = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
-        self.load_state_dict(_weights("pnet"))
+def load_weights(name: str) -> dict[str, np.ndarray]:
+    """The state dict of facenet-pytorch's `name` net ('pnet', 'rnet', 'onet') as float32 numpy arrays.
 
-    def forward(self, x):
-        x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return self.conv4_2(x), self.conv4_1(x).softmax(1)
-
-
-class RNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
-        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
-        self.dense5_1, self.dense5_2 = nn.Linear(128, 2), nn.Linear(128, 4)
-        self.load_state_dict(_weights("rnet"))
-
-    def forward(self, x):
-        x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.pool2(self.prelu2(self.conv2(x)))
-        x = self.prelu3(self.conv3(x)).permute(0, 3, 2, 1).flatten(1)  # the weights' (Caffe) layout
-        x = self.prelu4(self.dense4(x))
-        return self.dense5_2(x), self.dense5_1(x).softmax(1)
+    facenet-pytorch 2.5.3 ships them in torch's legacy (pre-1.6) serialisation, which is read here
+    without torch: a few pickles, then each storage's raw bytes. Only the objects a state dict holds
+    are allowed out of the pickle. A zip-format file (a later release) goes through torch.load."""
+    path = weights_path(name)
+    if zipfile.is_zipfile(path):
+        import torch
+        return {k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    with open(path, "rb") as f:
+        if pickle.load(f) != 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
+            raise RuntimeError(f"{path} is not a torch weights file")
+        pickle.load(f), pickle.load(f)  # protocol version, system info
+        storages: dict[str, tuple[np.dtype, int]] = {}
+        state = _StateDictUnpickler(f, storages).load()
+        data = {}
+        for key in pickle.load(f):
+            dtype, _ = storages[key]
+            (numel,) = struct.unpack("<q", f.read(8))
+            data[key] = np.frombuffer(f.read(numel * dtype.itemsize), dtype=dtype)
+    out = {}
+    for name_, (key, offset, size, stride) in state.items():
+        buf = data[key]
+        out[name_] = np.lib.stride_tricks.as_strided(buf[offset:], size, [s * buf.itemsize for s in stride]).copy()
+    return out
 
 
-class ONet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
-        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
-        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
-        self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
-        self.load_state_dict(_weights("onet"))
-
-    def forward(self, x):
-        x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.pool2(self.prelu2(self.conv2(x)))
-        x = self.pool3(self.prelu3(self.conv3(x)))
-        x = self.prelu4(self.conv4(x)).permute(0, 3, 2, 1).flatten(1)
-        x = self.prelu5(self.dense5(x))
-        return self.dense6_2(x), self.dense6_3(x), self.dense6_1(x).softmax(1)
+_STORAGE_DTYPES = {"FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
+                   "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4")}
 
 
-class LeanMTCNN(nn.Module):
-    """`detect(batch uint8 N x H x W x 3)` → per image (boxes K x 4, scores K, landmarks K x 5 x 2) as numpy,
-    K >= 0, best first by score."""
-
-    def __init__(self, device: torch.device, keep_rnet: int = 32, keep_onet: int = 8):
-        super().__init__()
-        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
-        self.keep_rnet, self.keep_onet = keep_rnet, keep_onet
-        self.device = device
-        # channels_last: torch's CPU max-pooling is ~10x faster in it (measured), and convolutions no slower.
-        self.to(device).to(memory_format=torch.channels_last).eval()
-
-    @torch.inference_mode()
-    def detect(self, images: np.ndarray, min_face: int, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709):
-        n = len(images)
-        pad = (1 << (n - 1).bit_length()) - n  # batch sizes of powers of two: few shapes for oneDNN to cache
-        if pad:
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        imgs = torch.as_tensor(images, device=self.device).permute(0, 3, 1, 2).float()
-        _, _, h, w = imgs.shape
-        norm = (imgs - 127.5) * 0.0078125
-        # Stage 1: P-Net over the pyramid, all images at once per scale.
-        m = 12.0 / min_face
-        scales, side = [], min(h, w) * m
-        while side >= 12:
-            scales.append(m * factor ** len(scales))
-            side *= factor
-        cands, owners = [], []
-        for s in scales:
-            x = F.interpolate(imgs, size=(int(h * s + 1), int(w * s + 1)), mode="area")
-            reg, prob = self.pnet(((x - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last))
-            boxes, idx = _grid_boxes(reg, prob[:, 1], s, thresholds[0])
-            keep = _nms(boxes[:, :4], boxes[:, 4], idx, 0.5)
-            cands.append(boxes[keep])
-            owners.append(idx[keep])
-        boxes, idx = torch.cat(cands), torch.cat(owners)
-        keep = _nms(boxes[:, :4], boxes[:, 4], idx, 0.7)
-        boxes, idx = boxes[keep], idx[keep]
-        regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
-                             boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], 1)
-        boxes, idx = _top_per_image(_square(boxes), idx, self.keep_rnet)
-        # Stage 2: R-Net on 24x24 cuts.
-        if len(boxes):
-            reg, prob = _run_bucketed(self.rnet, _cut(norm, boxes, idx, 24))
-            ok = prob[:, 1] > thresholds[1]
-            boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
-            idx, reg = idx[ok], reg[ok]
-            keep = _nms(boxes[:, :4], boxes[:, 4], idx, 0.7)
-            boxes, idx = _top_per_image(_square(_regress(boxes[keep], reg[keep])), idx[keep], self.keep_onet)
-        # Stage 3: O-Net on 48x48 cuts, with landmarks.
-        points = torch.zeros(0, 5, 2, device=self.device)
-        if len(boxes):
-            reg, lm, prob = _run_bucketed(self.onet, _cut(norm, boxes, idx, 48))
-            ok = prob[:, 1] > thresholds[2]
-            boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
-            idx, reg, lm = idx[ok], reg[ok], lm[ok]
-            bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
-            bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-            points = torch.stack([bw * lm[:, :5] + boxes[:, :1] - 1, bh * lm[:, 5:] + boxes[:, 1:2] - 1], 2)
-            boxes = _regress(boxes, reg)
-            keep = _nms(boxes[:, :4], boxes[:, 4], idx, 0.7, "min")
-            boxes, idx, points = boxes[keep], idx[keep], points[keep]
-        boxes, idx, points = boxes.cpu().numpy(), idx.cpu().numpy(), points.cpu().numpy()
-        out = []
-        for b in range(n):
-            sel = np.nonzero(idx == b)[0]
-            out.append((boxes[sel, :4].astype(np.float64), boxes[sel, 4].astype(np.float64),
-                        points[sel].astype(np.float64)))
-        return out
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    return storage, offset, tuple(size), tuple(stride)
 
 
-def _run_bucketed(net, x, bucket: int = 64):
-    """net(x) with the batch padded to a multiple of `bucket`. The number of candidates changes with
-    every batch, and each new input shape makes oneDNN compile and cache another kernel: memory
-    grew with the number of photos (measured: +440 MiB over 1,000 photos) until shapes were bucketed."""
-    n = x.shape[0]
-    pad = (-n) % bucket
-    if pad:
-        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-    out = net(x.contiguous(memory_format=torch.channels_last))
-    return tuple(o[:n] for o in out)
+class _StateDictUnpickler(pickle.Unpickler):
+    def __init__(self, f, storages: dict):
+        super().__init__(f)
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a weights file")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid[:5]
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent object {kind!r} in a weights file")
+        self.storages[key] = (dtype, numel)
+        return key
 
 
-def _grid_boxes(reg, prob, scale: float, thresh: float):
-    """P-Net's output cells above `thresh` as boxes [x1 y1 x2 y2 score reg4] in the input's pixels."""
-    mask = prob >= thresh
-    where = mask.nonzero()
-    score = prob[mask]
-    reg = reg.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
-    bb = where[:, 1:].to(reg.dtype).flip(1)
-    q1 = ((2 * bb + 1) / scale).floor()
-    q2 = ((2 * bb + 12) / scale).floor()
-    return torch.cat([q1, q2, score[:, None], reg], 1), where[:, 0]
+# -- the detection geometry (numpy) -----------------------------------------------------------------
+
+class Nets(Protocol):
+    """A backend: runs the three nets on a batch of equal-size photos (N x H x W x 3 uint8)."""
+
+    def load(self, images: np.ndarray): ...
+
+    def pnet(self, batch, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The batch resized to `size` (h, w) → (regression N x 4 x h' x w', face probability N x h' x w')."""
+
+    def rnet(self, batch, regions: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Regions (K x 4 ints: x0 y0 x1 y1) of images `idx`, at 24x24 → (regression K x 4, probability K)."""
+
+    def onet(self, batch, regions: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The same at 48x48 → (regression K x 4, landmarks K x 10, probability K)."""
+
+
+def detect_batch(nets: Nets, images: np.ndarray, min_face: int, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
+                 keep_rnet: int = 32, keep_onet: int = 8) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """MTCNN over a batch of equal-size photos (N x H x W x 3 uint8) → per photo (boxes K x 4,
+    scores K, landmarks K x 5 x 2), K >= 0, best first."""
+    n, h, w = images.shape[:3]
+    batch = nets.load(images)
+    # Stage 1: P-Net over the pyramid, all images at once per scale.
+    m = 12.0 / min_face
+    scales, side = [], min(h, w) * m
+    while side >= 12:
+        scales.append(m * factor ** len(scales))
+        side *= factor
+    cands, owners = [], []
+    for s in scales:
+        reg, prob = nets.pnet(batch, (int(h * s + 1), int(w * s + 1)))
+        boxes, idx = _grid_boxes(reg, prob, s, thresholds[0])
+        keep = nms(boxes[:, :4], boxes[:, 4], idx, 0.5)
+        cands.append(boxes[keep])
+        owners.append(idx[keep])
+    boxes, idx = np.concatenate(cands), np.concatenate(owners)
+    keep = nms(boxes[:, :4], boxes[:, 4], idx, 0.7)
+    boxes, idx = boxes[keep], idx[keep]
+    bw, bh = (boxes[:, 2] - boxes[:, 0])[:, None], (boxes[:, 3] - boxes[:, 1])[:, None]
+    boxes = np.concatenate([boxes[:, :4] + boxes[:, 5:9] * np.concatenate([bw, bh, bw, bh], 1), boxes[:, 4:5]], 1)
+    boxes, idx = _top_per_image(_square(boxes), idx, keep_rnet)
+    # Stage 2: R-Net on 24x24 cuts.
+    if len(boxes):
+        reg, prob = nets.rnet(batch, _regions(boxes, w, h), idx)
+        ok = prob > thresholds[1]
+        boxes, idx, reg = np.concatenate([boxes[ok, :4], prob[ok, None]], 1), idx[ok], reg[ok]
+        keep = nms(boxes[:, :4], boxes[:, 4], idx, 0.7)
+        boxes, idx = _top_per_image(_square(_regress(boxes[keep], reg[keep])), idx[keep], keep_onet)
+    # Stage 3: O-Net on 48x48 cuts, with landmarks.
+    points = np.zeros((0, 5, 2), np.float32)
+    if len(boxes):
+        reg, lm, prob = nets.onet(batch, _regions(boxes, w, h), idx)
+        ok = prob > thresholds[2]
+        boxes, idx, reg, lm = np.concatenate([boxes[ok, :4], prob[ok, None]], 1), idx[ok], reg[ok], lm[ok]
+        bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        points = np.stack([bw * lm[:, :5] + boxes[:, :1] - 1, bh * lm[:, 5:] + boxes[:, 1:2] - 1], 2)
+        boxes = _regress(boxes, reg)
+        keep = nms(boxes[:, :4], boxes[:, 4], idx, 0.7, "min")
+        boxes, idx, points = boxes[keep], idx[keep], points[keep]
+    out = []
+    for b in range(n):
+        sel = np.nonzero(idx == b)[0]
+        out.append((boxes[sel, :4].astype(np.float64), boxes[sel, 4].astype(np.float64), points[sel].astype(np.float64)))
+    return out
+
+
+def _grid_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, thresh: float):
+    """P-Net's output cells above `thresh` as boxes [x1 y1 x2 y2 score reg4] in the input's pixels, and their image."""
+    img, yy, xx = np.nonzero(prob >= thresh)
+    score = prob[img, yy, xx]
+    r = reg[img, :, yy, xx]
+    bb = np.stack([xx, yy], 1).astype(np.float32)
+    q1, q2 = np.floor((2 * bb + 1) / scale), np.floor((2 * bb + 12) / scale)
+    return np.concatenate([q1, q2, score[:, None], r], 1).astype(np.float32), img
 
 
 def _square(boxes):
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    side = torch.maximum(w, h)
+    side = np.maximum(w, h)
     x1, y1 = boxes[:, 0] + w * 0.5 - side * 0.5, boxes[:, 1] + h * 0.5 - side * 0.5
-    return torch.cat([torch.stack([x1, y1, x1 + side, y1 + side], 1), boxes[:, 4:]], 1)
+    return np.concatenate([np.stack([x1, y1, x1 + side, y1 + side], 1), boxes[:, 4:]], 1)
 
 
 def _regress(boxes, reg):
     w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
     h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-    delta = torch.cat([reg[:, 0:1] * w, reg[:, 1:2] * h, reg[:, 2:3] * w, reg[:, 3:4] * h], 1)
-    return torch.cat([boxes[:, :4] + delta, boxes[:, 4:]], 1)
+    return np.concatenate([boxes[:, :4] + reg[:, :4] * np.concatenate([w, h, w, h], 1), boxes[:, 4:]], 1)
 
 
 def _top_per_image(boxes, idx, k: int):
-    if len(boxes) == 0:
-        return boxes, idx
-    order = torch.argsort(boxes[:, 4], descending=True, stable=True)
-    boxes, idx = boxes[order], idx[order]
-    rank = torch.zeros_like(idx)
-    for b in torch.unique(idx):  # few images per batch: a loop over images, not boxes
-        sel = (idx == b).nonzero()[:, 0]
-        rank[sel] = torch.arange(len(sel), device=idx.device)
-    keep = rank < k
-    return boxes[keep], idx[keep]
+    """At most the k best-scoring boxes of each image."""
+    order = np.argsort(-boxes[:, 4], kind="stable")
+    order = order[np.argsort(idx[order], kind="stable")]  # by image, best first within each
+    sidx = idx[order]
+    first = np.searchsorted(sidx, sidx, side="left")
+    order = order[np.arange(len(order)) - first < k]
+    order = order[np.argsort(-boxes[order, 4], kind="stable")]
+    return boxes[order], idx[order]
 
 
-def _cut(norm, boxes, idx, size: int):
-    """Cut each box (clipped to its image, as facenet-pytorch does) out of its normalised image and
-    resize it to size x size: bilinear at 2x, then 2x2 average pooling."""
-    _, c, h, w = norm.shape
-    b = boxes[:, :4].trunc()
-    x0 = (b[:, 0].clamp(min=1) - 1)
-    y0 = (b[:, 1].clamp(min=1) - 1)
-    x1 = b[:, 2].clamp(max=w)
-    y1 = b[:, 3].clamp(max=h)
-    x1, y1 = torch.maximum(x1, x0 + 1), torch.maximum(y1, y0 + 1)
-    s2 = 2 * size
-    t = (torch.arange(s2, device=norm.device, dtype=norm.dtype) + 0.5) / s2
-    gx = ((x0[:, None] + t[None] * (x1 - x0)[:, None]) / w) * 2 - 1   # K x s2, align_corners=False
-    gy = ((y0[:, None] + t[None] * (y1 - y0)[:, None]) / h) * 2 - 1
-    grid = torch.stack([gx[:, None, :].expand(-1, s2, -1), gy[:, :, None].expand(-1, -1, s2)], 3)  # K x s2 x s2 x 2
-    out = torch.empty(len(boxes), c, s2, s2, device=norm.device, dtype=norm.dtype)
-    for b_i in torch.unique(idx).tolist():
-        sel = (idx == b_i).nonzero()[:, 0]
-        g = grid[sel].reshape(1, len(sel) * s2, s2, 2)
-        cut = F.grid_sample(norm[b_i:b_i + 1], g, mode="bilinear", padding_mode="border", align_corners=False)
-        out[sel] = cut.reshape(c, len(sel), s2, s2).permute(1, 0, 2, 3)
-    return F.avg_pool2d(out, 2)
+def _regions(boxes, w: int, h: int) -> np.ndarray:
+    """The integer pixel region (x0, y0, x1, y1; end exclusive) each box cuts from its image: the box
+    truncated and clipped to the image, as facenet-pytorch's `pad` does, never empty."""
+    b = np.trunc(boxes[:, :4])
+    x0, y0 = np.maximum(b[:, 0], 1) - 1, np.maximum(b[:, 1], 1) - 1
+    x1, y1 = np.minimum(b[:, 2], w), np.minimum(b[:, 3], h)
+    x0, y0 = np.minimum(x0, w - 1), np.minimum(y0, h - 1)
+    return np.stack([x0, y0, np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)], 1).astype(np.int64)
 
 
-def _nms(boxes, scores, idx, thresh: float, mode: str = "union"):
+def nms(boxes, scores, idx, thresh: float, mode: str = "union") -> np.ndarray:
     """Greedy non-maximum suppression within each image (boxes of different `idx` never suppress each other)."""
     if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    off = idx.to(boxes.dtype)[:, None] * (boxes.max() + 1)
-    b = (boxes + off).cpu().numpy().astype(np.float64)
-    s = scores.cpu().numpy()
+        return np.zeros(0, np.int64)
+    b = boxes.astype(np.float64) + idx.astype(np.float64)[:, None] * (float(boxes.max()) + 1)
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(s, kind="stable")
+    order = np.argsort(scores, kind="stable")
     keep = []
     while order.size:
         i = order[-1]
@@ -258,4 +246,98 @@ def _nms(boxes, scores, idx, thresh: float, mode: str = "union"):
         inter = iw * ih
         denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
         order = rest[inter / denom <= thresh]
-    return torch.as_tensor(np.array(keep, dtype=np.int64), device=boxes.device)
+    return np.array(keep, dtype=np.int64)
+
+
+# -- the CPU backend: OpenCV DNN ---------------------------------------------------------------------
+
+def onnx_graph(name: str, weights: dict[str, np.ndarray]) -> bytes:
+    """The net `name` of SPECS with these weights, as a serialised ONNX model (input 'x', N x 3 x H x W)."""
+    spec, nodes, inits = SPECS[name], [], []
+    x, k = "x", 0
+
+    def emit(op, inputs, **attrs):
+        nonlocal x, k
+        k += 1
+        nodes.append(ox.node(op, [x, *inputs], [f"t{k}"], **attrs))
+        x = f"t{k}"
+
+    def param(key, shape=None):
+        inits.append(ox.tensor(key, weights[key] if shape is None else weights[key].reshape(shape)))
+        return key
+
+    flat = False
+    for kind, *arg in spec["body"]:
+        if kind == "conv":
+            kh, kw = weights[f"{arg[0]}.weight"].shape[2:]
+            emit("Conv", [param(f"{arg[0]}.weight"), param(f"{arg[0]}.bias")], kernel_shape=[kh, kw])
+        elif kind == "prelu":
+            c = len(weights[f"{arg[0]}.weight"])
+            emit("PRelu", [param(f"{arg[0]}.weight", (c,) if flat else (c, 1, 1))])
+        elif kind == "pool":
+            emit("MaxPool", [], kernel_shape=[arg[0], arg[0]], strides=[2, 2], ceil_mode=1)
+        elif kind == "flatten":
+            emit("Transpose", [], perm=[0, 3, 2, 1])
+            emit("Flatten", [], axis=1)
+            flat = True
+        else:
+            emit("Gemm", [param(f"{arg[0]}.weight"), param(f"{arg[0]}.bias")], transB=1)
+    body = x
+    for out, layer in spec["heads"]:
+        op = "Gemm" if flat else "Conv"
+        attrs = {"transB": 1} if flat else {"kernel_shape": [1, 1]}
+        w, b = param(f"{layer}.weight"), param(f"{layer}.bias")
+        if out == "prob":
+            nodes.append(ox.node(op, [body, w, b], [f"{out}_logits"], **attrs))
+            nodes.append(ox.node("Softmax", [f"{out}_logits"], [out], axis=1))
+        else:
+            nodes.append(ox.node(op, [body, w, b], [out], **attrs))
+    side = spec.get("side")
+    return ox.model(name, nodes, inits, [ox.value_info("x", ["n", 3, side or "h", side or "w"])],
+                    [ox.value_info(out, ["n", len(weights[f"{layer}.bias"])] + ([] if flat else ["oh", "ow"]))
+                     for out, layer in spec["heads"]])
+
+
+class CvNets:
+    """The three nets in OpenCV's DNN module, on the CPU, without torch."""
+
+    def __init__(self, max_batch: int = 64):
+        self._nets = {name: cv2.dnn.readNetFromONNX(np.frombuffer(onnx_graph(name, load_weights(name)), np.uint8))
+                      for name in SPECS}
+        self.max_batch = max_batch
+
+    def load(self, images: np.ndarray) -> list[np.ndarray]:
+        return [(img.astype(np.float32) - 127.5) * 0.0078125 for img in images]
+
+    def pnet(self, batch, size):
+        h, w = size
+        x = np.stack([cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) for img in batch])
+        reg, prob = self._forward("pnet", x.transpose(0, 3, 1, 2))
+        return reg, prob[:, 1]
+
+    def rnet(self, batch, regions, idx):
+        reg, prob = self._forward("rnet", _cut(batch, regions, idx, SPECS["rnet"]["side"]))
+        return reg, prob[:, 1]
+
+    def onet(self, batch, regions, idx):
+        reg, lm, prob = self._forward("onet", _cut(batch, regions, idx, SPECS["onet"]["side"]))
+        return reg, lm, prob[:, 1]
+
+    def _forward(self, name: str, x: np.ndarray):
+        """The net on x (N x 3 x H x W) in chunks of at most `max_batch`. Unlike torch's oneDNN, OpenCV
+        neither slows down nor grows when the batch size changes from call to call (measured), so
+        batches are not padded to fixed sizes."""
+        net, outs = self._nets[name], [o for o, _ in SPECS[name]["heads"]]
+        parts = []
+        for start in range(0, len(x), self.max_batch):
+            net.setInput(np.ascontiguousarray(x[start:start + self.max_batch], dtype=np.float32))
+            parts.append([np.asarray(o) for o in net.forward(outs)])
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(outs)))
+
+
+def _cut(batch: list[np.ndarray], regions: np.ndarray, idx: np.ndarray, size: int) -> np.ndarray:
+    """Each region of its image, area-resized to size x size → K x 3 x size x size."""
+    out = np.empty((len(regions), size, size, 3), np.float32)
+    for k, ((x0, y0, x1, y1), b) in enumerate(zip(regions.tolist(), idx.tolist())):
+        out[k] = cv2.resize(batch[b][y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+    return out.transpose(0, 3, 1, 2)

@@ -1,17 +1,20 @@
 """Choosing the device once, and the process's place in a torchrun job."""
 from __future__ import annotations
 
+import ctypes
 import os
-
-import torch
+import sys
 
 
 class DeviceError(Exception):
     pass
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' → cuda when available, else cpu. Asking for cuda without one is an error, not a silent fallback."""
+def resolve_device(name: str = "auto"):
+    """'auto' → cuda when available, else cpu, as a torch.device. Asking for cuda without one is an
+    error, not a silent fallback."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -20,7 +23,41 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def device_name(name: str = "auto") -> str:
+    """`resolve_device(name)` as a string, without importing torch (1.8 s) where the answer is the CPU:
+    'auto' on a machine whose CUDA driver reports no device (or no driver) is 'cpu' straight away."""
+    if name == "cpu" or (name == "auto" and not cuda_driver_sees_a_device()):
+        return "cpu"
+    return str(resolve_device(name))
+
+
+def cuda_driver_sees_a_device() -> bool:
+    """Whether the CUDA driver counts at least one device, asked through ctypes (as torch itself would,
+    without loading torch). False is definite: torch would see no device either. True still leaves the
+    last word to torch (a CPU-only torch build, for one)."""
+    if "torch" in sys.modules:  # already paid for: ask it
+        return sys.modules["torch"].cuda.is_available()
+    return cuda_driver_device_count() > 0
+
+
+def cuda_driver_device_count() -> int:
+    """cuDeviceGetCount from the CUDA driver library (0 without a driver, or with CUDA_VISIBLE_DEVICES empty)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return 0
+    for lib_name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(lib_name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) in a plain process."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-

@@ -58,7 +58,7 @@ def test_lean_mtcnn_agrees_with_facenet_pytorch_on_full_size_photos(photos):
             rb = np.asarray(list(rb), float)
             k = pick_face(rb, np.asarray(list(rp), float), None)
             agree.append(iou(rb[k], mine.box))
-    # Resampling differs slightly (grid_sample vs area), so a borderline face can go either way.
+    # Resampling differs slightly (OpenCV's area resize vs torch's), so a borderline face can go either way.
     assert same_verdict >= 0.85 * n, (same_verdict, n)
     assert len(agree) >= 15 and np.median(agree) >= 0.9, agree
 
@@ -71,3 +71,96 @@ def test_gpu_batches_give_the_cpu_boxes(photos):
         assert (a is None) == (b is None)
         if a is not None:
             assert iou(a.box, b.box) > 0.95
+
+
+def test_weights_are_read_without_torch_exactly_as_torch_loads_them():
+    import torch
+
+    from preprocess.mtcnn import SPECS, load_weights, weights_path
+
+    for name in SPECS:
+        ours, ref = load_weights(name), torch.load(weights_path(name), map_location="cpu", weights_only=True)
+        assert list(ours) == list(ref)
+        for k, v in ref.items():
+            assert ours[k].dtype == np.float32 and np.array_equal(ours[k], v.numpy()), (name, k)
+
+
+def test_opencv_nets_compute_what_the_torch_nets_compute():
+    """The ONNX graph written by hand (preprocess/onnx_proto.py) is the same network as the torch one."""
+    import torch
+
+    from preprocess.mtcnn import CvNets
+    from preprocess.mtcnn_torch import TorchNets, forward
+
+    cv, tn = CvNets(max_batch=16), TorchNets("cpu")
+    rng = np.random.default_rng(0)
+    for name, shape in [("pnet", (3, 3, 41, 57)), ("pnet", (2, 3, 12, 12)), ("rnet", (37, 3, 24, 24)),
+                        ("onet", (5, 3, 48, 48))]:
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        ours = cv._forward(name, x)
+        ref = forward(name, tn.weights[name], torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+        assert len(ours) == len(ref)
+        for a, (head, b) in zip(ours, ref.items()):
+            assert a.shape == tuple(b.shape), (name, head)
+            assert np.abs(a - b.numpy()).max() < 1e-4, (name, head)
+        assert np.allclose(ours[-1].sum(1), 1, atol=1e-5)  # the probability head is a softmax
+
+
+def test_torch_engine_finds_the_faces_the_opencv_engine_finds(photos):
+    """The GPU path's code (torch nets, grid_sample cuts), run on the CPU, against the CPU path."""
+    imgs = [p for p, _ in photos[::2]]
+    cpu = MTCNNDetector(device="cpu").detect(imgs)
+    tor = MTCNNDetector(device="cpu", engine="torch").detect(imgs)
+    both = [(a, b) for a, b in zip(cpu, tor) if a is not None and b is not None]
+    assert sum((a is None) == (b is None) for a, b in zip(cpu, tor)) >= 0.9 * len(imgs)
+    assert len(both) >= 0.8 * len(imgs)
+    assert np.median([iou(a.box, b.box) for a, b in both]) >= 0.95
+
+
+def test_the_cpu_crop_stage_never_imports_torch(tmp_path):
+    """`import torch` costs ~1.8 s a process, a third of a 300-photo crop: the CPU path must not pay it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from pathlib import Path; from preprocess import crop_dataset\n"
+            f"res = crop_dataset(Path({str(REPO / 'data_samples' / 'train')!r}), Path({str(tmp_path / 'c')!r}))\n"
+            "print(res.counts['ok'], 'torch' in sys.modules)")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # 'auto' must resolve to the CPU without asking torch
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ok, imported = out.stdout.split()
+    assert int(ok) >= 50 and imported == "False"
+
+
+def test_the_cheap_cuda_probe_agrees_with_torch(monkeypatch):
+    import torch
+
+    from preprocess.runtime import cuda_driver_device_count, device_name
+
+    assert (cuda_driver_device_count() > 0) == torch.cuda.is_available()
+    assert cuda_driver_device_count() == torch.cuda.device_count()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cuda_driver_device_count() == 0 and device_name("cpu") == "cpu"
+
+
+def test_a_weights_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    import os
+    import pickle
+
+    from preprocess import mtcnn
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "pnet.pt"
+    with open(path, "wb") as f:
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {}, {"conv1.weight": Evil()}):
+            pickle.dump(obj, f)
+    monkeypatch.setattr(mtcnn, "weights_path", lambda name: str(path))
+    with pytest.raises(pickle.UnpicklingError, match="unexpected"):
+        mtcnn.load_weights("pnet")
+    assert not (tmp_path / "pwned").exists()

@@ -34,10 +34,19 @@ def test_crop_killed_at_random_points_finishes_with_exactly_one_row_per_photo(tm
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "tests" / "helpers" / "crop_slowly.py"), str(raw), str(out)]
     rnd = random.Random(7)
+    journal = out / ".journal.jsonl"
+
+    def units_done():
+        return len(journal.read_bytes().splitlines()) if journal.is_file() else 0
+
     kills = 0
-    for _ in range(4):
+    for _ in range(4):  # each run finishes one or two more people (of 10), then dies at a random moment
+        target = units_done() + rnd.randint(1, 2)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rnd.uniform(0.8, 2.5))  # start-up takes ~0.7 s, the whole run ~3 s
+        deadline = time.time() + 60
+        while proc.poll() is None and units_done() < target and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rnd.uniform(0.0, 0.2))  # a person takes ~0.2 s: the kill lands anywhere in the next one
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
