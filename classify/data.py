@@ -136,7 +136,7 @@ class CropDataset(Dataset):
     Reads `crops.npy` (memory-mapped, written by the crop stage) when it matches the manifest, else
     decodes the JPEG crops. Augmentation randomness is drawn per sample from (seed, epoch, index),
     so a batch is the same whatever the number of workers or processes, and after a resume.
-    Items: (H x W x 3 uint8 tensor, label, manifest index); `transforms.normalize` turns a batch
+    Items: (3 x H x W uint8 tensor, label, manifest index); `transforms.normalize` turns a batch
     into the model's input.
     """
 
@@ -164,7 +164,7 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int):
         s = _sample_seed(self.seed, self.epoch, self.rows[i]["index"])
         self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
-        x = torch.from_numpy(np.ascontiguousarray(self.transform(image=self.image(i))["image"]))
+        x = torch.from_numpy(np.ascontiguousarray(self.transform(image=self.image(i))["image"].transpose(2, 0, 1)))
         return x, self.labels[i], self.rows[i]["index"]
 
 

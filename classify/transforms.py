@@ -2,10 +2,10 @@
 `build_transform(..., train=False)` with the values stored in the checkpoint, so they cannot drift.
 
 Images are HWC uint8 RGB face crops (square, from the crop stage). Augmentation runs on uint8 and
-the pipeline returns HWC uint8, so a loader yields N x H x W x 3 uint8 batches: a quarter of the
-bytes of float batches, collated by plain contiguous copies. Normalisation and the change to the
-model's N x 3 x H x W layout come last, on the device, in `normalize` (called by the training step
-and by `engine.infer`, the only two places that feed a model).
+the pipeline returns HWC uint8; the dataset hands each image on as 3 x H x W uint8, so a loader
+yields N x 3 x H x W uint8 batches: the model's shape at a quarter of the bytes of float batches.
+Normalisation comes last, on the device, in `normalize` (called by the training step and by
+`engine.infer`, the only two places that feed a model).
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def build_transform(preset: str, img_size: int, train: bool) -> A.Compose:
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> torch.Tensor:
-    """A loader batch, uint8 N x H x W x 3 (on any device) → float32 N x 3 x H x W, scaled to [0, 1]
-    and standardised per channel. One conversion and two in-place passes."""
+    """A loader batch, uint8 N x 3 x H x W (on any device) → float32 of the same shape, scaled to
+    [0, 1] and standardised per channel. One conversion and two in-place passes."""
     scale = 1.0 / (255.0 * torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
     shift = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 * scale
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = x.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=fmt, copy=True)
+    y = x.to(dtype=torch.float32, memory_format=fmt, copy=True)
     return y.mul_(scale).sub_(shift)

@@ -107,7 +107,7 @@ def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_other
     model = load_model(load_checkpoint(res), torch.device("cpu"))
     tf = build_transform("base", 32, train=False)
     row = plain.rows[0]
-    x = normalize(torch.from_numpy(tf(image=read_crop(plain.crops / row["crop"]))["image"])[None])
+    x = normalize(torch.from_numpy(tf(image=read_crop(plain.crops / row["crop"]))["image"]).permute(2, 0, 1)[None])
     with torch.no_grad():
         manual = (model(x)["label"].softmax(-1) + model(torch.flip(x, dims=[3]))["label"].softmax(-1)) / 2
     assert np.allclose(tta[0], manual[0].numpy(), atol=1e-5)

@@ -86,3 +86,32 @@ def test_a_label_fix_of_an_id_without_folder_applies_once():
         fixes.write_text("image_id,field,value\na.jpg,age,65\n")
         assert apply_label_fixes(rows, fixes, old=60) == 1
     assert rows[0]["age_group"] == 2 and rows[0]["label"] == 2
+
+
+def test_dataset_items_are_the_crops_pixels_in_the_models_layout_from_the_pack_or_the_jpegs(tmp_path):
+    import numpy as np
+    import torch
+
+    from classify.data import CropDataset, load_rows
+    from classify.transforms import build_transform
+    from preprocess.imageio import read_crop
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=3, size=48)
+    _, rows = load_rows(crops)
+    packed = CropDataset(crops, rows, build_transform("base", 48, train=False))
+    assert packed._packed_path is not None
+    from_pack = {i: packed[i] for i in (0, 5, 20)}
+    (crops / "crops.npy").unlink()
+    jpegs = CropDataset(crops, rows, build_transform("base", 48, train=False))
+    assert jpegs._packed_path is None
+    for i, (x, label, index) in from_pack.items():
+        assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and int(label) == rows[i]["label"]
+        expected = read_crop(crops / rows[index]["crop"]).transpose(2, 0, 1)  # channels first, RGB order kept
+        assert np.array_equal(x.numpy(), expected)
+        assert torch.equal(jpegs[i][0], x)
+    train = CropDataset(crops, rows, build_transform("base", 40, train=True), seed=3)
+    a, b = train[4][0], train[4][0]
+    train.set_epoch(1)
+    c = train[4][0]
+    assert a.shape == (3, 40, 40) and torch.equal(a, b) and not torch.equal(a, c)
