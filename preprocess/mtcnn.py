@@ -145,6 +145,8 @@ def detect_batch(nets: Nets, images: np.ndarray, min_face: int, thresholds=(0.6,
     while side >= 12:
         scales.append(m * factor ** len(scales))
         side *= factor
+    if not scales:  # the photo is smaller than the smallest face P-Net can see (12 px): nothing to find
+        return [(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))) for _ in range(n)]
     cands, owners = [], []
     for s in scales:
         reg, prob = nets.pnet(batch, (int(h * s + 1), int(w * s + 1)))

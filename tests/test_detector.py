@@ -164,3 +164,11 @@ def test_a_weights_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError, match="unexpected"):
         mtcnn.load_weights("pnet")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("engine", ["auto", "torch"])
+def test_photos_too_small_for_any_face_are_no_face_not_an_error(engine, photos):
+    det = MTCNNDetector(device="cpu", engine=engine)
+    tiny = [np.zeros(s, np.uint8) for s in [(1, 1, 3), (8, 8, 3), (11, 30, 3), (13, 900, 3)]]
+    found = det.detect(tiny + [photos[0][0]])  # in one call with a real photo, which is still found
+    assert found[:4] == [None] * 4 and found[4] is not None
