@@ -65,12 +65,15 @@ def test_lean_mtcnn_agrees_with_facenet_pytorch_on_full_size_photos(photos):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_gpu_batches_give_the_cpu_boxes(photos):
-    cpu = MTCNNDetector(device="cpu").detect([p for p, _ in photos])
-    gpu = MTCNNDetector(device="cuda").detect([p for p, _ in photos])
-    for a, b in zip(cpu, gpu):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert iou(a.box, b.box) > 0.95
+    """The torch engine on CUDA against the same engine on the CPU (cuDNN may use TF32, so a borderline
+    face may rarely flip), and against the OpenCV engine the CPU crop uses."""
+    imgs = [p for p, _ in photos]
+    gpu = MTCNNDetector(device="cuda").detect(imgs)
+    for ref, verdicts in ((MTCNNDetector(device="cpu", engine="torch").detect(imgs), 0.95),
+                          (MTCNNDetector(device="cpu").detect(imgs), 0.9)):
+        assert sum((a is None) == (b is None) for a, b in zip(ref, gpu)) >= verdicts * len(imgs)
+        ious = [iou(a.box, b.box) for a, b in zip(ref, gpu) if a is not None and b is not None]
+        assert len(ious) >= 0.8 * len(imgs) and np.median(ious) >= 0.95
 
 
 def test_weights_are_read_without_torch_exactly_as_torch_loads_them():
