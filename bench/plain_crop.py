@@ -1,6 +1,6 @@
 """The baseline a user would write: a plain loop over MTCNN(device='cpu') with default settings.
 
-    python bench/plain_crop.py RAW OUT
+    python bench/plain_crop.py RAW OUT [DEVICE]     (DEVICE: cpu by default; cuda for the GPU comparison)
 
 Per photo: PIL open, detect, crop the best (largest) box as a square with the same margin as
 maskcls (0.3 of the box side on each side), resize to 256, save JPEG. Writes OUT/boxes.json.
@@ -15,8 +15,8 @@ from facenet_pytorch import MTCNN
 from PIL import Image
 
 
-def main(raw: Path, out: Path, margin: float = 0.3, size: int = 256) -> None:
-    mtcnn = MTCNN(device="cpu")
+def main(raw: Path, out: Path, device: str = "cpu", margin: float = 0.3, size: int = 256) -> None:
+    mtcnn = MTCNN(device=device)
     boxes = {}
     for path in sorted(raw.glob("images/*/*.jpg")):
         img = Image.open(path).convert("RGB")
@@ -38,4 +38,4 @@ def main(raw: Path, out: Path, margin: float = 0.3, size: int = 256) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4])
