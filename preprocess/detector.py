@@ -14,6 +14,7 @@ the CPU the nets run in OpenCV (`mtcnn.CvNets`, no torch import), on CUDA in tor
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -87,9 +88,17 @@ class MTCNNDetector:
     def _nets(self) -> Nets:
         if self._net is None:
             if self.engine == "opencv":
-                self._net = CvNets()
+                try:
+                    self._net = CvNets()
+                except cv2.error as e:  # an OpenCV build whose DNN module cannot read the graph
+                    warnings.warn(f"OpenCV {cv2.__version__} could not load MTCNN into its DNN module "
+                                  f"({(str(e).strip().splitlines() or ['?'])[-1]}); detecting with torch on the CPU instead "
+                                  "(same faces, ~2 s more per run). opencv-python-headless 4.10-5.0 are tested.",
+                                  RuntimeWarning, stacklevel=2)
+                    self.engine = "torch"
+                    return self._nets()
             else:
-                from .mtcnn_torch import TorchNets  # imports torch: only for CUDA
+                from .mtcnn_torch import TorchNets  # imports torch: CUDA, engine='torch', or the fallback above
                 self._net = TorchNets(self.device)
         return self._net
 

@@ -175,3 +175,16 @@ def test_photos_too_small_for_any_face_are_no_face_not_an_error(engine, photos):
     tiny = [np.zeros(s, np.uint8) for s in [(1, 1, 3), (8, 8, 3), (11, 30, 3), (13, 900, 3)]]
     found = det.detect(tiny + [photos[0][0]])  # in one call with a real photo, which is still found
     assert found[:4] == [None] * 4 and found[4] is not None
+
+
+def test_an_opencv_that_cannot_load_the_nets_falls_back_to_torch_with_a_warning(photos, monkeypatch):
+    import cv2
+
+    def broken(*_):
+        raise cv2.error("unsupported ONNX operator")
+
+    monkeypatch.setattr(cv2.dnn, "readNetFromONNX", broken)
+    det = MTCNNDetector(device="cpu")
+    with pytest.warns(RuntimeWarning, match="detecting with torch on the CPU instead"):
+        found = det.detect([photos[0][0]])
+    assert det.engine == "torch" and found[0] is not None and iou(found[0].box, photos[0][1]) >= 0.5
