@@ -86,20 +86,18 @@ class MTCNNDetector:
                          "factor": factor}
 
     def _nets(self) -> Nets:
+        if self._net is None and self.engine == "opencv":
+            try:
+                self._net = CvNets()
+            except cv2.error as e:  # an OpenCV build whose DNN module cannot read the graph
+                warnings.warn(f"OpenCV {cv2.__version__} could not load MTCNN into its DNN module "
+                              f"({(str(e).strip().splitlines() or ['?'])[-1]}); detecting with torch on the CPU "
+                              "instead (same faces, ~2 s more per run). opencv-python-headless 4.10-5.0 are tested.",
+                              RuntimeWarning, stacklevel=2)
+                self.engine = "torch"
         if self._net is None:
-            if self.engine == "opencv":
-                try:
-                    self._net = CvNets()
-                except cv2.error as e:  # an OpenCV build whose DNN module cannot read the graph
-                    warnings.warn(f"OpenCV {cv2.__version__} could not load MTCNN into its DNN module "
-                                  f"({(str(e).strip().splitlines() or ['?'])[-1]}); detecting with torch on the CPU instead "
-                                  "(same faces, ~2 s more per run). opencv-python-headless 4.10-5.0 are tested.",
-                                  RuntimeWarning, stacklevel=2)
-                    self.engine = "torch"
-                    return self._nets()
-            else:
-                from .mtcnn_torch import TorchNets  # imports torch: CUDA, engine='torch', or the fallback above
-                self._net = TorchNets(self.device)
+            from .mtcnn_torch import TorchNets  # imports torch: CUDA, engine='torch', or the fallback above
+            self._net = TorchNets(self.device)
         return self._net
 
     def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[Face | None]:
@@ -126,6 +124,7 @@ class MTCNNDetector:
                 for i, (boxes, probs, points) in zip(chunk, found):
                     results[i] = _to_face(boxes, probs, points, scales[i])
         return results
+
 
 def _to_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale: float) -> Face | None:
     if len(boxes) == 0:
