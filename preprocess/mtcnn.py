@@ -76,12 +76,16 @@ def load_weights(name: str) -> dict[str, np.ndarray]:
         state = _StateDictUnpickler(f, storages).load()
         data = {}
         for key in pickle.load(f):
-            dtype, _ = storages[key]
-            (numel,) = struct.unpack("<q", f.read(8))
-            data[key] = np.frombuffer(f.read(numel * dtype.itemsize), dtype=dtype)
+            dtype, numel = storages[key]
+            raw = f.read(8 + numel * dtype.itemsize)
+            if len(raw) != 8 + numel * dtype.itemsize or struct.unpack("<q", raw[:8])[0] != numel:
+                raise RuntimeError(f"{path} is truncated or corrupt: reinstall facenet-pytorch==2.5.3")
+            data[key] = np.frombuffer(raw[8:], dtype=dtype)
     out = {}
     for name_, (key, offset, size, stride) in state.items():
         buf = data[key]
+        if offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(buf):  # as_strided does not check
+            raise RuntimeError(f"{path}: tensor {name_} lies outside its storage: reinstall facenet-pytorch==2.5.3")
         out[name_] = np.lib.stride_tricks.as_strided(buf[offset:], size, [s * buf.itemsize for s in stride]).copy()
     return out
 

@@ -188,3 +188,14 @@ def test_an_opencv_that_cannot_load_the_nets_falls_back_to_torch_with_a_warning(
     with pytest.warns(RuntimeWarning, match="detecting with torch on the CPU instead"):
         found = det.detect([photos[0][0]])
     assert det.engine == "torch" and found[0] is not None and iou(found[0].box, photos[0][1]) >= 0.5
+
+
+def test_a_truncated_weights_file_is_a_clear_error(tmp_path, monkeypatch):
+    from preprocess import mtcnn
+
+    data = open(mtcnn.weights_path("pnet"), "rb").read()
+    path = tmp_path / "pnet.pt"
+    path.write_bytes(data[:-100])
+    monkeypatch.setattr(mtcnn, "weights_path", lambda name: str(path))
+    with pytest.raises(RuntimeError, match="truncated or corrupt"):
+        mtcnn.load_weights("pnet")
