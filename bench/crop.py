@@ -18,13 +18,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from workload import iou, make_workload  # noqa: E402
+from workload import iou, make_workload, workdir  # noqa: E402
 
 
 def timed(cmd: list[str]) -> float:
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="maskcls-bench-"))
+    work = workdir(args.workdir)
     raw = work / "raw"
     truth = make_workload(raw, args.photos)
     n = len(truth)
@@ -69,8 +68,6 @@ def main() -> None:
     target = ">= 10x on a GPU" if args.device.startswith("cuda") else ">= 5x"
     print(f"device: {args.device} for both")
     print(f"speed ratio maskcls/baseline: {tp / to:.2f}x (target {target})")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from workload import make_workload  # noqa: E402
+from workload import make_workload, workdir  # noqa: E402
 
 
 class CompetitionDataset(Dataset):
@@ -66,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="maskcls-bench-"))
+    work = workdir(args.workdir)
     raw = work / "raw"
     truth = make_workload(raw, args.photos)
     crops = work / "ours"

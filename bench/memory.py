@@ -11,12 +11,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from workload import make_workload  # noqa: E402
+from workload import make_workload, workdir  # noqa: E402
 
 PROBE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
          "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -44,7 +43,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=1000)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="maskcls-bench-"))
+    work = workdir(args.workdir)
     raw = work / "raw-mem"
     make_workload(raw, args.large, seed=1)
     results = {}

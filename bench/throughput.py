@@ -12,7 +12,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from workload import make_workload  # noqa: E402
+from workload import make_workload, workdir  # noqa: E402
 
 
 def train_rate(name: str, steps: int, batch: int, size: int, device: torch.device, amp: bool) -> float:
@@ -76,7 +75,7 @@ def main() -> None:
     for name in ("resnet18", "efficientnet_b0", "attention"):
         print(f"  {name:16s} {train_rate(name, args.steps, args.batch, args.img_size, device, args.amp):8.1f} images/s")
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="maskcls-bench-"))
+    work = workdir(args.workdir)
     raw = work / "raw-eval"
     truth = make_workload(raw / "src", args.eval_photos, seed=2)
     (raw / "images").mkdir(parents=True, exist_ok=True)

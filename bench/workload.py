@@ -6,8 +6,11 @@ drawn mask, one with the mask below the nose, one without. `truth.json` maps eac
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.synth import iou, person_photos, save, sources  # noqa: E402,F401 (iou: for the benchmarks)
+
+
+def workdir(path: Path | None) -> Path:
+    """The benchmark's work folder: `path` when given (kept: later runs reuse its workload), else a
+    temporary folder removed when the process exits."""
+    if path is not None:
+        return path
+    tmp = Path(tempfile.mkdtemp(prefix="maskcls-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp
 
 
 def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list[float]]:
