@@ -36,7 +36,7 @@ def train_rate(name: str, steps: int, batch: int, size: int, device: torch.devic
     heads = ("label", "mask", "gender", "age") if name == "attention" else ("label",)
     crit = MultiTaskLoss(make_loss("ce"), heads, "uncertainty" if name == "attention" else "fixed").to(device)
     opt = torch.optim.AdamW(list(model.parameters()) + list(crit.parameters()), lr=1e-3)
-    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)  # a loader batch
     y = torch.randint(0, 18, (batch,))
 
     def step():

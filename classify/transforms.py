@@ -48,6 +48,8 @@ def build_transform(preset: str, img_size: int, train: bool) -> A.Compose:
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> torch.Tensor:
     """A loader batch, uint8 N x 3 x H x W (on any device) → float32 of the same shape, scaled to
     [0, 1] and standardised per channel. One conversion and two in-place passes."""
+    if x.dim() != 4 or x.shape[1] != len(mean):
+        raise ValueError(f"normalize takes loader batches of N x {len(mean)} x H x W, got {tuple(x.shape)}")
     scale = 1.0 / (255.0 * torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
     shift = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 * scale
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -115,3 +115,20 @@ def test_dataset_items_are_the_crops_pixels_in_the_models_layout_from_the_pack_o
     train.set_epoch(1)
     c = train[4][0]
     assert a.shape == (3, 40, 40) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_normalize_standardises_each_channel_of_a_loader_batch_and_refuses_another_layout():
+    import numpy as np
+    import pytest
+    import torch
+
+    from classify.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    expected = (x.double() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for channels_last in (False, True):
+        y = normalize(x, channels_last=channels_last)
+        assert y.shape == (2, 3, 5, 4) and y.dtype == torch.float32
+        assert np.allclose(y.numpy(), expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="N x 3 x H x W"):
+        normalize(x.permute(0, 2, 3, 1).contiguous())  # an H x W x 3 batch, the old layout
