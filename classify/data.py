@@ -162,8 +162,10 @@ class CropDataset(Dataset):
             return np.array(self._packed[r["index"]])
         return read_crop(self.crops / r["crop"])
 
-    def __getitem__(self, i: int):
-        s = _sample_seed(self.seed, self.epoch, self.rows[i]["index"])
+    def __getitem__(self, key):
+        """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        s = _sample_seed(self.seed, epoch, self.rows[i]["index"])
         self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
         x = torch.from_numpy(channels_first(self.transform(image=self.image(i))["image"]))
         return x, self.labels[i], self.rows[i]["index"]

@@ -13,22 +13,25 @@ from .checkpoint import load_checkpoint
 from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
-from .predict import ensemble_probs
+from .predict import check_ensemble, checkpoint_paths, ensemble_probs
 from .plots import plot_confusion
 from preprocess.runtime import resolve_device
 
 
 def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "auto", batch_size: int = 64,
-             workers: int = 2, confusion_png: Path | None = None) -> dict:
+             workers: int = 2, confusion_png: Path | None = None, vote: str = "soft") -> dict:
     """{'scores': {...}, 'per_class_f1': [...], 'confusion': 18x18, 'n': photos} for the labelled
-    photos of `crops` (statuses ok, relaxed, person_box, no_face), labels at the checkpoint's `old`."""
-    ckpts = [load_checkpoint(p) for p in checkpoints]
-    old = ckpts[0]["config"].get("old", L.DEFAULT_OLD)
+    photos of `crops` (statuses ok, relaxed, person_box, no_face). Labels are taken at the
+    checkpoints' `val_old` (60, the competition's boundary, unless training said otherwise), whatever
+    `old` they were trained with: the score is the competition's."""
+    ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
+    check_ensemble(ckpts)
+    old = ckpts[0]["config"].get("val_old", L.DEFAULT_OLD)
     _, rows = load_rows(Path(crops), old)
     if not rows:
         raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
-    probs = ensemble_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers)
-    y, p = np.array([r["label"] for r in rows]), probs.argmax(1)
+    _, p = ensemble_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers, vote)
+    y = np.array([r["label"] for r in rows])
     cm = confusion(y, p, L.NUM_CLASSES)
     if confusion_png:
         plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{Path(crops).name} ({len(rows)} photos)")

@@ -2,6 +2,8 @@
 
 `make_loss(name)` → fn(logits, target) → scalar:
 - ce: cross entropy; smooth: cross entropy with label smoothing; focal: (1 - p_t)^gamma x CE;
+- wce: cross entropy with each class weighted by n / (K x n_class) of the training set (the counts
+  are given per head: `class_counts`), so a rare class weighs as much in total as a common one;
 - f1: 1 - soft macro F1 (probabilities as soft counts; only classes present in the batch's
   targets or predictions count, as in the metric).
 """
@@ -11,12 +13,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from preprocess import labels as L
+
 from .errors import ConfigError
 
-LOSSES = ("ce", "smooth", "focal", "f1")
+LOSSES = ("ce", "smooth", "focal", "f1", "wce")
 
 
-def make_loss(name: str, smoothing: float = 0.1, gamma: float = 2.0):
+def class_weights(counts) -> torch.Tensor:
+    """n / (K x n_k) per class, for the classes that occur (an absent class gets weight 0: it has no
+    sample to weigh, and a huge weight would only matter through a mislabelled one)."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
+def make_loss(name: str, smoothing: float = 0.1, gamma: float = 2.0, class_counts=None):
+    if name == "wce":
+        if class_counts is None:
+            raise ConfigError("--loss wce needs the training set's class counts")
+        w = class_weights(class_counts)
+        return lambda logits, y: F.cross_entropy(logits, y, weight=w.to(logits.device))
     if name == "ce":
         return lambda logits, y: F.cross_entropy(logits, y)
     if name == "smooth":
@@ -45,8 +64,8 @@ def soft_f1_loss(logits: torch.Tensor, y: torch.Tensor, eps: float = 1e-7) -> to
 
 
 def task_targets(label: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-task targets of 18-class labels (label = 6*mask + 3*gender + age)."""
-    return {"label": label, "mask": label // 6, "gender": (label // 3) % 2, "age": label % 3}
+    """The per-task targets of 18-class labels (decoded by `labels.task_parts`)."""
+    return {"label": label, **dict(zip(L.TASKS, L.task_parts(label)))}
 
 
 class MultiTaskLoss(nn.Module):
@@ -59,10 +78,12 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, loss_fn, heads=("label",), weighting: str = "fixed", weights: dict | None = None):
+        """`loss_fn`: one function for every head, or {head: function}."""
         super().__init__()
         if weighting not in ("fixed", "uncertainty"):
             raise ConfigError(f"unknown task weighting {weighting!r}; choose fixed or uncertainty")
-        self.loss_fn, self.heads, self.weighting = loss_fn, tuple(heads), weighting
+        self.heads, self.weighting = tuple(heads), weighting
+        self.loss_fns = loss_fn if isinstance(loss_fn, dict) else {h: loss_fn for h in self.heads}
         self.weights = {h: 1.0 for h in self.heads} | (weights or {})
         self.log_vars = nn.Parameter(torch.zeros(len(self.heads)), requires_grad=weighting == "uncertainty")
 
@@ -72,9 +93,10 @@ class MultiTaskLoss(nn.Module):
         ta, tb = task_targets(label), task_targets(label_b) if label_b is not None else None
         parts, total = {}, 0.0
         for i, h in enumerate(self.heads):
-            loss = self.loss_fn(outputs[h].float(), ta[h])
+            fn = self.loss_fns[h]
+            loss = fn(outputs[h].float(), ta[h])
             if tb is not None:
-                loss = lam * loss + (1 - lam) * self.loss_fn(outputs[h].float(), tb[h])
+                loss = lam * loss + (1 - lam) * fn(outputs[h].float(), tb[h])
             parts[h] = loss.detach()
             if self.weighting == "uncertainty":
                 total = total + torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]

@@ -34,9 +34,8 @@ def scores(y, p) -> dict[str, float]:
     """{'acc', 'f1', 'mask_acc', 'mask_f1', 'gender_acc', ..., 'age_f1'} of 18-class labels y and predictions p."""
     y, p = np.asarray(y, int), np.asarray(p, int)
     out = {"acc": float((y == p).mean()) if len(y) else 0.0, "f1": macro_f1(y, p, L.NUM_CLASSES)}
-    parts = {"mask": (lambda a: a // 6, 3), "gender": (lambda a: (a // 3) % 2, 2), "age": (lambda a: a % 3, 3)}
-    for task, (fn, n) in parts.items():
-        yt, pt = fn(y), fn(p)
+    for task, yt, pt in zip(L.TASKS, L.task_parts(y), L.task_parts(p)):
+        n = len(L.TASKS[task])
         out[f"{task}_acc"] = float((yt == pt).mean()) if len(y) else 0.0
         out[f"{task}_f1"] = macro_f1(yt, pt, n)
     return out

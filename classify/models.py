@@ -1,17 +1,19 @@
-"""Models, built by name from a registry. Every model returns a dict of logits per task
-(always 'label', the 18 classes; the attention model also 'mask', 'gender', 'age'), and has the same
-surface: `backbone`, `head`, `num_features`, `forward_features`. Losses live outside the models.
+"""Models, built by name. Every model returns a dict of logits per task (always 'label', the 18
+classes; the attention model also 'mask', 'gender', 'age'), and has the same surface: `backbone`,
+`num_features`, `forward_features`. Losses live outside the models.
 
->>> list_models()
-['attention', 'efficientnet_b0', ..., 'resnet50']
+Names: every torchvision classification model (`torchvision.models.list_models(module=
+torchvision.models)`: resnet18, mobilenet_v2, efficientnet_b4, convnext_tiny, swin_t, vit_b_16, ...)
+as an 18-class classifier; `timm/<name>` for a timm model (the `maskcls[timm]` extra), e.g.
+`timm/tf_efficientnet_b4.ns_jft_in1k`; and the registered models (`attention`, whose `backbone`
+argument takes any of those names).
+
 >>> model = create_model("resnet18", weights="none")
 >>> model(torch.zeros(2, 3, 224, 224))["label"].shape
 torch.Size([2, 18])
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,11 +22,10 @@ from torch import nn
 
 from preprocess import labels as L
 
+from . import weights as W
 from .errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
-             "efficientnet_b3")
 
 
 def register_model(name: str):
@@ -34,35 +35,92 @@ def register_model(name: str):
     return deco
 
 
+def torchvision_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered models and every torchvision classification model (timm models: `timm/<name>`)."""
+    return sorted(_REGISTRY) + torchvision_models()
+
+
+def check_backbone(arch: str) -> None:
+    """Raise a ConfigError unless `arch` names a backbone that can be built here."""
+    if arch.startswith("timm/"):
+        timm = _timm(arch)
+        if not timm.is_model(arch[5:]):
+            raise ConfigError(f"timm has no model {arch[5:]!r} (see timm.list_models('*pattern*', pretrained=True))")
+    elif arch not in torchvision_models():
+        raise ConfigError(f"unknown backbone {arch!r}: use a torchvision classification model "
+                          f"({', '.join(torchvision_models()[:6])}, ...; see torchvision.models.list_models()) "
+                          "or timm/<name>")
+
+
+def check_model(name: str, backbone: str | None = None) -> None:
+    if name in _REGISTRY:
+        if name == "attention":
+            check_backbone(backbone or "resnet18")
+        return
+    try:
+        check_backbone(name)
+    except ConfigError as e:
+        raise ConfigError(f"unknown model {name!r}: {', '.join(sorted(_REGISTRY))}, a torchvision classification "
+                          f"model, or timm/<name> ({e})") from None
 
 
 def create_model(name: str, weights: str = "none", **kwargs) -> nn.Module:
-    """Build a registered model. `weights`: 'none' (random init), 'imagenet' (torchvision's weights from
-    the torch hub cache; an error names the file if it is absent), or a path to a state dict file."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    model = _REGISTRY[name](**kwargs)
+    """Build a model by name. `weights`: 'none' (random init), 'imagenet' (the backbone's pretrained
+    weights, fetched the way its library does: see `weights.pretrained_state`), or a path to a state
+    dict of the backbone (keys and shapes must match, classifier layers aside)."""
+    check_model(name, kwargs.get("backbone"))
+    if name in _REGISTRY:
+        model = _REGISTRY[name](**kwargs)
+    else:
+        model = Classifier(name, **kwargs)
     if weights != "none":
-        model.backbone.load_state_dict(backbone_weights(kwargs.get("backbone", name), weights), strict=False)
+        model.backbone.load_pretrained(W.backbone_state(model.backbone.arch, weights), weights)
     return model
 
 
-class Backbone(nn.Module):
-    """A torchvision classifier with its last layer removed: images → pooled features (B, num_features)."""
+def model_arch(name: str, kwargs: dict) -> str:
+    """The backbone architecture a model name and its arguments build."""
+    return kwargs.get("backbone", "resnet18") if name in _REGISTRY else name
 
-    def __init__(self, arch: str, dropout: float | None = None):
+
+def _timm(arch: str):
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{arch} needs timm: pip install 'maskcls[timm]'") from None
+    return timm
+
+
+class Backbone(nn.Module):
+    """A torchvision or timm classifier without its last layer: images → pooled features (B, num_features).
+
+    The torchvision model's last layer with 1000 outputs (a Linear, or SqueezeNet's 1x1 Conv2d) becomes
+    an identity; timm models are built with `num_classes=0`. `head_keys` are the state-dict prefixes
+    of what was removed: a pretrained file may carry them, and only them, beyond our own tensors."""
+
+    def __init__(self, arch: str):
         super().__init__()
-        if arch not in BACKBONES:
-            raise ConfigError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
-        net = getattr(torchvision.models, arch)(weights=None)
-        if arch.startswith("resnet"):
-            self.num_features = net.fc.in_features
-            net.fc = nn.Identity()
+        check_backbone(arch)
+        if arch.startswith("timm/"):
+            timm = _timm(arch)
+            net = timm.create_model(arch[5:], pretrained=False, num_classes=0)
+            self.num_features = net.num_features
+            head = net.pretrained_cfg.get("classifier", "head")
+            self.head_keys = tuple(head) if isinstance(head, (list, tuple)) else (head,)
         else:
-            self.num_features = net.classifier[1].in_features
-            net.classifier = nn.Identity()  # dropout moves to our head
+            extra = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+            net = torchvision.models.get_model(arch, weights=None, **extra)
+            name, layer = [(n, m) for n, m in net.named_modules()
+                           if (isinstance(m, nn.Linear) and m.out_features == 1000)
+                           or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)][-1]
+            self.num_features = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+            parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+            setattr(parent, name.rpartition(".")[2], nn.Identity())
+            self.head_keys = (name, "AuxLogits", "aux1", "aux2")
         self.net = net
         self.arch = arch
         self.frozen = False
@@ -74,16 +132,27 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def load_state_dict(self, state, strict: bool = True):
-        # torchvision checkpoints name layers without our 'net.' prefix and include the old classifier.
-        state = {(k if k.startswith("net.") else f"net.{k}"): v for k, v in state.items()}
-        own = self.state_dict()
-        state = {k: v for k, v in state.items() if k in own}
+    def load_pretrained(self, state: dict, source: str) -> None:
+        """Load the backbone's tensors from a state dict in its library's naming. Every tensor of ours
+        must be there with its shape; beyond them only the removed classifier's may be. Anything else
+        is refused naming the first mismatches (resnet34 weights do not go into a resnet18)."""
+        state = {k[4:] if k.startswith("net.") else k: v for k, v in state.items()}
+        own = self.net.state_dict()
         missing = [k for k in own if k not in state]
-        if missing:
-            raise ConfigError(f"the weights file lacks {len(missing)} of {len(own)} {self.arch} tensors "
-                              f"(e.g. {missing[0]}): is it for this architecture?")
-        return super().load_state_dict(state, strict=True)
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        extra = [k for k in state if k not in own and not any(k == h or k.startswith(h + ".") for h in self.head_keys)]
+        if missing or wrong or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} of {len(own)} tensors missing ({', '.join(missing[:3])})")
+            if wrong:
+                parts.append(f"{len(wrong)} of another shape ({', '.join(wrong[:2])})")
+            if extra:
+                parts.append(f"{len(extra)} not in {self.arch} ({', '.join(extra[:3])})")
+            raise ConfigError(f"--weights {source} does not fit {self.arch}: {'; '.join(parts)}. "
+                              "Is it for another architecture?")
+        self.net.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 class Classifier(nn.Module):
@@ -102,15 +171,10 @@ class Classifier(nn.Module):
         return {"label": self.head(self.forward_features(x))}
 
 
-for _arch in BACKBONES:
-    register_model(_arch)(lambda _a=_arch, **kw: Classifier(_a, **kw))
-
-
 def compose_task_logits(mask: torch.Tensor, gender: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
     """(B, 18) log-probabilities of the 18 classes if mask, gender and age were independent given the
-    image: log p(m) + log p(g) + log p(a), laid out as label = 6m + 3g + a."""
-    lm, lg, la = mask.log_softmax(-1), gender.log_softmax(-1), age.log_softmax(-1)
-    return (lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]).flatten(1)
+    image: log p(m) + log p(g) + log p(a), in the label layout of `labels.combine_tasks`."""
+    return L.combine_tasks(mask.log_softmax(-1), gender.log_softmax(-1), age.log_softmax(-1))
 
 
 @register_model("attention")
@@ -125,12 +189,13 @@ class MultiTaskAttention(nn.Module):
     the 18-class output (the metric is on the 18 classes, and it sees all three tasks at once).
     """
 
+    tasks = tuple(L.TASKS)
+
     def __init__(self, backbone: str = "resnet18", hidden: int = 256, heads: int = 4, dropout: float = 0.2,
                  num_classes: int = L.NUM_CLASSES):
         super().__init__()
         self.backbone = Backbone(backbone)
         self.num_features = self.backbone.num_features
-        self.tasks = ("mask", "gender", "age")
         self.branches = nn.ModuleDict({t: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, hidden),
                                                         nn.LayerNorm(hidden), nn.GELU()) for t in self.tasks})
         self.task_heads = nn.ModuleDict({t: nn.Linear(hidden, len(L.TASKS[t])) for t in self.tasks})
@@ -139,7 +204,6 @@ class MultiTaskAttention(nn.Module):
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
         self.norm = nn.LayerNorm(hidden)
         self.fused_head = nn.Linear(hidden * len(self.tasks), num_classes)
-        self.head = nn.ModuleList([self.branches, self.task_heads, self.attn, self.norm, self.fused_head])
         self.attn_weights: torch.Tensor | None = None
 
     def forward_features(self, x):
@@ -154,6 +218,11 @@ class MultiTaskAttention(nn.Module):
         fused = self.norm(tokens + fused)
         out["label"] = self.fused_head(fused.flatten(1)) + compose_task_logits(out["mask"], out["gender"], out["age"])
         return out
+
+
+def output_heads(model: nn.Module) -> tuple[str, ...]:
+    """The heads a model returns, each of which has a loss: ('label',) or ('label', 'mask', 'gender', 'age')."""
+    return ("label",) + tuple(getattr(model, "tasks", ()))
 
 
 def freeze_backbone(model: nn.Module) -> None:
@@ -173,41 +242,10 @@ def model_kwargs(name: str, backbone: str | None = None, dropout: float | None =
     return kw
 
 
-# -- pretrained weights -------------------------------------------------------------------------------
-
-def _weights_enum(arch: str):
-    return torchvision.models.get_model_weights(arch).DEFAULT
-
-
-def imagenet_weights_file(arch: str) -> Path:
-    """Where torch hub caches torchvision's ImageNet weights for `arch`."""
-    url = _weights_enum(arch).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def backbone_weights(arch: str, weights: str) -> dict:
-    if weights == "imagenet":
-        path = imagenet_weights_file(arch)
-        if not path.is_file():
-            raise ConfigError(
-                f"ImageNet weights for {arch} are not in the torch hub cache and maskcls does not download at run "
-                f"time. Place {os.path.basename(path)} (from {_weights_enum(arch).url}) at {path}, or pass "
-                f"--weights PATH to a state-dict file, or --weights none for random init.")
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise ConfigError(f"--weights {weights}: no such file (use imagenet, none, or a path to a state dict)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle safely means: not a usable weights file
-        raise ConfigError(f"cannot load weights from {path}: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+def upgrade_state(name: str, state: dict) -> dict:
+    """A state dict of an older maskcls checkpoint in today's layout (the attention model once also
+    registered its heads as `head.*`, duplicates of `branches`, `task_heads`, `attn`, `norm` and
+    `fused_head`)."""
+    if name == "attention":
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
     return state
-
-
-def resolve_weights(weights: str, arch: str) -> str:
-    """'auto' → 'imagenet' when the file is cached, else 'none' (the caller prints a warning)."""
-    if weights != "auto":
-        return weights
-    return "imagenet" if imagenet_weights_file(arch).is_file() else "none"

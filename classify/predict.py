@@ -29,49 +29,109 @@ from preprocess.runtime import resolve_device
 
 from .checkpoint import load_checkpoint
 from .data import CropDataset
-from .engine import infer, make_loader
-from .errors import CheckpointError
-from .models import create_model
+from .engine import infer, make_loader, resolve_amp
+from .errors import CheckpointError, ConfigError
+from .models import create_model, upgrade_state
 from .transforms import build_transform
 
 
 @dataclass
 class Prediction:
     image_ids: list[str]
-    probs: np.ndarray          # N x 18
+    probs: np.ndarray          # N x 18: mean probabilities (--vote hard: the share of models voting each class)
     rows: list[dict]           # the manifest rows predicted, same order
     crops: Path
     warnings: list[str]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.probs.argmax(1)
+    labels: np.ndarray         # N predicted classes (the vote's)
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
     m = ckpt["model"]
     try:
         model = create_model(m["name"], weights="none", **m.get("kwargs", {}))
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(upgrade_state(m["name"], ckpt["model_state"]))
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not match its model description ({m.get('name')}): {e}") from None
     return model.to(device).eval()
 
 
-def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
-                   batch_size: int = 64, workers: int = 2) -> np.ndarray:
-    """Mean over checkpoints of their (TTA-averaged) probabilities for `rows` of `crops`, N x 18."""
-    total = np.zeros((len(rows), L.NUM_CLASSES))
-    for ckpt in ckpts:
-        tf = build_transform(ckpt["preset"], ckpt["img_size"], train=False)
+VOTES = ("soft", "hard")
+
+
+def checkpoint_paths(paths: list[Path]) -> list[Path]:
+    """Checkpoint files, with each run folder replaced by its best.pt, or a k-fold run folder by
+    every fold's best.pt (fold0, fold1, ... in order)."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+            continue
+        folds = sorted((f for f in p.glob("fold*") if f.name[4:].isdigit()), key=lambda f: int(f.name[4:]))
+        found = [f / "best.pt" for f in folds if (f / "best.pt").is_file()] or (
+            [p / "best.pt"] if (p / "best.pt").is_file() else [])
+        if not found:
+            raise CheckpointError(f"{p} is a folder without best.pt or fold*/best.pt: give a run folder or checkpoint files")
+        if folds and len(found) < len(folds):
+            missing = [f.name for f in folds if not (f / "best.pt").is_file()]
+            raise CheckpointError(f"{p}: {', '.join(missing)} has no best.pt yet (an unfinished k-fold run); "
+                                  "finish it with `maskcls train --resume`, or give the folds' checkpoints one by one")
+        out += found
+    return out
+
+
+def model_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
+                batch_size: int = 64, workers: int = 2) -> np.ndarray:
+    """Each checkpoint's (TTA-averaged) probabilities for `rows` of `crops`: M x N x 18, each model with
+    its own eval transform and normalisation (from the checkpoint)."""
+    out = np.zeros((len(ckpts), len(rows), L.NUM_CLASSES))
+    pos = {r["index"]: k for k, r in enumerate(rows)}
+    for m, ckpt in enumerate(ckpts):
+        tf = build_transform(ckpt["preset"], ckpt["img_size"], train=False,
+                             interpolation=ckpt.get("interpolation", "bilinear"))
         ds = CropDataset(crops, rows, tf)
         model = load_model(ckpt, device)
-        amp = bool(ckpt["config"].get("amp")) and device.type == "cuda"
+        amp = resolve_amp(ckpt["config"].get("amp", "off"), device)
         idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
                            mean=ckpt["mean"], std=ckpt["std"])
-        pos = {r["index"]: k for k, r in enumerate(rows)}
-        total[[pos[i] for i in idx]] += probs
-    return total / len(ckpts)
+        out[m, [pos[i] for i in idx]] = probs
+    return out
+
+
+def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
+    """M x N x 18 → (scores N x 18, labels N). soft: the mean probability and its top class. hard:
+    the share of models voting for each class, and the majority; a tie goes to the tied class with
+    the highest mean probability."""
+    if vote not in VOTES:
+        raise ConfigError(f"--vote {vote!r}: choose soft or hard")
+    mean = probs.mean(0)
+    if vote == "soft":
+        return mean, mean.argmax(1)
+    votes = np.zeros_like(mean)
+    for top in probs.argmax(2):
+        votes[np.arange(len(top)), top] += 1
+    tied = votes == votes.max(1, keepdims=True)
+    labels = np.where(tied, mean, -1.0).argmax(1)
+    return votes / len(probs), labels
+
+
+def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
+                   batch_size: int = 64, workers: int = 2, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's (scores N x 18, labels N) for `rows` of `crops` (see `combine`)."""
+    return combine(model_probs(ckpts, crops, rows, device, tta, batch_size, workers), vote)
+
+
+def check_ensemble(ckpts: list[dict]) -> None:
+    """Checkpoints that cannot be combined are refused: different crops, or different age boundaries
+    (their class 2 of age means different people, so their probabilities do not add up)."""
+    keys = {(c.get("crop") or {}).get("key") for c in ckpts}
+    if len(keys) > 1:
+        raise CheckpointError("these checkpoints were trained on crops made with different settings, so no one "
+                              "crop of the photos suits them all: predict them separately and average the --probs")
+    olds = sorted({c["config"].get("old", L.DEFAULT_OLD) for c in ckpts})
+    if len(olds) > 1:
+        raise CheckpointError(f"these checkpoints were trained with different --old ({', '.join(map(str, olds))}): "
+                              "their age groups mean different ages, so they cannot be combined; ensemble the "
+                              "checkpoints of one --old")
 
 
 def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detector: FaceDetector | None = None,
@@ -104,19 +164,22 @@ def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detecto
 
 def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
             cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
-            detector: FaceDetector | None = None, on_progress=None) -> Prediction:
+            detector: FaceDetector | None = None, on_progress=None, vote: str = "soft") -> Prediction:
     """Predict every photo of `source` (an eval folder with info.csv, or a crops folder) and write the
-    submission `ImageID,ans` in info.csv's (or the manifest's) order.
+    submission `ImageID,ans` in info.csv's (or the manifest's) order. `checkpoints` may name run
+    folders: a k-fold run folder stands for every fold's best.pt. Several models are combined by
+    `vote` (soft: mean probability; hard: majority of their top classes).
 
     >>> predict([Path("run/best.pt")], Path("data_samples/eval"), Path("submission.csv"), tta=2)
+    >>> predict([Path("runs/kfold")], Path("eval"), Path("submission.csv"), vote="hard")
     """
     if not checkpoints:
         raise CheckpointError("give at least one checkpoint")
-    ckpts = [load_checkpoint(p) for p in checkpoints]
+    if vote not in VOTES:
+        raise ConfigError(f"--vote {vote!r}: choose soft or hard")
+    ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
+    check_ensemble(ckpts)
     keys = {(c.get("crop") or {}).get("key") for c in ckpts}
-    if len(keys) > 1:
-        raise CheckpointError("these checkpoints were trained on crops made with different settings, so no one "
-                              "crop of the photos suits them all: predict them separately and average the --probs")
     dev = resolve_device(device)
     crops, warnings = crops_for(Path(source), ckpts[0], cache, device, detector, on_progress)
     given_key, trained_key = read_meta(crops).get("key"), keys.pop()
@@ -129,11 +192,11 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         r["index"] = i
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
-    probs = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers)
+    probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote)
     for r in rows:
         if r["status"] in ("unreadable", "missing"):
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings)
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels)
     if out is not None:
         write_submission(Path(out), pred)
     if probs_out is not None:

@@ -15,23 +15,28 @@ import torch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("base", "strong", "none")
+INTERPOLATIONS = {"bilinear": 1, "bicubic": 2}  # cv2.INTER_LINEAR, cv2.INTER_CUBIC
 
 
-def build_transform(preset: str, img_size: int, train: bool) -> A.Compose:
+def build_transform(preset: str, img_size: int, train: bool, interpolation: str = "bilinear") -> A.Compose:
     """The albumentations pipeline for a preset.
 
-    - eval (any preset with train=False, and preset 'none'): resize to img_size, normalise;
+    - eval (any preset with train=False, and preset 'none'): resize to img_size;
     - base: RandomResizedCrop of the crop's central region (scale 0.6-1), horizontal flip;
     - strong: base + colour jitter, small affine, grey, blur, coarse dropout (cutout).
+
+    `interpolation` is the pretrained weights' own (stored in the checkpoint). The eval resize
+    shrinks with INTER_AREA, which does not alias, and enlarges with `interpolation`.
 
     >>> t = build_transform("base", 224, train=False)
     >>> t(image=crop_uint8)["image"].shape   # (224, 224, 3), uint8
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    interp = INTERPOLATIONS[interpolation]
     if not train or preset == "none":
-        return A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")])
-    ops = [A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.85, 1.18)),
+        return A.Compose([A.Resize(img_size, img_size, interpolation=interp, area_for_downscale="image")])
+    ops = [A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.85, 1.18), interpolation=interp),
            A.HorizontalFlip(p=0.5)]
     if preset == "strong":
         ops += [

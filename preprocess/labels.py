@@ -56,7 +56,22 @@ def decode(label: int) -> tuple[int, int, int]:
     """(mask, gender, age_group) of an 18-class code."""
     if not 0 <= label < NUM_CLASSES:
         raise ValueError(f"label must be in 0..{NUM_CLASSES - 1}, got {label}")
+    return task_parts(label)
+
+
+def task_parts(label):
+    """(mask, gender, age_group) of 18-class codes: an int, a numpy array or a torch tensor (unchecked,
+    vectorised; `decode` checks one code). The inverse of `encode`, and the only other place that
+    knows the layout."""
     return label // 6, (label // 3) % 2, label % 3
+
+
+def combine_tasks(mask, gender, age):
+    """Per-task scores (..., 3), (..., 2), (..., 3) → (..., 18) with score[encode(m, g, a)] =
+    mask[m] + gender[g] + age[a]. Works on numpy arrays and torch tensors alike (log-probabilities
+    in, log-probabilities of independent tasks out)."""
+    full = mask[..., :, None, None] + gender[..., None, :, None] + age[..., None, None, :]
+    return full.reshape(*full.shape[:-3], NUM_CLASSES)
 
 
 def age_names(old: int = DEFAULT_OLD) -> tuple[str, str, str]:

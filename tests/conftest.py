@@ -113,12 +113,14 @@ def pattern_crop(label: int, rng: np.random.Generator, size: int = 48) -> np.nda
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
 
 
-def make_crops(out: Path, people: int = 36, shuffle_labels: bool = False, seed: int = 0, size: int = 48) -> Path:
-    """A crops folder (manifest + JPEG crops + crops.npy) of synthetic people with visible classes."""
+def make_crops(out: Path, people: int = 36, shuffle_labels: bool = False, seed: int = 0, size: int = 48,
+               ages=(22, 45, 70)) -> Path:
+    """A crops folder (manifest + JPEG crops + crops.npy) of synthetic people with visible classes
+    (their age group drawn at the boundary 60); person p is of gender p % 2 and age ages[(p // 2) % len(ages)]."""
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(people):
-        gender, age = p % 2, [22, 45, 70][(p // 2) % 3]
+        gender, age = p % 2, ages[(p // 2) % len(ages)]
         for stem, mask in L.MASK_FILES.items():
             ag = L.age_group(age)
             label = L.encode(mask, gender, ag)
