@@ -52,3 +52,36 @@ def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list
     truth_file.write_text(json.dumps(truth))
     return truth
 
+
+
+# The labels each source face carries in the visible-class workload: (gender, youngest, oldest, weight).
+# Gender is the person's own; the ages are invented within one age group per face, so a model can
+# learn gender and age group from the face's identity. The weights make >= 60 rare (20%) and < 30 a
+# third, as lopsided as the competition's data.
+VISIBLE = {"camera": ("male", 19, 28, 0.30), "obama": ("male", 33, 55, 0.10), "obama2": ("male", 33, 55, 0.10),
+           "obama3": ("male", 33, 55, 0.10), "astronaut": ("female", 31, 52, 0.20),
+           "biden": ("male", 60, 72, 0.10), "grace_hopper": ("female", 61, 80, 0.10)}
+
+
+def make_visible_workload(out: Path, people: int = 60, seed: int = 0) -> Path:
+    """A competition train folder whose classes are visible: mask status drawn on real faces (five
+    masks, one below the nose, one bare), gender and age group those of the source face (VISIBLE).
+    Returns the raw folder (out/raw)."""
+    out = Path(out)
+    raw = out / "raw"
+    done = out / "visible.json"
+    if done.is_file() and json.loads(done.read_text()) == {"people": people, "seed": seed}:
+        return raw
+    shutil.rmtree(raw, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    srcs = {s.name: s for s in sources()}
+    names = list(VISIBLE)
+    weights = np.array([VISIBLE[n][3] for n in names])
+    for p in range(people):
+        name = names[rng.choice(len(names), p=weights / weights.sum())]
+        gender, lo, hi, _ = VISIBLE[name]
+        folder = f"{p + 1:06d}_{gender}_Asian_{int(rng.integers(lo, hi + 1))}"
+        for stem, (img, _) in person_photos(srcs[name], rng, flip=bool(rng.integers(2))).items():
+            save(raw / "images" / folder / f"{stem}.jpg", img, quality=90)
+    done.write_text(json.dumps({"people": people, "seed": seed}))
+    return raw

@@ -37,9 +37,16 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     """
     crops, out = Path(crops), Path(out)
     old = read_meta(crops).get("config", {}).get("old", L.DEFAULT_OLD)
+    val_old = old
     if run is not None:
-        cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+        run = Path(run)
+        if not (run / "metrics.csv").is_file():
+            hint = (f" It is a k-fold run: give one fold, e.g. {run / 'fold0'}" if (run / "fold0").is_dir() else
+                    " Is it a `maskcls train` run folder?")
+            raise ConfigError(f"{run} has no metrics.csv.{hint}")
+        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
         old = cfg.get("old", old)
+        val_old = cfg.get("val_old", old)  # validation labels are at this boundary
     rows = read_manifest(crops, old=old)
     out.mkdir(parents=True, exist_ok=True)
     names = L.class_names(old)
@@ -49,12 +56,10 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     data += _gallery(out, crops, rows)
     sections.append(("Data", data))
     if run is not None:
-        run = Path(run)
-        if not (run / "metrics.csv").is_file():
-            raise ConfigError(f"{run} has no metrics.csv: is it a `maskcls train` run folder?")
         val = _val(run)  # read once, used by three figures
-        sections.append(("Model", [_curves(out, run), *_confusions(out, val, names), _per_class(out, val, names),
-                                   _wrong(out, crops, val, rows, names)]))
+        val_names = L.class_names(val_old)
+        sections.append(("Model", [_curves(out, run), *_confusions(out, val, val_names), _per_class(out, val, val_names),
+                                   _wrong(out, crops, val, rows, val_names)]))
     return _index(out, crops, run, rows, sections)
 
 

