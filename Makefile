@@ -10,7 +10,7 @@ install:
 
 demo: install
 	maskcls crop data_samples/train --out $(OUT)/crops
-	maskcls train $(OUT)/crops --out $(OUT)/run --model attention --epochs 2 --img-size 128
+	maskcls train $(OUT)/crops --out $(OUT)/run --model attention --epochs 2 --img-size 128 --overwrite
 	maskcls report $(OUT)/crops $(OUT)/run --out $(OUT)/report
 	maskcls predict $(OUT)/run/best.pt data_samples/eval --out $(OUT)/submission.csv --crops $(OUT)/eval_crops --tta 2
 	@echo "report: $(OUT)/report/index.html"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,18 @@ def user_errors(fn):
         except OSError as e:
             if e.errno not in WRITE_ERRNOS:
                 raise
-            where = f" {e.filename}" if e.filename else ""
+            where = f" {_user_path(e.filename)}" if e.filename else ""
             console.print(f"[bold red]error:[/] cannot write{where}: {e.strerror or e}. Files written before "
                           "(manifest, checkpoints) are left as they were.", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     return wrapper
+
+
+def _user_path(filename) -> str:
+    """The file a user asked for, not the temporary name it is written under ('.manifest.csv.x1y2.tmp')."""
+    p = Path(str(filename))
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", p.name)
+    return str(p.parent / m[1]) if m else str(p)
 
 
 class LazyProgress:

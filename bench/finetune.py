@@ -35,6 +35,9 @@ VARIANTS = {
     "soft-f1": {"loss": "f1"},
     "ema-0.99": {"ema": 0.99},
     "backbone-lr-1.0": {"backbone_lr": 1.0},
+    "backbone-lr-0.3": {"backbone_lr": 0.3},
+    "wce+backbone-lr-0.3": {"loss": "wce", "backbone_lr": 0.3},
+    "wce+backbone-lr-1.0": {"loss": "wce", "backbone_lr": 1.0},
 }
 
 
@@ -58,6 +61,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--only", default="", help="comma-separated variant names")
     args = ap.parse_args()
@@ -66,10 +70,10 @@ def main() -> None:
     from classify.train import TrainConfig, fit
     from preprocess import CropConfig, crop_dataset
 
-    raw = make_visible_workload(base / "visible", args.people, seed=0)
-    crops = base / "visible_crops"
+    raw = make_visible_workload(base / f"visible{args.workload_seed}", args.people, seed=args.workload_seed)
+    crops = base / f"visible_crops{args.workload_seed}"
     res = crop_dataset(raw, crops, CropConfig(size=160, device="cpu"))
-    print(f"workload: {args.people} people, {len(res.rows)} photos, statuses {dict(res.counts)}")
+    print(f"workload: {args.people} people, {len(res.rows)} photos, statuses {dict(res.counts)}", flush=True)
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     results = {}
     for name in names:
@@ -86,7 +90,7 @@ def main() -> None:
                          "seconds": round(secs, 1), "weights": s["weights"]}
         print(f"{name:20s} F1 {o['f1']:.4f} acc {o['acc']:.4f} mask {o['mask_f1']:.4f} gender {o['gender_f1']:.4f} "
               f"age {o['age_f1']:.4f}  ({secs:.0f}s, weights {s['weights']})", flush=True)
-    (base / "finetune.json").write_text(json.dumps(results, indent=2))
+    (base / f"finetune-{args.workload_seed}-{args.epochs}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
 
 

@@ -52,6 +52,15 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device
                       persistent_workers=persistent and workers > 0)
 
 
+def check_infer_options(tta: int, batch_size: int, workers: int) -> None:
+    """The options of predict and evaluate, refused before any work when they cannot work."""
+    for name, ok, allowed in (("tta", 1 <= tta <= 4, "1..4 views (1 the crop, 2 + mirror, 3 + zoom, 4 + zoomed mirror)"),
+                              ("batch-size", batch_size >= 1, ">= 1"), ("workers", workers >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"--{name} {dict(tta=tta, batch_size=batch_size, workers=workers)[name.replace('-', '_')]}: "
+                              f"must be {allowed}")
+
+
 def resolve_amp(amp, device: torch.device) -> str:
     """'bf16', 'fp16' or 'off' for an --amp value on `device`. auto: bf16 where the GPU supports it,
     else fp16 (with a GradScaler in training); mixed precision is for CUDA only (off on the CPU).

@@ -1,6 +1,6 @@
 """The project's own error types: a user's mistake, reported as one line by the CLI."""
 from preprocess.layouts import LayoutError
-from preprocess.runtime import DeviceError
+from preprocess.runtime import DeviceError, OptionError
 
 
 class ConfigError(Exception):
@@ -15,5 +15,5 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message names where and what was kept."""
 
 
-USER_ERRORS = (LayoutError, DeviceError, ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError,
+USER_ERRORS = (LayoutError, DeviceError, OptionError, ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError,
                PermissionError)

@@ -13,9 +13,10 @@ from .checkpoint import load_checkpoint
 from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
+from .engine import check_infer_options
 from .predict import check_ensemble, checkpoint_paths, ensemble_probs
 from .plots import plot_confusion
-from preprocess.runtime import resolve_device
+from preprocess.runtime import check_device, resolve_device
 
 
 def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "auto", batch_size: int = 64,
@@ -24,6 +25,8 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     photos of `crops` (statuses ok, relaxed, person_box, no_face). Labels are taken at the
     checkpoints' `val_old` (60, the competition's boundary, unless training said otherwise), whatever
     `old` they were trained with: the score is the competition's."""
+    check_infer_options(tta, batch_size, workers)
+    check_device(device)
     ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
     check_ensemble(ckpts)
     old = ckpts[0]["config"].get("val_old", L.DEFAULT_OLD)

@@ -25,11 +25,11 @@ from preprocess.detector import FaceDetector, MTCNNDetector
 from preprocess.imageio import atomic_write_bytes
 from preprocess.layouts import LayoutError
 from preprocess.manifest import read_manifest, read_meta
-from preprocess.runtime import resolve_device
+from preprocess.runtime import check_device, resolve_device
 
 from .checkpoint import load_checkpoint
 from .data import CropDataset
-from .engine import infer, make_loader, resolve_amp
+from .engine import check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
 from .models import create_model, upgrade_state
 from .transforms import build_transform
@@ -175,6 +175,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     """
     if not checkpoints:
         raise CheckpointError("give at least one checkpoint")
+    check_infer_options(tta, batch_size, workers)
+    check_device(device)
     if vote not in VOTES:
         raise ConfigError(f"--vote {vote!r}: choose soft or hard")
     ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]

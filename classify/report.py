@@ -36,6 +36,9 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     >>> report(Path("/tmp/c"), Path("/tmp/report"), run=Path("/tmp/r"))
     """
     crops, out = Path(crops), Path(out)
+    if not 1 <= per_class <= 50:
+        raise ConfigError(f"--per-class {per_class}: must be in 1..50 (crops shown per class)")
+    read_manifest(crops)  # a folder that is no crops folder is refused before anything is written
     old = read_meta(crops).get("config", {}).get("old", L.DEFAULT_OLD)
     val_old = old
     if run is not None:

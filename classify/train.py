@@ -412,7 +412,9 @@ def train_one_epoch(t: Trainer, loader, epoch: int, on_step=None) -> dict:
             loss, parts = t.criterion(outputs, y, y_b, lam)
             if d.any(torch.logical_not(torch.isfinite(loss.detach())).to(torch.float32)):
                 kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written yet"
-                raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                what = f"the loss became {loss.item()}" if not math.isfinite(loss.item()) else \
+                    "the loss became non-finite in another process"
+                raise TrainingError(f"{what} at epoch {epoch + 1}, step {step + 1}; "
                                     f"training stopped ({kept}). Try a lower --lr.")
             t.scaler.scale(loss * share).backward()
         if step + 1 == group_end:

@@ -16,7 +16,6 @@ predict standardise images as the pretrained network expects.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import socket
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from .checkpoint import read_torch_file
 from .errors import ConfigError
 
 TORCHVISION_BASE = "https://download.pytorch.org/models/"
@@ -229,23 +229,7 @@ def load_state_file(path: Path, what: str | None = None) -> dict:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors' own errors
             raise ConfigError(f"{what}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if not head:
-        raise ConfigError(f"{what} is an empty file, not a PyTorch weights file")
-    if head[:1] in (b"{", b"[") or head.lstrip()[:1] in (b"{", b"["):
-        raise ConfigError(f"{what} is text (JSON?), not a PyTorch weights file")
-    is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
-    if not (is_zip or is_pickle):
-        raise ConfigError(f"{what} is not a PyTorch weights file (it starts with {head[:8]!r})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise ConfigError(f"{what} carries Python objects that would run code when loaded; refused "
-                              "(maskcls only reads tensors)") from None
-        raise ConfigError(f"{what} is a damaged PyTorch file ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ConfigError(f"{what} is truncated or damaged (a PyTorch {'zip' if is_zip else 'pickle'} file that "
-                          f"does not read to its end: {str(e).splitlines()[0][:120]})") from None
+    obj = read_torch_file(path, what, error=ConfigError)
     return _state_of(obj, what)
 
 

@@ -39,6 +39,7 @@ from .detector import Face, FaceDetector, detect_two_pass
 from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_rgb, read_crop
 from .layouts import LayoutError, Photo, discover
 from .manifest import write_manifest
+from .runtime import OptionError, check_device
 
 CROP_VERSION = 1  # bump when the crop geometry or encoding changes: it invalidates every cache
 JOURNAL = ".journal.jsonl"
@@ -58,6 +59,20 @@ class CropConfig:
     old: int = L.DEFAULT_OLD   # age-group threshold for the manifest's age_group/label columns
     pack: bool = True          # write crops.npy for fast training loads
     strict: bool = False       # stop before any work if a photo has a bad name or is missing
+
+    def check(self) -> None:
+        """Refuse, before any work, a value that cannot work (naming the option and what it accepts)."""
+        check_device(self.device)
+        ranges = [("size", 32 <= self.size <= 4096, "in 32..4096"),
+                  ("margin", 0 <= self.margin <= 2, "in 0..2 (a fraction of the face box's side)"),
+                  ("batch-size", self.batch_size >= 1, ">= 1"),
+                  ("detect-side", self.detect_side == 0 or 48 <= self.detect_side <= 8192, "0 (full size) or 48..8192"),
+                  ("min-face", 0 < self.min_face <= 1, "in (0, 1] (a fraction of the photo's shorter side)"),
+                  ("workers", self.workers >= 1, ">= 1"),
+                  ("old", L.YOUNG < self.old <= 120, f"in {L.YOUNG + 1}..120")]
+        for name, ok, allowed in ranges:
+            if not ok:
+                raise OptionError(f"--{name} {getattr(self, name.replace('-', '_'))}: must be {allowed}")
 
 
 @dataclass
@@ -82,6 +97,7 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     crops its share of the persons and rank 0 writes the one manifest (same rows, same order) and
     returns the whole result; the other ranks return their share (no counts).
     """
+    config.check()
     raw, out = Path(raw).resolve(), Path(out).resolve()
     found = discover(raw)
     if config.strict:

@@ -58,6 +58,10 @@ def discover(raw: Path) -> Discovery:
         d = _generic(raw)
     elif (raw / "info.csv").is_file():
         d = _eval(raw)
+    elif (raw / "train").is_dir() and (raw / "eval").is_dir():
+        raise LayoutError(f"{raw} is the competition download (it holds train/ and eval/): crop {raw / 'train'} "
+                          f"for training (maskcls crop {raw / 'train'} --out CROPS), and give {raw / 'eval'} to "
+                          "maskcls predict")
     else:
         images = raw / "images" if (raw / "images").is_dir() else raw
         d = _train(raw, images)
@@ -212,6 +216,10 @@ def _train(raw: Path, images: Path) -> Discovery:
                           "validation: " + "; ".join(f"{pid}: {', '.join(n)}" for pid, n in clash.items()))
     if hidden:
         warnings.append(f"{hidden} hidden file(s) (names starting with '.') ignored")
+    if not any(Path(p.source).suffix.lower() in IMAGE_EXTS for p in photos):
+        raise LayoutError(f"{images} holds {len(folders)} folder(s) but no photo (.jpg/.jpeg/.png) in them "
+                          f"(e.g. {folders[0].name}/): is it the right folder? Expected "
+                          "RAW/images/<id>_<gender>_<race>_<age>/<mask1..mask5|incorrect_mask|normal>.<jpg|jpeg|png>")
     order = {s: i for i, s in enumerate(L.MASK_FILES)}
     # Stable order: person folder name (as a string), then the canonical file order, unknown names last.
     photos.sort(key=lambda p: (p.image_id.split("/")[0], order.get(p.image_id.split("/")[1], 99), p.source))

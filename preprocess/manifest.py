@@ -53,7 +53,12 @@ def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
     from the explicit `age` column for that threshold (the manifest stores them for the crop's `old`)."""
     path = Path(crops) / MANIFEST
     if not path.is_file():
-        raise LayoutError(f"{crops} has no {MANIFEST}: run `maskcls crop RAW --out {crops}` first")
+        crops = Path(crops)
+        raw_like = any((crops / n).exists() for n in ("images", "info.csv", "labels.csv", "train.csv", "train"))
+        if raw_like:
+            raise LayoutError(f"{crops} holds raw photos, not crops (it has no {MANIFEST}): crop them first with "
+                              f"`maskcls crop {crops} --out CROPS` and give CROPS")
+        raise LayoutError(f"{crops} has no {MANIFEST}: is it a crops folder? Make one with `maskcls crop RAW --out {crops}`")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = set(COLUMNS) - set(reader.fieldnames or [])

@@ -3,16 +3,31 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 
-class DeviceError(Exception):
+class OptionError(Exception):
+    """A command-line option (or config value) that cannot work; the message names it and what it accepts."""
+
+
+class DeviceError(OptionError):
     pass
+
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(name: str) -> None:
+    """A --device value is auto, cpu, cuda or cuda:N; anything else is refused before any work."""
+    if not isinstance(name, str) or not DEVICE_RE.fullmatch(name):
+        raise DeviceError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(name: str = "auto"):
     """'auto' → cuda when available, else cpu, as a torch.device. Asking for cuda without one is an
     error, not a silent fallback."""
+    check_device(name)
     import torch
 
     if name == "auto":
@@ -26,6 +41,7 @@ def resolve_device(name: str = "auto"):
 def device_name(name: str = "auto") -> str:
     """`resolve_device(name)` as a string, without importing torch (1.8 s) where the answer is the CPU:
     'auto' on a machine whose CUDA driver reports no device (or no driver) is 'cpu' straight away."""
+    check_device(name)
     if name == "cpu" or (name == "auto" and not cuda_driver_sees_a_device()):
         return "cpu"
     return str(resolve_device(name))

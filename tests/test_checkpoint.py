@@ -33,18 +33,33 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"format": "maskcls-checkpoint", "payload": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="refused|cannot be loaded"):
+    with pytest.raises(CheckpointError, match="carries Python objects that would run code when loaded; refused"):
         load_checkpoint(path)
     import os
     assert not os.path.exists("/tmp/maskcls_pwned")
 
 
-def test_foreign_and_corrupt_files_are_clear_errors(tmp_path):
+def test_foreign_and_corrupt_files_are_clear_errors_each_saying_what_it_is(tmp_path):
+    """Each file gets its own message: a test matching any load error would pass a corrupt file as refused."""
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a maskcls checkpoint"):
+    with pytest.raises(CheckpointError, match="a PyTorch file but not a maskcls checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    torch.save({"conv1.weight": torch.zeros(2)}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=r"a bare state dict: pass it to `maskcls train --weights`"):
+        load_checkpoint(tmp_path / "bare.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch file \(it starts with binary data"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "notes.pt").write_text("101\n")
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch file \(it starts with text"):
+        load_checkpoint(tmp_path / "notes.pt")
+    (tmp_path / "c.json").write_text('{"format": "maskcls-checkpoint"}')
+    with pytest.raises(CheckpointError, match=r"is text \(JSON\?\), not a PyTorch file"):
+        load_checkpoint(tmp_path / "c.json")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"model_state": {"w": torch.zeros(1000)}})
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:700])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        load_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "absent.pt")

@@ -68,7 +68,7 @@ def test_weights_file_and_existing_run_mistakes_are_one_line(synthetic_crops, tm
               "--img-size", "32")
     assert res.returncode == 1 and "Traceback" not in res.stderr and "weights_only" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"error: --weights {tmp_path / 'w.json'} is text (JSON?), not a "
-                                               "PyTorch weights file"]
+                                               "PyTorch file"]
     ok = run("train", synthetic_crops, "--out", tmp_path / "r", "--epochs", "1", "--workers", "0", "--img-size", "32",
              "--weights", "none")
     assert ok.returncode == 0, ok.stderr

@@ -57,3 +57,40 @@ def test_two_process_crop_writes_the_one_process_manifest(tmp_path):
     assert (tmp_path / "one" / "manifest.csv").read_bytes() == (tmp_path / "two" / "manifest.csv").read_bytes()
     assert np.array_equal(np.load(tmp_path / "one" / "crops.npy"), np.load(tmp_path / "two" / "crops.npy"))
     assert not list((tmp_path / "two").glob(".journal.rank*"))
+
+
+def test_one_ranks_nan_stops_every_rank_instead_of_hanging(tmp_path):
+    crops = make_crops(tmp_path / "crops", people=12)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "helpers" / "nan_on_one_rank.py"), str(crops), str(tmp_path / "run")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    # rank 1 saw the NaN; rank 0, whose own loss was finite, stopped at the same step by itself (without
+    # the ranks agreeing it would sit in DDP's all-reduce until torchrun killed it, saying nothing)
+    assert "rank 1: the loss became nan at epoch 1, step 3" in out, out[-3000:]
+    assert "rank 0: the loss became non-finite in another process at epoch 1, step 3" in out, out[-3000:]
+
+
+def test_kfold_under_torchrun_equals_one_process(tmp_path):
+    """--folds 2 --fold all with 2 processes x batch 8 against 1 process x batch 16: the same out-of-fold
+    predictions (frozen backbone, no dropout, as above), one set of fold folders, written once."""
+    from classify.train import TrainConfig, fit
+
+    crops = make_crops(tmp_path / "crops", people=16)
+    common = dict(epochs=1, img_size=32, workers=0, freeze_backbone=True, weights="none", dropout=0.0, device="cpu",
+                  folds=2, fold="all")
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "one"), batch_size=16, **common), warn=lambda m: None)
+    torchrun("train", crops, "--out", tmp_path / "two", "--batch-size", "8", "--epochs", "1", "--img-size", "32",
+             "--workers", "0", "--freeze-backbone", "--weights", "none", "--dropout", "0", "--folds", "2",
+             "--fold", "all")
+
+    def oof(run):
+        with open(run / "oof_predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        return [r["image_id"] for r in rows], np.array([[float(r[f"p{k}"]) for k in range(18)] for r in rows])
+
+    ids1, p1 = oof(tmp_path / "one")
+    ids2, p2 = oof(tmp_path / "two")
+    assert ids1 == ids2 and len(ids1) == 16 * 7
+    assert np.abs(p1 - p2).max() < 1e-4

@@ -132,3 +132,24 @@ def test_unknown_model_is_a_clear_error():
         create_model("resnet999")
     with pytest.raises(ConfigError, match="unknown backbone"):
         create_model("attention", backbone="resnet999")
+
+
+@pytest.mark.skipif(not HAVE_TIMM, reason="timm (the maskcls[timm] extra) is not installed")
+def test_a_timm_model_is_the_attention_models_backbone_too():
+    torch.manual_seed(0)
+    model = create_model("attention", backbone="timm/test_convnext.r160_in1k").eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["label"].shape == (2, 18) and model.backbone.arch == "timm/test_convnext.r160_in1k"
+
+
+def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_off_on_the_cpu(monkeypatch):
+    from classify.engine import resolve_amp
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", cuda) == "bf16" and resolve_amp("fp16", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", cuda) == "fp16" and resolve_amp(True, cuda) == "fp16"  # old configs said True
+    assert resolve_amp("auto", cpu) == "off" and resolve_amp("bf16", cpu) == "off" and resolve_amp("off", cuda) == "off"
+    with pytest.raises(ConfigError, match="--amp 'fp8'"):
+        resolve_amp("fp8", cuda)

@@ -144,14 +144,14 @@ def test_weights_files_that_do_not_fit_are_refused_saying_what_they_are(tmp_path
     with pytest.raises(ConfigError, match=r"tensors missing \(bn1\.weight"):
         create_model("resnet18", weights=str(partial))
     (tmp_path / "w.json").write_text('{"conv1.weight": [1, 2, 3]}')
-    with pytest.raises(ConfigError, match=r"is text \(JSON\?\), not a PyTorch weights file"):
+    with pytest.raises(ConfigError, match=r"is text \(JSON\?\), not a PyTorch file"):
         create_model("resnet18", weights=str(tmp_path / "w.json"))
     good = _saved(tmp_path, "good.pth", Backbone("resnet18").net.state_dict())
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ConfigError, match=r"truncated or damaged"):
         create_model("resnet18", weights=str(tmp_path / "cut.pth"))
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"empty file"):
+    with pytest.raises(ConfigError, match=r"is an empty file, not a PyTorch file"):
         create_model("resnet18", weights=str(tmp_path / "empty.pth"))
     notes = _saved(tmp_path, "notes.pth", {"lr": 0.1, "epochs": 3})
     with pytest.raises(ConfigError, match=r"a PyTorch file but not a state dict of tensors"):

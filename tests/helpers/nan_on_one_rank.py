@@ -1,0 +1,39 @@
+"""Train under torchrun with a loss that turns NaN on rank 1 only, at its 3rd step.
+
+    torchrun --nproc-per-node 2 tests/helpers/nan_on_one_rank.py CROPS RUN
+
+Every rank must stop at that step with the NaN error; without the ranks agreeing, rank 0 would wait
+forever in DDP's gradient all-reduce for a rank that has stopped.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import classify.train as T  # noqa: E402
+
+real = T.make_loss
+calls = {"n": 0}
+
+
+def poisoned(*a, **k):
+    fn = real(*a, **k)
+
+    def loss(logits, y):
+        calls["n"] += 1
+        out = fn(logits, y)
+        return out * float("nan") if os.environ.get("RANK") == "1" and calls["n"] == 3 else out
+    return loss
+
+
+T.make_loss = poisoned
+if __name__ == "__main__":
+    try:
+        T.fit(T.TrainConfig(crops=sys.argv[1], out=sys.argv[2], epochs=2, img_size=32, batch_size=8, workers=0,
+                            weights="none", device="cpu", preset="none"), warn=lambda m: None)
+    except T.TrainingError as e:
+        print(f"rank {os.environ.get('RANK')}: {e}", flush=True)
+        if os.environ.get("RANK") == "1":
+            time.sleep(3)  # torchrun ends the other ranks when one exits: give rank 0 the time to speak
+        sys.exit(3)

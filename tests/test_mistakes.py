@@ -1,0 +1,106 @@
+"""Every user mistake the README lists: one `error:` line on stderr, exit code 1, no traceback, and
+no file changed in any folder the command was pointed at. Each runs as a real process."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SAMPLES, make_crops, make_person
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Folders and files the mistakes point at: crops, a finished run, raw photos, wrong files."""
+    from classify.models import Backbone
+    from classify.train import TrainConfig, fit
+
+    w = tmp_path_factory.mktemp("world")
+    make_crops(w / "crops", people=12)
+    fit(TrainConfig(crops=str(w / "crops"), out=str(w / "run"), epochs=1, img_size=32, workers=0, weights="none",
+                    device="cpu", preset="none", val_ratio=0.25), warn=lambda m: None)
+    make_person(w / "raw" / "images", "000001_female_Asian_45")
+    (w / "download" / "train" / "images").mkdir(parents=True)
+    (w / "download" / "eval" / "images").mkdir(parents=True)
+    (w / "download" / "eval" / "info.csv").write_text("ImageID,ans\n")
+    (w / "nophotos" / "images" / "000001_female_Asian_45").mkdir(parents=True)
+    (w / "nophotos" / "images" / "000001_female_Asian_45" / "notes.txt").write_text("no photo here")
+    torch.save(Backbone("resnet34").net.state_dict(), w / "resnet34.pth")
+    (w / "weights.json").write_text('{"conv1.weight": [1, 2]}')
+    (w / "model.json").write_text('{"format": "maskcls-checkpoint"}')
+    (w / "model.txt").write_text("101\n")
+    (w / "out").mkdir()
+    return w
+
+
+# (arguments with {w} for the world folder, words the error line must contain)
+MISTAKES = [
+    ("crop {w}/raw --out {w}/out/c --size 0", "--size 0: must be in 32..4096"),
+    ("crop {w}/raw --out {w}/out/c --size -5", "--size -5: must be in 32..4096"),
+    ("crop {w}/raw --out {w}/out/c --detect-side -5", "--detect-side -5: must be 0 (full size) or 48..8192"),
+    ("crop {w}/raw --out {w}/out/c --batch-size 0", "--batch-size 0: must be >= 1"),
+    ("crop {w}/raw --out {w}/out/c --device gpu", "--device 'gpu': choose auto, cpu, cuda or cuda:N"),
+    ("crop {w}/raw --out {w}/out/c --margin -1", "--margin -1.0: must be in 0..2"),
+    ("crop {w}/raw --out {w}/out/c --workers -1", "--workers -1: must be >= 1"),
+    ("crop {w}/raw --out {w}/out/c --min-face 3", "--min-face 3.0: must be in (0, 1]"),
+    ("crop {w}/download --out {w}/out/c", "is the competition download (it holds train/ and eval/): crop"),
+    ("crop {w}/nophotos --out {w}/out/c", "holds 1 folder(s) but no photo"),
+    ("train {w}/crops --out {w}/out/r --workers -1", "--workers -1: must be >= 0"),
+    ("train {w}/crops --out {w}/out/r --lr -1", "--lr -1.0: must be > 0"),
+    ("train {w}/crops --out {w}/out/r --old 20", "--old 20: must be in 31..120"),
+    ("train {w}/crops --out {w}/out/r --epochs 0", "--epochs 0: must be >= 1"),
+    ("train {w}/crops --out {w}/out/r --model resnet18 --weights {w}/resnet34.pth --img-size 32",
+     "does not fit resnet18: 96 not in resnet18 (layer1.2.conv1.weight"),
+    ("train {w}/crops --out {w}/out/r --weights {w}/weights.json --img-size 32", "is text (JSON?), not a PyTorch file"),
+    ("train {w}/crops --out {w}/run --epochs 1", "already holds a run (last.pt, best.pt, config.json): add --resume"),
+    ("train {w}/raw --out {w}/out/r", "holds raw photos, not crops (it has no manifest.csv): crop them first"),
+    ("predict {w}/run/best.pt {w}/crops --out {w}/out/s.csv --tta 9", "--tta 9: must be 1..4 views"),
+    ("predict {w}/run/best.pt {w}/crops --out {w}/out/s.csv --tta 0", "--tta 0: must be 1..4 views"),
+    ("predict {w}/run/best.pt {w}/crops --out {w}/out/s.csv --batch-size 0", "--batch-size 0: must be >= 1"),
+    ("predict {w}/run/best.pt {w}/crops --out {w}/out/s.csv --workers -1", "--workers -1: must be >= 0"),
+    ("predict {w}/model.json {w}/crops --out {w}/out/s.csv", "model.json is text (JSON?), not a PyTorch file"),
+    ("predict {w}/model.txt {w}/crops --out {w}/out/s.csv", "model.txt is not a PyTorch file (it starts with text"),
+    ("predict {w}/resnet34.pth {w}/crops --out {w}/out/s.csv", "a bare state dict: pass it to `maskcls train --weights`"),
+    ("evaluate {w}/run/best.pt {w}/crops --tta 5", "--tta 5: must be 1..4 views"),
+    ("report {w}/crops {w}/run --out {w}/out/rep --per-class 0", "--per-class 0: must be in 1..50"),
+    ("report {w}/crops {w}/run --out {w}/out/rep --per-class -3", "--per-class -3: must be in 1..50"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("args,words", MISTAKES, ids=[m[0].split(" --")[0].replace("{w}/", "") + " " +
+                                                      " ".join(m[0].split(" --")[2:])[:30] for m in MISTAKES])
+def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, args, words):
+    before = _snapshot(world)
+    argv = args.format(w=world).split()
+    res = subprocess.run([sys.executable, str(REPO / "cli.py"), *argv], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith("error: ") and words in " ".join(lines[0].split()), lines[0]
+    assert _snapshot(world) == before  # nothing written, removed or changed anywhere it was pointed at
+
+
+def test_an_unwritable_file_is_named_as_the_user_knows_it_not_by_its_temporary_name():
+    import cli
+
+    assert cli._user_path("/ro/out/.manifest.csv.ab12_cd.tmp") == "/ro/out/manifest.csv"
+    assert cli._user_path("/ro/out/best.pt") == "/ro/out/best.pt"
+
+
+def test_the_sample_data_still_crops(tmp_path):
+    """The checks refuse mistakes, not the data they exist for."""
+    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "crop", str(SAMPLES / "eval"), "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
