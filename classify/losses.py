@@ -2,8 +2,10 @@
 
 `make_loss(name)` → fn(logits, target) → scalar:
 - ce: cross entropy; smooth: cross entropy with label smoothing; focal: (1 - p_t)^gamma x CE;
-- wce: cross entropy with each class weighted by n / (K x n_class) of the training set (the counts
-  are given per head: `class_counts`), so a rare class weighs as much in total as a common one;
+- wce: cross entropy with each sample weighted by n / (K x n_class) of its class in the training set
+  (the counts are given per head: `class_counts`), so a rare class weighs as much in total as a
+  common one; averaged over the samples (not over their weights, as torch's `weight=` does), so a
+  batch split across processes or accumulation steps gives the very loss of the whole batch;
 - f1: 1 - soft macro F1 (probabilities as soft counts; only classes present in the batch's
   targets or predictions count, as in the metric).
 """
@@ -35,7 +37,7 @@ def make_loss(name: str, smoothing: float = 0.1, gamma: float = 2.0, class_count
         if class_counts is None:
             raise ConfigError("--loss wce needs the training set's class counts")
         w = class_weights(class_counts)
-        return lambda logits, y: F.cross_entropy(logits, y, weight=w.to(logits.device))
+        return lambda logits, y: (w.to(logits.device)[y] * F.cross_entropy(logits, y, reduction="none")).mean()
     if name == "ce":
         return lambda logits, y: F.cross_entropy(logits, y)
     if name == "smooth":

@@ -74,7 +74,7 @@ class TrainConfig:
     preset: str = "base"              # base | strong | none
     mix: str = "none"                 # none | cutmix | mixup
     mix_alpha: float = 1.0
-    loss: str = "ce"                  # ce | wce | smooth | focal | f1
+    loss: str = "wce"                 # wce | ce | smooth | focal | f1 (wce: chosen by bench/finetune.py)
     smoothing: float = 0.1
     gamma: float = 2.0
     task_weighting: str = "uncertainty"  # attention model: fixed | uncertainty

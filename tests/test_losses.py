@@ -78,3 +78,19 @@ def test_macro_f1_matches_hand_computation():
     assert macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     s = scores([0, 8, 17], [0, 8, 16])
     assert s["acc"] == pytest.approx(2 / 3) and s["mask_acc"] == 1.0 and s["age_acc"] == pytest.approx(2 / 3)
+
+
+def test_class_weighted_ce_weighs_each_sample_by_its_rarity_and_splits_exactly():
+    from classify.losses import class_weights
+
+    counts = [6, 2, 0]  # 8 samples, 2 classes present: weights 8/(2*6), 8/(2*2), absent 0
+    w = class_weights(counts)
+    assert w.tolist() == pytest.approx([8 / 12, 2.0, 0.0])
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    by_hand = (per * torch.tensor([8 / 12, 2.0, 2.0, 8 / 12])).sum() / 4
+    fn = make_loss("wce", class_counts=counts)
+    assert fn(logits, y).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # the mean of two halves' losses is the whole batch's (what DDP and --accum rely on)
+    assert ((fn(logits[:2], y[:2]) + fn(logits[2:], y[2:])) / 2).item() == pytest.approx(fn(logits, y).item(), rel=1e-6)
