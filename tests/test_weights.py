@@ -194,3 +194,22 @@ def test_normalisation_comes_from_the_weights_config():
     if importlib.util.find_spec("timm"):
         cfg = W.data_config("timm/test_convnext.r160_in1k")
         assert cfg == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm (the maskcls[timm] extra) is not installed")
+def test_a_timm_model_offline_is_told_at_once_and_auto_falls_back(monkeypatch):
+    """Not cached, hub unreachable: one line naming the Hugging Face repo and --weights PATH, without
+    timm's minute of retries; auto trains from random init with that line as its warning."""
+    import time
+
+    if W.cached("timm/test_convnext.r160_in1k"):
+        pytest.skip("this machine has the weights in its Hugging Face cache")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        create_model("timm/test_convnext.r160_in1k", weights="imagenet")
+    assert time.perf_counter() - t < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "https://huggingface.co/timm/test_convnext.r160_in1k" in msg and "--weights PATH" in msg
+    weights, warning = W.resolve("auto", "timm/test_convnext.r160_in1k")
+    assert weights == "none" and "random init" in warning
