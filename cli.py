@@ -31,26 +31,34 @@ def main():
     """maskcls: raw photos → face crops → trained classifier → submission."""
 
 
-WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
 def user_errors(fn):
-    """Turn the project's own errors (a user's mistake, not a bug) into one line and exit code 1."""
+    """Turn the project's own errors (a user's mistake, not a bug) and the file system's refusals
+    (no space, read-only, no permission, no such file) into one line and exit code 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from classify.errors import USER_ERRORS
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            if isinstance(e, OSError) and e.filename:  # name the file the user knows, not a temporary one
+                e = f"{_user_path(e.filename)}: {e.strerror or e}"
+            line = f"{e}"
         except OSError as e:
-            if e.errno not in WRITE_ERRNOS:
-                raise
             where = f" {_user_path(e.filename)}" if e.filename else ""
-            console.print(f"[bold red]error:[/] cannot write{where}: {e.strerror or e}. Files written before "
-                          "(manifest, checkpoints) are left as they were.", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            if e.errno in WRITE_ERRNOS:
+                line = (f"cannot write{where}: {e.strerror or e}. Files written before (manifest, checkpoints) are "
+                        "left as they were.")
+            elif e.errno in ACCESS_ERRNOS:
+                line = (f"cannot write or read{where}: {e.strerror or e} (check the folder's permissions). Files "
+                        "written before (manifest, checkpoints) are left as they were.")
+            else:
+                raise
+        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     return wrapper
 
 

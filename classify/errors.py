@@ -15,5 +15,4 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message names where and what was kept."""
 
 
-USER_ERRORS = (LayoutError, DeviceError, OptionError, ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError,
-               PermissionError)
+USER_ERRORS = (LayoutError, DeviceError, OptionError, ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError)

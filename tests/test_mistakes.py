@@ -105,6 +105,36 @@ def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, args, word
     assert _snapshot(world) == before  # nothing written, removed or changed anywhere it was pointed at
 
 
+def _unwritable_folder() -> Path | None:
+    """A folder that exists and that even root cannot write into (sysfs), or None."""
+    import os
+    import tempfile
+
+    d = Path("/sys/kernel/mm")
+    if not d.is_dir():
+        return None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d)
+    except OSError:
+        return d
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def test_an_unwritable_out_is_one_line_naming_the_file_not_its_temporary_name(world):
+    out = _unwritable_folder()
+    if out is None:
+        pytest.skip("no folder here that root cannot write into")
+    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", str(world / "crops"), "--out", str(out),
+                          "--epochs", "1", "--img-size", "32", "--workers", "0", "--weights", "none"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[0].startswith(f"error: cannot write or read {out}/config.json: Permission denied"), lines[0]
+    assert ".tmp" not in lines[0]
+
+
 def test_an_unwritable_file_is_named_as_the_user_knows_it_not_by_its_temporary_name():
     import cli
 
