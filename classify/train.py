@@ -48,6 +48,7 @@ from .losses import LOSSES, MultiTaskLoss, make_loss
 from .metrics import confusion, scores
 from .models import check_model, create_model, freeze_backbone, model_arch, model_kwargs, output_heads
 from .plots import plot_confusion
+from .tblog import RunLog
 from .transforms import PRESETS, build_transform, normalize
 
 
@@ -480,6 +481,13 @@ def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -
     val_loader = make_loader(val_ds, cfg.batch_size, workers, d.device,
                              sampler=list(range(d.rank, len(data.val_rows), d.world)), persistent=True)
     label_counts = np.bincount([r["label"] for r in data.train_rows], minlength=L.NUM_CLASSES)
+    log = RunLog(out, enabled=d.main)
+    if log.note:
+        _warn_once(warn, log.note)
+    if start == 0 and log.writer is not None:
+        first = list(range(min(8, len(val_ds))))
+        log.crops(np.stack([val_ds[i][0].numpy() for i in first]) if first else np.zeros(0),
+                  [L.class_names(cfg.val_old)[int(data.val_labels[i])] for i in first])
     best_val, stopped_early = None, False
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -491,6 +499,7 @@ def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -
                   **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **record,
                   "seconds": time.perf_counter() - t0}
         history.append(record)
+        log.epoch(record)
         improved = record["val_f1"] > best_f1
         if improved:
             best_f1, best_epoch, best_val = record["val_f1"], epoch + 1, val[:3]
@@ -503,6 +512,7 @@ def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -
             on_epoch(record | {"best": improved})
         if stopped_early:
             break
+    log.close()
     return _finish(out, cfg, data, history, best_val, weights, note, d, stopped_early) if d.main else {}
 
 
@@ -597,6 +607,16 @@ def _write_start(out: Path, cfg: TrainConfig, data: Data, t: Trainer, weights: s
     atomic_write_bytes(out / "config.json", json.dumps(resolved, indent=2).encode())
     kept = {person_key(r) for r in data.train_rows}
     write_split(out / "split.csv", {p: "dropped" if s == "train" and p not in kept else s for p, s in data.split.items()})
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(warn, message: str) -> None:
+    """A note that holds for the whole process (every fold of a k-fold run), said once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn(message)
 
 
 def _group_lr(optimizer, name: str):

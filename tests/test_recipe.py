@@ -240,3 +240,39 @@ def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path
     assert np.allclose(pred.probs, probs([0.5] * 3, [0.5] * 3, "bicubic"), atol=1e-6)
     assert not np.allclose(pred.probs, probs([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "bicubic"), atol=1e-3)
     assert not np.allclose(pred.probs, probs([0.5] * 3, [0.5] * 3, "bilinear"), atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard (an optional extra) is not installed")
+def test_tensorboard_events_hold_the_numbers_of_metrics_csv(crops, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _fit(crops, tmp_path / "r", epochs=2, model="attention")
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    rows = _csv(tmp_path / "r" / "metrics.csv")
+    tags = set(acc.Tags()["scalars"])
+    for col in ("train_loss", "train_loss_age", "val_loss", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1",
+                "lr", "weight_age"):
+        assert col in tags, col
+        events = acc.Scalars(col)
+        assert [e.step for e in events] == [1, 2]
+        assert [e.value for e in events] == pytest.approx([float(r[col]) for r in rows], rel=1e-5, abs=1e-6), col
+    assert acc.Tags()["images"] == ["validation crops"] and len(acc.Images("validation crops")) >= 1
+
+
+def test_without_tensorboard_training_is_unchanged_and_says_so_once(crops, tmp_path, monkeypatch):
+    import sys
+
+    import classify.train as T
+
+    with_tb = _fit(crops, tmp_path / "a", epochs=1)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
+    monkeypatch.setattr(T, "_WARNED", set())
+    warned = []
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "b"), **(FAST | {"epochs": 1, "folds": 2, "fold": "all"})),
+        warn=warned.append)
+    assert [w for w in warned if "TensorBoard" in w] == [warned[0]] and len(warned) == 1  # two folds, one note
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "c"), **(FAST | {"epochs": 1})), warn=warned.append)
+    assert not (tmp_path / "c" / "tensorboard").exists()
+    assert (tmp_path / "c" / "val_predictions.csv").read_text() == (tmp_path / "a" / "val_predictions.csv").read_text()
+    assert with_tb["best"]["val_f1"] == pytest.approx(json.loads((tmp_path / "c" / "summary.json").read_text())["best"]["val_f1"])
