@@ -157,6 +157,11 @@ def download(arch: str, which: str = "imagenet", progress: bool = True) -> dict:
         except OSError as e:
             raise _offline(arch, "its pretrained file", repo or url, str(e).splitlines()[0],
                            "Download it on a machine that is online") from None
+    return load_state_file(fetch_file(arch, which, progress))
+
+
+def fetch_file(arch: str, which: str = "imagenet", progress: bool = True) -> Path:
+    """The torchvision weights file of `arch` in the hub cache, downloaded first if it is not there."""
     url = _mirrored(_torchvision_choice(arch, which).url)
     path = hub_file(url)
     if not path.is_file():
@@ -173,7 +178,7 @@ def download(arch: str, which: str = "imagenet", progress: bool = True) -> dict:
                               "nothing was kept. Try again, or check the mirror.") from None
         except OSError as e:
             raise _offline(arch, path.name, url, str(e), place) from None
-    return load_state_file(path)
+    return path
 
 
 def _hash_prefix(filename: str) -> str | None:
@@ -196,7 +201,7 @@ def resolve(weights: str, arch: str) -> tuple[str, str | None]:
     if cached(arch):
         return "imagenet", None
     try:
-        download(arch)
+        download(arch) if arch.startswith("timm/") else fetch_file(arch)  # loaded once, by create_model
     except WeightsUnavailable as e:
         return "none", f"training {arch} from random init: {e}"
     return "imagenet", None

@@ -106,18 +106,9 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
     import classify.train as T
     from classify.errors import TrainingError
 
-    real = T.make_loss
-    calls = {"n": 0}
+    from tests.helpers import nan_at_call
 
-    def poisoned(*a, **k):
-        fn = real(*a, **k)
-
-        def loss(logits, y):
-            calls["n"] += 1
-            out = fn(logits, y)
-            return out * float("nan") if calls["n"] == 10 else out  # 7 steps per epoch: step 3 of epoch 2
-        return loss
-
+    poisoned = nan_at_call(T.make_loss, 10)  # 7 steps per epoch: step 3 of epoch 2
     monkeypatch.setattr(T, "make_loss", poisoned)
     with pytest.raises(TrainingError, match=r"epoch 2, step 3.*last.pt holds epoch 1"):
         _fit(crops, tmp_path / "r", epochs=3, batch_size=29)
