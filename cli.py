@@ -384,5 +384,29 @@ def report(
     console.print(f"report: {index}")
 
 
+@app.command(name="compare")
+@user_errors
+def compare_runs(
+    runs: list[Path] = typer.Argument(..., help="Two or more run folders (a k-fold run folder: mean ± std over folds)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.csv, the figures and index.html."),
+):
+    """Runs side by side: the configuration keys that differ, best scores per task, curves and bars."""
+    from classify.compare import SCORES, cell, compare
+
+    results, keys, index = compare(runs, out)
+    t = Table(title=f"{len(results)} runs; configuration keys that differ: {', '.join(keys) or 'none'}",
+              title_justify="left")
+    t.add_column("run")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for c in ("F1", "acc", "mask F1", "gender F1", "age F1", "OOF F1"):
+        t.add_column(c, justify="right")
+    for r in results:
+        t.add_row(r.name + (f" ({r.folds} folds)" if r.folds else ""), *(str(r.config.get(k)) for k in keys),
+                  *(cell(r, k) for k in SCORES), f"{r.oof_f1:.4f}" if r.oof_f1 is not None else "")
+    console.print(t)
+    console.print(f"compare: {index}")
+
+
 if __name__ == "__main__":
     app()

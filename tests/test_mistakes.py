@@ -81,6 +81,8 @@ MISTAKES = [
     ("predict {w}/model.txt {w}/crops --out {w}/out/s.csv", "model.txt is not a PyTorch file (it starts with text"),
     ("predict {w}/resnet34.pth {w}/crops --out {w}/out/s.csv", "a bare state dict: pass it to `maskcls train --weights`"),
     ("evaluate {w}/run/best.pt {w}/crops --tta 5", "--tta 5: must be 1..4 views"),
+    ("compare {w}/run --out {w}/out/cmp", "give two or more run folders to compare"),
+    ("compare {w}/run {w}/crops --out {w}/out/cmp", "crops is not a `maskcls train` run folder (no config.json)"),
     ("report {w}/crops {w}/run --out {w}/out/rep --per-class 0", "--per-class 0: must be in 1..50"),
     ("report {w}/crops {w}/run --out {w}/out/rep --per-class -3", "--per-class -3: must be in 1..50"),
 ]

@@ -276,3 +276,31 @@ def test_without_tensorboard_training_is_unchanged_and_says_so_once(crops, tmp_p
     assert not (tmp_path / "c" / "tensorboard").exists()
     assert (tmp_path / "c" / "val_predictions.csv").read_text() == (tmp_path / "a" / "val_predictions.csv").read_text()
     assert with_tb["best"]["val_f1"] == pytest.approx(json.loads((tmp_path / "c" / "summary.json").read_text())["best"]["val_f1"])
+
+
+def test_compare_names_the_differing_keys_and_each_runs_best_scores(crops, tmp_path):
+    from classify.compare import compare
+
+    _fit(crops, tmp_path / "a", epochs=2, lr=1e-3)
+    _fit(crops, tmp_path / "b", epochs=2, lr=3e-3, loss="ce")
+    _fit(crops, tmp_path / "k", epochs=1, folds=2, fold="all")
+    runs, keys, index = compare([tmp_path / "a", tmp_path / "b", tmp_path / "k"], tmp_path / "cmp")
+    assert keys == ["epochs", "fold", "folds", "loss", "lr"]  # not out, seed, model, device, workers...
+    rows = {r["run"]: r for r in _csv(tmp_path / "cmp" / "compare.csv")}
+    for name in ("a", "b"):  # each run's best epoch, read independently from its metrics.csv
+        best = max(_csv(tmp_path / name / "metrics.csv"), key=lambda r: float(r["val_f1"]))
+        for k in ("val_f1", "val_acc", "val_mask_f1", "val_gender_f1", "val_age_f1"):
+            assert float(rows[name][f"{k}_mean"]) == pytest.approx(float(best[k]), abs=1e-6)
+        assert rows[name]["folds"] == "0" and rows[name]["val_f1_std"] == ""
+    assert json.loads(rows["a"]["lr"]) == 1e-3 and json.loads(rows["b"]["loss"]) == "ce"
+    fold_best = [max(float(r["val_f1"]) for r in _csv(tmp_path / "k" / f"fold{i}" / "metrics.csv")) for i in range(2)]
+    assert float(rows["k"]["val_f1_mean"]) == pytest.approx(np.mean(fold_best), abs=1e-6)
+    assert float(rows["k"]["val_f1_std"]) == pytest.approx(np.std(fold_best), abs=1e-6)
+    assert float(rows["k"]["oof_f1"]) == pytest.approx(json.loads((tmp_path / "k" / "summary.json").read_text())["oof"]["f1"], abs=1e-6)
+    assert (tmp_path / "cmp" / "curves.png").is_file() and (tmp_path / "cmp" / "task_f1.png").is_file()
+    assert "lr" in index.read_text() and "2 folds" in index.read_text()
+    with pytest.raises(ConfigError, match="give two or more run folders"):
+        compare([tmp_path / "a"], tmp_path / "cmp2")
+    with pytest.raises(ConfigError, match="not a `maskcls train` run folder"):
+        compare([tmp_path / "a", crops], tmp_path / "cmp3")
+    assert not (tmp_path / "cmp3").exists()
