@@ -361,8 +361,9 @@ def evaluate(
     pc.add_column("F1", justify="right")
     pc.add_column("photos", justify="right")
     support = [sum(row) for row in res["confusion"]]
-    for name, f1, n in zip(res["class_names"], res["per_class_f1"], support):
-        pc.add_row(name, f"{f1:.3f}", str(n))
+    predicted = [sum(col) for col in zip(*res["confusion"])]
+    for name, f1, n, p in zip(res["class_names"], res["per_class_f1"], support, predicted):
+        pc.add_row(name, "absent" if n == 0 and p == 0 else f"{f1:.3f}", str(n))
     console.print(pc)
     if confusion:
         console.print(f"confusion matrix: {confusion}")

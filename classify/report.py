@@ -252,21 +252,28 @@ def _confusions(out: Path, val, names):
 
 def _per_class(out: Path, val, names):
     _, y, probs = val
-    f1 = per_class_f1(y, probs.argmax(1), L.NUM_CLASSES)
+    pred = probs.argmax(1)
+    f1 = per_class_f1(y, pred, L.NUM_CLASSES)
     support = np.bincount(y, minlength=L.NUM_CLASSES)
-    _write_csv(out / "per_class_f1.csv", ["label", "class", "f1", "photos"],
-               [[k, names[k], f"{f1[k]:.6f}", int(support[k])] for k in range(L.NUM_CLASSES)])
+    predicted = np.bincount(pred, minlength=L.NUM_CLASSES)
+    absent = (support == 0) & (predicted == 0)  # neither in validation nor predicted: no F1 to speak of
+    _write_csv(out / "per_class_f1.csv", ["label", "class", "f1", "photos", "predicted"],
+               [[k, names[k], "absent" if absent[k] else f"{f1[k]:.6f}", int(support[k]), int(predicted[k])]
+                for k in range(L.NUM_CLASSES)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
-    bars = ax.bar(range(L.NUM_CLASSES), f1, color="#55a868")
-    ax.bar_label(bars, labels=[f"{v:.2f}\n(n={n})" for v, n in zip(f1, support)], fontsize=7, padding=2)
+    shown = np.where(absent, 0.0, f1)
+    bars = ax.bar(range(L.NUM_CLASSES), shown, color=["#cccccc" if a else "#55a868" for a in absent])
+    ax.bar_label(bars, labels=["absent" if a else f"{v:.2f}\n(n={n})" for v, n, a in zip(f1, support, absent)],
+                 fontsize=7, padding=2, color="#333333")
     ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("F1")
-    ax.set_title("Validation F1 per class (n = validation photos of the class)")
+    ax.set_title("Validation F1 per class (n = validation photos of the class; absent = no photo and no prediction)")
     fig.tight_layout()
     save_figure(fig, out / "per_class_f1.png")
-    return "per_class_f1.png", "Validation F1 of each class; n is the number of validation photos of that class."
+    return "per_class_f1.png", ("Validation F1 of each class; n is the number of validation photos of that class. "
+                                "A class with no validation photo that was never predicted is marked absent, not 0.")
 
 
 def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
@@ -318,6 +325,7 @@ def _index(out: Path, crops: Path, run, rows, sections) -> Path:
              f"<p>Crops: <code>{html.escape(str(crops))}</code> ({len(rows)} photos; "
              + ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(counts.items())) + ")"
              + (f"<br>Run: <code>{html.escape(str(run))}</code>" if run else "") + "</p>"]
+    parts += _run_overview(run)
     for title, figs in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         for name, caption in figs:
@@ -331,6 +339,26 @@ def _index(out: Path, crops: Path, run, rows, sections) -> Path:
     parts.append("</body></html>")
     atomic_write_bytes(out / "index.html", "\n".join(parts).encode("utf-8"))
     return out / "index.html"
+
+
+def _run_overview(run) -> list[str]:
+    """The run's best epoch and its scores per task, and its resolved configuration, as HTML."""
+    if run is None or not (Path(run) / "metrics.csv").is_file():
+        return []
+    m = _read_csv(Path(run) / "metrics.csv")
+    best = max(m, key=lambda r: float(r["val_f1"]))
+    cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+    cells = [("18 classes", "val_f1", "val_acc"), ("mask", "val_mask_f1", "val_mask_acc"),
+             ("gender", "val_gender_f1", "val_gender_acc"), ("age", "val_age_f1", "val_age_acc")]
+    rows = "".join(f"<tr><td>{t}</td><td>{float(best[f]):.4f}</td><td>{float(best[a]):.4f}</td></tr>"
+                   for t, f, a in cells if f in best and a in best)
+    conf = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
+                   for k, v in cfg.items())
+    return [f"<h2>Run</h2><p>Best epoch {html.escape(best['epoch'])} of {len(m)} (validation at age boundary "
+            f"{html.escape(str(cfg.get('val_old', cfg.get('old', L.DEFAULT_OLD))))}):</p>",
+            "<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>macro F1</th>"
+            f"<th>accuracy</th></tr>{rows}</table>",
+            f"<details><summary>Resolved configuration (config.json)</summary><table>{conf}</table></details>"]
 
 
 def _csv_for(png: str) -> str:

@@ -55,12 +55,18 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     assert cm.sum() == len(val) and np.trace(cm) == sum(v["label"] == v["pred"] for v in val)
     f1 = _csv(out / "per_class_f1.csv")
     assert sum(int(r["photos"]) for r in f1) == len(val)
+    seen = {int(v["label"]) for v in val} | {int(v["pred"]) for v in val}
+    assert {int(r["label"]) for r in f1 if r["f1"] == "absent"} == set(range(18)) - seen  # absent, not 0.00
+    assert all(r["f1"] != "absent" for r in f1 if int(r["label"]) in seen) and len(seen) < 18
     wrong = _csv(out / "most_confidently_wrong.csv")
     assert len(wrong) == min(16, sum(v["label"] != v["pred"] for v in val))
     confs = [float(w["confidence"]) for w in wrong]
     assert confs == sorted(confs, reverse=True)
 
     page = index.read_text(encoding="utf-8")
+    best = max(metrics, key=lambda m: float(m["val_f1"]))
+    assert f"Best epoch {best['epoch']} of {len(metrics)}" in page and f"{float(best['val_f1']):.4f}" in page
+    assert "Resolved configuration" in page and "&quot;img_size&quot;" not in page and "<td>img_size</td>" in page
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) >= 10
     referenced = set(re.findall(r"src='([^']+\.png)'", page))
