@@ -37,6 +37,8 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     y = np.array([r["label"] for r in rows])
     cm = confusion(y, p, L.NUM_CLASSES)
     if confusion_png:
-        plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{Path(crops).name} ({len(rows)} photos)")
+        models = ", ".join(f"{Path(c).parent.name}/{Path(c).name}" for c in checkpoint_paths(checkpoints))
+        plot_confusion(Path(confusion_png), cm, L.class_names(old),
+                       f"{Path(crops).name}, {len(rows)} photos\n{models}; tta {tta}, vote {vote}", blocks=6)
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old)}

@@ -23,10 +23,16 @@ def save_figure(fig, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
+def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str, blocks: int = 0) -> None:
+    """A confusion matrix with its counts; `blocks`: draw a line every `blocks` classes (6: between
+    the mask statuses of the 18 classes)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(11, 9.5), dpi=100)
+    size = (11, 9.5) if len(names) > 6 else (4.2, 3.8)
+    fig, ax = plt.subplots(figsize=size, dpi=100)
     ax.imshow(cm, cmap="Blues")
+    for b in range(blocks, len(names), blocks or len(names)):
+        ax.axhline(b - 0.5, color="#333333", linewidth=1.2)
+        ax.axvline(b - 0.5, color="#333333", linewidth=1.2)
     ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(len(names)), names, fontsize=7)
     for i in range(cm.shape[0]):

@@ -70,15 +70,18 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
 
 def _class_counts(out: Path, rows, names):
     counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=L.NUM_CLASSES)
-    _write_csv(out / "class_counts.csv", ["label", "class", "photos"], [[k, names[k], int(c)] for k, c in enumerate(counts)])
+    people = [len({_person(r) for r in rows if r["label"] == k}) for k in range(L.NUM_CLASSES)]
+    _write_csv(out / "class_counts.csv", ["label", "class", "photos", "people"],
+               [[k, names[k], int(c), people[k]] for k, c in enumerate(counts)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 5.5), dpi=100)
     colours = [("#4c72b0", "#dd8452", "#55a868")[L.decode(k)[0]] for k in range(L.NUM_CLASSES)]
     bars = ax.bar(range(L.NUM_CLASSES), counts, color=colours)
-    ax.bar_label(bars, labels=[str(int(c)) for c in counts], fontsize=8, padding=2)
+    ax.bar_label(bars, labels=[f"{int(c)}\n({p} p.)" for c, p in zip(counts, people)], fontsize=7, padding=2)
     ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("photos")
-    ax.set_title(f"Photos per class ({int(counts.sum())} labelled photos; colour = mask status)")
+    ax.set_ylim(0, max(int(counts.max()), 1) * 1.18)
+    ax.set_title(f"Photos (and people, p.) per class ({int(counts.sum())} labelled photos; colour = mask status)")
     fig.tight_layout()
     save_figure(fig, out / "class_counts.png")
     return "class_counts.png", "Photos per class, as in the manifest (labelled rows of every status). " \
@@ -93,16 +96,18 @@ def _task_counts(out: Path, rows, old: int):
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
     for ax, (task, (values, labels)) in zip(axes, tasks.items()):
         counts = np.bincount([v for v in values if v >= 0], minlength=len(labels))
-        table += [[task, labels[k], int(c)] for k, c in enumerate(counts)]
+        people = [len({_person(r) for r, v in zip(rows, values) if v == k}) for k in range(len(labels))]
+        table += [[task, labels[k], int(c), people[k]] for k, c in enumerate(counts)]
         bars = ax.bar(labels, counts, color="#4c72b0")
-        ax.bar_label(bars, labels=[str(int(c)) for c in counts], fontsize=9, padding=2)
+        ax.bar_label(bars, labels=[f"{int(c)} ({p} p.)" for c, p in zip(counts, people)], fontsize=8, padding=2)
+        ax.set_ylim(0, max(int(counts.max()), 1) * 1.15)
         ax.set_title(task)
         ax.set_ylabel("photos")
     fig.suptitle("Photos per task")
     fig.tight_layout()
     save_figure(fig, out / "task_counts.png")
-    _write_csv(out / "task_counts.csv", ["task", "value", "photos"], table)
-    return "task_counts.png", "Photos per value of each task: mask status, gender, age group."
+    _write_csv(out / "task_counts.csv", ["task", "value", "photos", "people"], table)
+    return "task_counts.png", "Photos (and people, p.) per value of each task: mask status, gender, age group."
 
 
 def _ages(out: Path, rows, old: int):
@@ -142,19 +147,23 @@ def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(per_class * 1.2 + 2.2, L.NUM_CLASSES * 1.2), dpi=100)
     ax.imshow(grid)
+    for k, name, j, image_id, _ in table:  # which photo each tile is (the person folder)
+        ax.text(j * tile + 2, (k + 1) * tile - 3, _short(image_id.split("/")[0], 14), fontsize=4.5, color="white",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.5, "edgecolor": "none"})
     ax.set_yticks([k * tile + tile / 2 for k in range(L.NUM_CLASSES)], names, fontsize=8)
     ax.set_xticks([])
     ax.set_title(f"Random crops per class (up to {per_class}; seed {seed})")
     fig.tight_layout()
     save_figure(fig, out / "crops_grid.png")
-    return "crops_grid.png", "Random crops of each class, one row per class: what the model is trained on."
+    return "crops_grid.png", ("Random crops of each class, one row per class: what the model is trained on; each "
+                              "tile names its person folder (image ids in crops_grid.csv).")
 
 
 def _gallery(out: Path, crops: Path, rows):
     bad = [r for r in rows if r["status"] in FALLBACKS]
-    _write_csv(out / "fallbacks.csv", ["image_id", "status", "reason", "x1", "y1", "x2", "y2", "page"],
-               [[r["image_id"], r["status"], r["reason"], r["x1"], r["y1"], r["x2"], r["y2"],
-                 1 + i // GALLERY_PAGE] for i, r in enumerate(bad)])
+    _write_csv(out / "fallbacks.csv", ["image_id", "status", "reason", "score", "x1", "y1", "x2", "y2", "page"],
+               [[r["image_id"], r["status"], r["reason"], "" if r.get("score") is None else r["score"], r["x1"], r["y1"],
+                 r["x2"], r["y2"], 1 + i // GALLERY_PAGE] for i, r in enumerate(bad)])
     if not bad:
         return [("", "Every photo had its face found by the first detection pass: no fallback gallery.")]
     raw = Path(read_meta(crops).get("raw", ""))
@@ -179,7 +188,8 @@ def _gallery(out: Path, crops: Path, rows):
             except (UnreadableImage, OSError):
                 a_orig.text(0.5, 0.5, "no pixels", ha="center", va="center", fontsize=9)
             a_crop.imshow(read_crop(crops / r["crop"]))
-            a_orig.set_title(f"{r['status']}\n{_short(r['image_id'])}", fontsize=7)
+            score = f" {r['score']:.2f}" if isinstance(r.get("score"), float) else ""
+            a_orig.set_title(f"{r['status']}{score}\n{_short(r['image_id'])}", fontsize=7)
             a_crop.set_title("crop used", fontsize=7)
         fig.suptitle(f"Photos without a first-pass face: original with the box used (red), and the crop "
                      f"(page {p} of {len(pages)})", fontsize=10)
@@ -190,6 +200,10 @@ def _gallery(out: Path, crops: Path, rows):
                               "(relaxed: found by the second pass; person_box: the person's box; no_face: centre "
                               "crop; unreadable/missing: grey stand-in). Reasons are in fallbacks.csv."))
     return figures
+
+
+def _person(r: dict) -> str:
+    return r["person_id"] or f"photo:{r['image_id']}"
 
 
 def _short(s: str, n: int = 28) -> str:
@@ -216,8 +230,11 @@ def _curves(out: Path, run: Path):
     a.set_ylabel("loss")
     a.set_title("Loss")
     a.legend()
-    for c in ("val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"):
-        b.plot(ep, [float(r[c]) for r in m], marker="o", label=c.replace("val_", "").replace("_", " "))
+    styles = [("-", "o", 8), ("--", "s", 7), ("-.", "^", 6), (":", "D", 5), ((0, (5, 1)), "v", 4)]
+    for c, (ls, mk, ms) in zip(("val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"), styles):
+        # each its own line style and marker size, so series with equal values stay visible on each other
+        b.plot(ep, [float(r[c]) for r in m], linestyle=ls, marker=mk, markersize=ms, fillstyle="none",
+               label=c.replace("val_", "").replace("_", " "))
     b.set_xlabel("epoch")
     b.set_ylabel("score")
     b.set_ylim(0, 1.02)
@@ -226,6 +243,7 @@ def _curves(out: Path, run: Path):
     from matplotlib.ticker import MaxNLocator
     for ax in (a, b):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)  # one epoch still gets whole-number ticks
     fig.tight_layout()
     save_figure(fig, out / "curves.png")
     return "curves.png", "Training curves: losses (left), validation accuracy and macro F1 of the 18 classes and per task (right)."
@@ -240,14 +258,27 @@ def _val(run: Path):
 
 def _confusions(out: Path, val, names):
     _, y, probs = val
-    cm = confusion(y, probs.argmax(1), L.NUM_CLASSES)
+    pred = probs.argmax(1)
+    cm = confusion(y, pred, L.NUM_CLASSES)
     _write_csv(out / "confusion.csv", ["true \\ predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))])
-    plot_confusion(out / "confusion_counts.png", cm, names, f"validation counts ({len(y)} photos)")
+    plot_confusion(out / "confusion_counts.png", cm, names, f"validation counts ({len(y)} photos)", blocks=6)
     rown = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     plot_confusion(out / "confusion_normalised.png", np.round(rown * 100).astype(int), names,
-                   "validation, % of each true class (rows sum to 100)")
-    return [("confusion_counts.png", "Confusion matrix of the best epoch's validation predictions (counts)."),
-            ("confusion_normalised.png", "The same, row-normalised: each true class's photos spread over predictions, in %.")]
+                   "validation, % of each true class (rows sum to 100)", blocks=6)
+    figures = [("confusion_counts.png", "Confusion matrix of the best epoch's validation predictions (counts); the "
+                                        "lines part the mask statuses (wear, incorrect, not wear)."),
+               ("confusion_normalised.png", "The same, row-normalised: each true class's photos spread over "
+                                            "predictions, in %.")]
+    ages = names[0].split("/")[-1], names[1].split("/")[-1], names[2].split("/")[-1]
+    for task, yt, pt, labels in zip(L.TASKS, L.task_parts(y), L.task_parts(pred),
+                                    (L.MASK_NAMES, L.GENDER_NAMES, ages)):
+        tcm = confusion(yt, pt, len(labels))
+        _write_csv(out / f"confusion_{task}.csv", ["true \\ predicted"] + list(labels),
+                   [[labels[i]] + tcm[i].tolist() for i in range(len(labels))])
+        plot_confusion(out / f"confusion_{task}.png", tcm, list(labels), f"{task} ({len(y)} photos)")
+        figures.append((f"confusion_{task}.png", f"Confusion matrix of the {task} task alone, decoded from the "
+                                                 "18-class predictions."))
+    return figures
 
 
 def _per_class(out: Path, val, names):
@@ -287,7 +318,8 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
     plt = pyplot()
     cols = 4
     nrows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3, nrows * 3.3), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3.2, nrows * 3.9), dpi=100, squeeze=False,
+                             gridspec_kw={"hspace": 0.55})
     for ax in axes.flat:
         ax.axis("off")
     for k, i in enumerate(wrong):
@@ -295,9 +327,10 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
         r = by_id.get(vrows[i]["image_id"])
         if r is not None:
             ax.imshow(read_crop(crops / r["crop"]))
-        ax.set_title(f"true {names[y[i]]}\npredicted {names[pred[i]]} ({conf[i]:.0%})", fontsize=8)
+        ax.set_title(f"{_short(vrows[i]['image_id'], 34)}\ntrue {names[y[i]]}\npredicted {names[pred[i]]} "
+                     f"({conf[i]:.0%})", fontsize=7.5)
     fig.suptitle(f"Validation photos most confidently wrong ({len(wrong)} shown)")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.subplots_adjust(top=0.88 if nrows == 1 else 0.93, bottom=0.02, left=0.02, right=0.98)
     save_figure(fig, out / "most_confidently_wrong.png")
     return "most_confidently_wrong.png", "The validation photos the model got wrong with the highest confidence: " \
                                          "look here for label errors and crop failures."
@@ -325,6 +358,12 @@ def _index(out: Path, crops: Path, run, rows, sections) -> Path:
              f"<p>Crops: <code>{html.escape(str(crops))}</code> ({len(rows)} photos; "
              + ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(counts.items())) + ")"
              + (f"<br>Run: <code>{html.escape(str(run))}</code>" if run else "") + "</p>"]
+    crop_cfg = read_meta(crops).get("config", {})
+    if crop_cfg:
+        parts.append("<p>Crop settings: " + ", ".join(f"{html.escape(k)} {html.escape(json.dumps(v))}"
+                                                      for k, v in crop_cfg.items()
+                                                      if k in ("size", "margin", "detect_side", "min_face", "old"))
+                     + "</p>")
     parts += _run_overview(run)
     for title, figs in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")

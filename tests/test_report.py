@@ -33,10 +33,14 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     rows = read_manifest(crops)
     counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=18)
     assert [int(r["photos"]) for r in _csv(out / "class_counts.csv")] == counts.tolist()
+    people = [len({r["person_id"] for r in rows if r["label"] == k}) for k in range(18)]
+    assert [int(r["people"]) for r in _csv(out / "class_counts.csv")] == people
     tasks = {(r["task"], r["value"]): int(r["photos"]) for r in _csv(out / "task_counts.csv")}
     assert tasks["mask", "wear"] == sum(r["mask"] == 0 for r in rows)
     assert tasks["gender", "female"] == sum(r["gender"] == 1 for r in rows)
     assert tasks["age group", ">=60"] == sum(r["age_group"] == 2 for r in rows)
+    task_people = {(r["task"], r["value"]): int(r["people"]) for r in _csv(out / "task_counts.csv")}
+    assert task_people["gender", "female"] == 6 and task_people["mask", "not wear"] == 12
     assert sum(int(r["photos"]) for r in _csv(out / "ages.csv")) == len(rows)
     fallbacks = _csv(out / "fallbacks.csv")
     assert {(f["image_id"], f["status"]) for f in fallbacks} == \
@@ -53,6 +57,14 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     conf = _csv(out / "confusion.csv")
     cm = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in conf])
     assert cm.sum() == len(val) and np.trace(cm) == sum(v["label"] == v["pred"] for v in val)
+    for task, decode, n in (("mask", lambda a: a // 6, 3), ("gender", lambda a: (a // 3) % 2, 2), ("age", lambda a: a % 3, 3)):
+        tcm = np.array([[int(v) for k, v in row.items() if k != "true \\ predicted"] for row in _csv(out / f"confusion_{task}.csv")])
+        want = np.zeros((n, n), int)
+        for v in val:
+            want[decode(int(v["label"])), decode(int(v["pred"]))] += 1
+        assert (tcm == want).all(), task
+    scores = {f["image_id"]: f["score"] for f in _csv(out / "fallbacks.csv")}
+    assert all(scores[r["image_id"]] == ("" if r["score"] is None else f"{r['score']}") for r in rows if r["status"] != "ok")
     f1 = _csv(out / "per_class_f1.csv")
     assert sum(int(r["photos"]) for r in f1) == len(val)
     seen = {int(v["label"]) for v in val} | {int(v["pred"]) for v in val}
