@@ -131,6 +131,9 @@ def _curves(out: Path, runs: list[RunScores]) -> None:
     styles = ["-", "--", "-.", ":"]
     for i, r in enumerate(runs):
         ax.plot(*zip(*r.curve), styles[i % 4], marker="os^dv"[i % 5], label=r.name + (" (fold 0)" if r.folds else ""))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation macro F1 (18 classes)")
     ax.set_ylim(0, 1.02)
