@@ -112,23 +112,30 @@ def _task_counts(out: Path, rows, old: int):
 
 def _ages(out: Path, rows, old: int):
     ages = np.array([r["age"] for r in rows if r["age"] >= 0])
+    person_age = {_person(r): r["age"] for r in rows if r["age"] >= 0}
     edges = np.arange(0, max(int(ages.max()) if len(ages) else 0, old) + 3, 2)
     hist, _ = np.histogram(ages, bins=edges)
-    _write_csv(out / "ages.csv", ["from", "to_excl", "photos"], [[int(a), int(b), int(h)] for a, b, h in
-                                                                  zip(edges[:-1], edges[1:], hist)])
+    people, _ = np.histogram(np.array(list(person_age.values())), bins=edges)
+    _write_csv(out / "ages.csv", ["from", "to_excl", "photos", "people"],
+               [[int(a), int(b), int(h), int(p)] for a, b, h, p in zip(edges[:-1], edges[1:], hist, people)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
-    ax.bar(edges[:-1], hist, width=2, align="edge", color="#4c72b0", edgecolor="white")
+    ax.bar(edges[:-1], hist, width=2, align="edge", color="#4c72b0", edgecolor="white", label="photos")
+    ax2 = ax.twinx()
+    ax2.step(edges[:-1] + 1, people, where="mid", color="#dd8452", label="people")
+    ax2.set_ylabel("people", color="#dd8452")
+    ax2.set_ylim(0, max(int(people.max()) if len(people) else 0, 1) * 1.1)
     for t, label in ((L.YOUNG, f"{L.YOUNG}: group 1 starts"), (old, f"{old}: group 2 starts")):
         ax.axvline(t, color="#c44e52", linestyle="--")
         ax.text(t + 0.5, ax.get_ylim()[1] * 0.92, label, color="#c44e52", fontsize=9,
                 bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
     ax.set_xlabel("age (years, 2-year bins)")
     ax.set_ylabel("photos")
-    ax.set_title(f"Ages of the photographed people ({len(ages)} photos)")
+    ax.set_title(f"Ages of the photographed people ({len(ages)} photos, {len(person_age)} people)")
     fig.tight_layout()
     save_figure(fig, out / "ages.png")
-    return "ages.png", f"Age histogram; dashed lines are the age-group thresholds (30 and {old})."
+    return "ages.png", (f"Age histogram of photos (bars) and of people (line); dashed lines are the age-group "
+                        f"thresholds (30 and {old}).")
 
 
 def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
@@ -403,6 +410,6 @@ def _run_overview(run) -> list[str]:
 def _csv_for(png: str) -> str:
     if png.startswith("fallbacks_"):
         return "fallbacks.csv"
-    if png.startswith("confusion_"):
+    if png in ("confusion_counts.png", "confusion_normalised.png"):
         return "confusion.csv"
     return png.replace(".png", ".csv")

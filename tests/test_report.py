@@ -42,6 +42,7 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     task_people = {(r["task"], r["value"]): int(r["people"]) for r in _csv(out / "task_counts.csv")}
     assert task_people["gender", "female"] == 6 and task_people["mask", "not wear"] == 12
     assert sum(int(r["photos"]) for r in _csv(out / "ages.csv")) == len(rows)
+    assert sum(int(r["people"]) for r in _csv(out / "ages.csv")) == 12
     fallbacks = _csv(out / "fallbacks.csv")
     assert {(f["image_id"], f["status"]) for f in fallbacks} == \
            {(r["image_id"], r["status"]) for r in rows if r["status"] != "ok"}
@@ -85,3 +86,4 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     assert referenced == set(pngs)
     for name in re.findall(r"href='([^']+\.csv)'", page):
         assert (out / name).is_file()
+    assert "<img src='confusion_mask.png'" in page and "href='confusion_mask.csv'" in page
