@@ -19,6 +19,7 @@ import numpy as np
 
 from preprocess.imageio import atomic_write_bytes
 
+from .checkpoint import fold_dirs
 from .errors import ConfigError
 from .plots import pyplot, save_figure
 
@@ -56,8 +57,7 @@ def load_run(path: Path) -> RunScores:
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a `maskcls train` run folder (no config.json)")
     config = json.loads((path / "config.json").read_text())
-    folds = sorted((f for f in path.glob("fold*") if f.name[4:].isdigit() and (f / "metrics.csv").is_file()),
-                   key=lambda f: int(f.name[4:]))
+    folds = [f for f in fold_dirs(path) if (f / "metrics.csv").is_file()]
     if (path / "metrics.csv").is_file():
         return RunScores(path.name, path, config, _best(path), None, 0, None, _curve(path))
     if not folds:

@@ -27,7 +27,7 @@ from preprocess.layouts import LayoutError
 from preprocess.manifest import read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
 
-from .checkpoint import load_checkpoint
+from .checkpoint import fold_dirs, load_checkpoint
 from .data import CropDataset
 from .engine import check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
@@ -66,7 +66,7 @@ def checkpoint_paths(paths: list[Path]) -> list[Path]:
         if not p.is_dir():
             out.append(p)
             continue
-        folds = sorted((f for f in p.glob("fold*") if f.name[4:].isdigit()), key=lambda f: int(f.name[4:]))
+        folds = fold_dirs(p)
         found = [f / "best.pt" for f in folds if (f / "best.pt").is_file()] or (
             [p / "best.pt"] if (p / "best.pt").is_file() else [])
         if not found:

@@ -159,18 +159,24 @@ def load_config(cli: dict, toml_path: Path | None = None) -> TrainConfig:
 RESUMABLE = ("epochs", "device", "workers", "amp", "patience", "compile")
 
 
+def config_from(saved: dict) -> TrainConfig:
+    """The TrainConfig a saved config (checkpoint or config.json) describes; keys it does not know
+    (config.json's resolved values, or a newer maskcls's options) are left out, new ones default."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def _saved_config(out: Path) -> TrainConfig:
     """The config of the run in `out`: from its last.pt, or (a k-fold run, or one stopped before its
     first epoch ended) from its config.json."""
     out = Path(out)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     if (out / "last.pt").is_file():
         saved = load_checkpoint(out / "last.pt")["config"]
     elif (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())
     else:
         raise ConfigError(f"--resume: {out} holds no run (no last.pt or config.json); nothing to resume")
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    return config_from(saved)
 
 
 def resume_config(out: Path, overrides: dict | None = None) -> TrainConfig:
@@ -522,8 +528,7 @@ def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
     if not (out / "last.pt").is_file():
         return None
     state = load_checkpoint(out / "last.pt")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    saved = config_from(state["config"])
     changed = sorted(k for k in asdict(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k))
     if changed:
         raise ConfigError(f"--resume continues {out} as it was configured; these differ from its config: "
