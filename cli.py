@@ -94,6 +94,24 @@ class LazyProgress:
             self.bar.stop()
 
 
+def load_prior(path: Path):
+    """The face prior of a training crops folder (its crops.json) or of a checkpoint / run folder."""
+    from preprocess.layouts import LayoutError
+    from preprocess.manifest import META, read_meta
+    from preprocess.subject import Prior
+
+    if path.is_dir() and (path / META).is_file():
+        meta, what = read_meta(path), f"{path}/{META}"
+    else:
+        from classify.checkpoint import load_checkpoint  # imports torch: only for a checkpoint
+        ckpt = path / "best.pt" if path.is_dir() else path
+        meta, what = load_checkpoint(ckpt).get("crop") or {}, str(ckpt)
+    if "prior" not in meta:
+        raise LayoutError(f"--prior {path}: {what} records no face prior (made before maskcls learned one): "
+                          "crop the training photos again, or leave --prior out for the built-in one")
+    return Prior.from_dict(meta["prior"])
+
+
 @app.command()
 @user_errors
 def crop(
@@ -109,9 +127,12 @@ def crop(
     old: int = typer.Option(60, help="Age-group threshold for the manifest's age_group/label (>= old is group 2)."),
     pack: bool = typer.Option(True, help="Also write crops.npy, the uint8 array training memory-maps."),
     strict: bool = typer.Option(False, help="Stop before any work if a photo is missing or badly named."),
+    prior: Optional[Path] = typer.Option(None, help="Training crops folder or checkpoint whose face prior chooses "
+                                                    "the face of lone photos (eval): crop eval photos as training's."),
 ):
     """Find the face in every photo and write square crops plus CROPS/manifest.csv."""
     from preprocess import CropConfig, crop_dataset
+    from preprocess.manifest import PROBLEMS
     from preprocess.runtime import dist_env
 
     cfg = CropConfig(size=size, margin=margin, device=device, batch_size=batch_size, detect_side=detect_side,
@@ -128,7 +149,8 @@ def crop(
     try:
         with LazyProgress("crop") as bar:
             res = crop_dataset(raw, out, cfg, on_progress=bar.update if rank == 0 else None, rank=rank,
-                               world=world, barrier=dist.barrier if dist else None)
+                               world=world, barrier=dist.barrier if dist else None,
+                               prior=load_prior(prior) if prior else None)
     finally:
         if dist:
             dist.close()
@@ -146,7 +168,7 @@ def crop(
     console.print(table)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    problems = [r for r in res.rows if r["status"] in ("unreadable", "missing", "bad_name")]
+    problems = [r for r in res.rows if r["status"] in PROBLEMS]
     for r in problems[:20]:
         console.print(f"[yellow]{r['status']}:[/] {r['source']}: {r['reason']}", highlight=False)
     if len(problems) > 20:

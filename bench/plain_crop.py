@@ -18,7 +18,7 @@ from PIL import Image
 def main(raw: Path, out: Path, device: str = "cpu", margin: float = 0.3, size: int = 256) -> None:
     mtcnn = MTCNN(device=device)
     boxes = {}
-    for path in sorted(raw.glob("images/*/*.jpg")):
+    for path in sorted((raw / "images").rglob("*.jpg")):  # a train layout (person folders) or an eval one
         img = Image.open(path).convert("RGB")
         with torch.no_grad():
             found, _ = mtcnn.detect(img)

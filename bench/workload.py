@@ -1,12 +1,16 @@
-"""The benchmark workload: competition-style 384x512 photos, one face each at a known box.
+"""The benchmark workload: competition-style 384x512 photos, the subject's face at a known box.
 
 Made from the public-domain faces in tests/assets/faces by tests/synth.py: each synthetic person's
 seven photos share framing (shifted, scaled, recoloured, mirrored for half of them), five with a
-drawn mask, one with the mask below the nose, one without. `truth.json` maps each photo to its box.
+drawn mask, one with the mask below the nose, one without. A third of the people have a second,
+unmasked face partly in frame at one side of most of their photos (a bystander). `truth.json` maps
+each photo to the subject's box; `kinds.json` gives its kind (mask, incorrect, normal, lone) and the
+bystander's box (or null). `make_lone_workload` writes eval-style lone photos (hashed names, info.csv).
 """
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import shutil
 import sys
@@ -30,26 +34,68 @@ def workdir(path: Path | None) -> Path:
     return tmp
 
 
+KINDS = {"incorrect_mask": "incorrect", "normal": "normal"}  # every other stem is "mask"
+BYSTANDER_EVERY = 3  # one person in three has a bystander
+
+
 def make_workload(out: Path, photos: int = 301, seed: int = 0) -> dict[str, list[float]]:
-    """Write ceil(photos / 7) people in the competition train layout under `out`; returns {source: box}."""
+    """Write ceil(photos / 7) people in the competition train layout under `out`; returns {source: box}
+    (kinds.json next to it says each photo's kind and bystander)."""
     out = Path(out)
-    truth_file = out / "truth.json"
-    if truth_file.is_file():
+    truth_file, kinds_file = out / "truth.json", out / "kinds.json"
+    if truth_file.is_file() and kinds_file.is_file():
         truth = json.loads(truth_file.read_text())
         if len(truth) >= photos:
             return truth
     rng = np.random.default_rng(seed)
     srcs = sources()
-    truth = {}
+    truth, kinds = {}, {}
     people = -(-photos // 7)
     for p in range(people):
         src = srcs[p % len(srcs)]
+        other = srcs[(p + 3) % len(srcs)] if p % BYSTANDER_EVERY == 1 else None
         folder = f"{p + 1:06d}_{'female' if p % 2 else 'male'}_Asian_{20 + (p * 7) % 60}"
-        for stem, (img, box) in person_photos(src, rng, flip=bool((p // len(srcs)) % 2)).items():
+        details: dict = {}
+        for stem, (img, box) in person_photos(src, rng, flip=bool((p // len(srcs)) % 2), bystander=other,
+                                              details=details).items():
             rel = f"images/{folder}/{stem}.jpg"
             save(out / rel, img, quality=90)
             truth[rel] = [float(v) for v in box]
+            by = details.get(stem)
+            kinds[rel] = {"kind": KINDS.get(stem, "mask"), "bystander": None if by is None else [float(v) for v in by]}
     truth_file.write_text(json.dumps(truth))
+    kinds_file.write_text(json.dumps(kinds))
+    return truth
+
+
+def make_lone_workload(out: Path, photos: int = 105, seed: int = 5) -> dict[str, list[float]]:
+    """An eval folder of lone photos (hashed names, info.csv; one photo each of new synthetic people,
+    mask kinds in the competition's 5:1:1 mix, a bystander in a third of them). Returns {source: box};
+    kinds.json as in make_workload, kind "lone"."""
+    out = Path(out)
+    truth_file, kinds_file = out / "truth.json", out / "kinds.json"
+    if truth_file.is_file() and kinds_file.is_file() and len(json.loads(truth_file.read_text())) == photos:
+        return json.loads(truth_file.read_text())
+    rng = np.random.default_rng(seed)
+    srcs = sources()
+    truth, kinds, names = {}, {}, []
+    stems = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+    for i in range(photos):
+        other = srcs[(i + 2) % len(srcs)] if i % BYSTANDER_EVERY == 1 else None
+        details: dict = {}
+        stem = stems[i % 7]
+        img, box = person_photos(srcs[(i * 3) % len(srcs)], rng, flip=bool(rng.integers(2)), bystander=other,
+                                 details=details)[stem]
+        name = f"{hashlib.sha1(f'lone{seed}/{i}'.encode()).hexdigest()}.jpg"
+        save(out / "images" / name, img, quality=90)
+        names.append(name)
+        truth[f"images/{name}"] = [float(v) for v in box]
+        by = details.get(stem)
+        kinds[f"images/{name}"] = {"kind": "lone", "mask": KINDS.get(stem, "mask"),
+                                   "bystander": None if by is None else [float(v) for v in by]}
+    (out / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
+    truth_file.write_text(json.dumps(truth))
+    kinds_file.write_text(json.dumps(kinds))
     return truth
 
 

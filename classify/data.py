@@ -17,9 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from preprocess import labels as L
-from preprocess.crop import packed_crops
 from preprocess.imageio import read_crop
-from preprocess.manifest import TRAINABLE, read_manifest
+from preprocess.manifest import TRAINABLE, packed_crops, read_manifest
 
 from .errors import ConfigError
 
@@ -30,9 +29,8 @@ def load_rows(crops: Path, old: int = L.DEFAULT_OLD, label_fixes: Path | None = 
               statuses: tuple[str, ...] = TRAINABLE) -> tuple[list[dict], list[dict]]:
     """(all manifest rows, the rows to train/validate on). Each row keeps its manifest position in 'index'.
 
-    Trainable: status in `statuses` (by default ok, relaxed, person_box and no_face: a centre crop of
-    these photos still shows the person, and dropping them would drop mostly masked faces, the ones
-    MTCNN misses) and a known label.
+    Trainable: status in `statuses` (by default `manifest.TRAINABLE`: the fallbacks' crops still show
+    the person, and dropping them would drop mostly masked faces, the ones MTCNN misses) and a known label.
     """
     rows = read_manifest(crops, old=old)
     for i, r in enumerate(rows):

@@ -22,7 +22,7 @@ from preprocess.runtime import check_device, resolve_device
 def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "auto", batch_size: int = 64,
              workers: int = 2, confusion_png: Path | None = None, vote: str = "soft") -> dict:
     """{'scores': {...}, 'per_class_f1': [...], 'confusion': 18x18, 'n': photos} for the labelled
-    photos of `crops` (statuses ok, relaxed, person_box, no_face). Labels are taken at the
+    photos of `crops` (the trainable statuses, `manifest.TRAINABLE`). Labels are taken at the
     checkpoints' `val_old` (60, the competition's boundary, unless training said otherwise), whatever
     `old` they were trained with: the score is the competition's."""
     check_infer_options(tta, batch_size, workers)

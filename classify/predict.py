@@ -21,11 +21,12 @@ import torch
 
 from preprocess import labels as L
 from preprocess.crop import CropConfig, crop_dataset
-from preprocess.detector import FaceDetector, MTCNNDetector
+from preprocess.detector import FaceDetector, build_detector
 from preprocess.imageio import atomic_write_bytes
 from preprocess.layouts import LayoutError
 from preprocess.manifest import read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
+from preprocess.subject import Prior
 
 from .checkpoint import fold_dirs, load_checkpoint
 from .data import CropDataset
@@ -147,18 +148,20 @@ def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detecto
                               "training saw them; run `maskcls crop` yourself and pass the crops folder")
     known = {f.name for f in fields(CropConfig)}
     cfg = CropConfig(**{k: v for k, v in crop_meta["config"].items() if k in known} | {"device": device, "strict": False})
-    det = crop_meta.get("detector", {})
     if detector is None:
-        if det.get("detector") != "mtcnn":
-            raise CheckpointError(f"the training crops were made with detector {det.get('detector')!r}, which "
-                                  "predict cannot rebuild; crop the photos yourself and pass the crops folder")
-        detector = MTCNNDetector(device=device, detect_side=det["detect_side"], min_face=det["min_face"],
-                                 thresholds=tuple(det["thresholds"]), relaxed_thresholds=tuple(det["relaxed_thresholds"]),
-                                 factor=det["factor"], batch_size=cfg.batch_size)
+        try:
+            detector = build_detector(crop_meta.get("detector", {}), device, cfg.batch_size)
+        except ValueError as e:
+            raise CheckpointError(f"predict cannot crop these photos: {e}") from None
+    # The training crops' face prior chooses each eval photo's face, as it does for `maskcls crop --prior`.
+    prior = Prior.from_dict(crop_meta["prior"]) if crop_meta.get("prior") else None
     if cache is None:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskcls" / "crops"
         cache = base / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
-    res = crop_dataset(source, cache, cfg, detector=detector, on_progress=on_progress)
+    res = crop_dataset(source, cache, cfg, detector=detector, on_progress=on_progress, prior=prior)
+    if prior is None:
+        res.warnings.append("the checkpoint records no face prior (its crops were made before maskcls learned "
+                            "one): lone photos were cropped with the built-in prior")
     return cache, res.warnings
 
 

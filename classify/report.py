@@ -3,7 +3,7 @@ and one index.html that shows them with captions.
 
 Data (from the manifest alone): counts per class and per task, the age histogram with the age-group
 thresholds, a grid of random crops per class, and a gallery of every photo that did not get a face
-of its own (relaxed, person_box, no_face, unreadable, missing, bad_name) with its crop and the box
+of its own (every status but ok, and ok photos where another face was passed over) with its crop and the box
 drawn on the original. Run (from RUN's metrics.csv and val_predictions.csv): training curves, the
 confusion matrix (counts and row-normalised), per-class F1, and the validation photos the model got
 most confidently wrong.
@@ -20,14 +20,13 @@ import numpy as np
 
 from preprocess import labels as L
 from preprocess.imageio import UnreadableImage, atomic_write_bytes, load_rgb, read_crop
-from preprocess.manifest import read_manifest, read_meta
+from preprocess.manifest import FALLBACKS, STATUS_HELP, read_manifest, read_meta
 
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1
 from .plots import plot_confusion, pyplot, save_figure
 
 GALLERY_PAGE = 24
-FALLBACKS = ("relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")
 
 
 def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_class: int = 6) -> Path:
@@ -167,7 +166,7 @@ def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
 
 
 def _gallery(out: Path, crops: Path, rows):
-    bad = [r for r in rows if r["status"] in FALLBACKS]
+    bad = [r for r in rows if r["status"] in FALLBACKS or r["reason"]]  # ok + reason: another face passed over
     _write_csv(out / "fallbacks.csv", ["image_id", "status", "reason", "score", "x1", "y1", "x2", "y2", "page"],
                [[r["image_id"], r["status"], r["reason"], "" if r.get("score") is None else r["score"], r["x1"], r["y1"],
                  r["x2"], r["y2"], 1 + i // GALLERY_PAGE] for i, r in enumerate(bad)])
@@ -198,14 +197,15 @@ def _gallery(out: Path, crops: Path, rows):
             score = f" {r['score']:.2f}" if isinstance(r.get("score"), float) else ""
             a_orig.set_title(f"{r['status']}{score}\n{_short(r['image_id'])}", fontsize=7)
             a_crop.set_title("crop used", fontsize=7)
-        fig.suptitle(f"Photos without a first-pass face: original with the box used (red), and the crop "
+        fig.suptitle(f"Photos without a plain first-pass face: original with the box used (red), and the crop "
                      f"(page {p} of {len(pages)})", fontsize=10)
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         name = f"fallbacks_{p}.png"
         save_figure(fig, out / name)
-        figures.append((name, f"Fallback gallery, page {p}/{len(pages)}: {len(bad)} photos in all "
-                              "(relaxed: found by the second pass; person_box: the person's box; no_face: centre "
-                              "crop; unreadable/missing: grey stand-in). Reasons are in fallbacks.csv."))
+        figures.append((name, f"Fallback gallery, page {p}/{len(pages)}: {len(bad)} photos in all. "
+                              + "; ".join(f"{k}: {STATUS_HELP[k]}" for k in sorted({r['status'] for r in bad}))
+                              + ". ok with a reason: the subject was chosen over another face. Reasons are in "
+                              "fallbacks.csv."))
     return figures
 
 

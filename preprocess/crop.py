@@ -3,20 +3,25 @@
 For every photo (see `layouts.discover` for what is read), in order:
 
 1. decode (EXIF-upright RGB) in worker threads, overlapping detection;
-2. detect with the fast settings (`ok`); a photo with no face gets a second pass with relaxed
-   thresholds and a finer pyramid (`relaxed`); then the median box of the same person's photos
-   that were found, scaled to this photo (`person_box`: one person's seven photos share their
-   framing); only then a centred square (`no_face`);
+2. detect every face with the fast settings; choose the subject among them (`subject.py`): within a
+   person, the face in the place the person's other photos agree on; for a lone photo, the face the
+   prior finds likeliest. A photo whose subject was not found gets a second pass with relaxed
+   thresholds and a finer pyramid (`relaxed`); then the person's box, scaled to this photo
+   (`person_box`: one person's seven photos share their framing), whatever else the photo shows; a
+   lone photo gets the prior's box (`prior_box`);
 3. crop a square around the box with `margin` of the box side added on each side (hair and neck
    carry age and gender cues), padded by edge replication where it leaves the photo, resized to `size`;
 4. write the crop as JPEG (quality 95) atomically.
 
 An unreadable or missing photo gets a grey crop and its reason, so every row can still be predicted.
 
-Caching: each finished person (unit) is appended to `CROPS/.journal.jsonl` with the settings key
-and the source files' size and mtime. A rerun with the same settings reuses every unit whose files
-are unchanged and whose crops exist, and runs no detection for it; other settings recrop. A killed
-run resumes from the journal. The manifest is written atomically at the end.
+Caching: each finished person (unit) is appended to `CROPS/.journal.jsonl` with the settings key,
+the source files' size and mtime, what detection found (every candidate of both passes) and the box
+each crop was cut from. Nothing else is cached: labels, person ids and the subject choice are rebuilt
+on every run from the raw folder, so an edited labels.csv is followed without detection work, and a
+crop is re-cut (not re-detected) when a new prior chooses another face. A killed run resumes from the
+journal. The manifest is written atomically at the end, with crops.json (settings, counts, the face
+prior this folder teaches).
 
 Finally the crops are packed, in manifest order, into `crops.npy` (N x size x size x 3 uint8) that
 training memory-maps: reading a crop is then a memory copy, not a JPEG decode (see BENCHMARKS.md).
@@ -35,15 +40,16 @@ import cv2
 import numpy as np
 
 from . import labels as L
-from .detector import Face, FaceDetector, detect_two_pass
+from .detector import FaceDetector
 from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_rgb, read_crop
 from .layouts import LayoutError, Photo, discover
-from .manifest import write_manifest
+from .manifest import PACKED, STATUSES, manifest_digest, write_manifest
 from .runtime import OptionError, check_device
+from .subject import DEFAULT_PRIOR, Candidate, Choice, Prior, choose_for_person, choose_lone, iou
 
-CROP_VERSION = 1  # bump when the crop geometry or encoding changes: it invalidates every cache
+CROP_VERSION = 2  # bump when the crop geometry, encoding or journal changes: it invalidates every cache
+MIN_PRIOR_PHOTOS = 10  # chosen faces needed to learn a folder's face prior
 JOURNAL = ".journal.jsonl"
-PACKED = "crops.npy"
 GREY = 128
 
 
@@ -81,18 +87,22 @@ class CropResult:
     layout: str
     rows: list[dict]
     counts: dict[str, int]
-    detected: int              # photos cropped in this run, all ranks together (0: everything came from the cache)
+    detected: int              # photos detected in this run, all ranks together (0: everything came from the cache)
     warnings: list[str] = field(default_factory=list)
+    prior: Prior | None = None  # the face prior this folder teaches (learned, or the one it was given)
 
 
 def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detector: FaceDetector | None = None,
                  on_progress: Callable[[int, int], None] | None = None, rank: int = 0, world: int = 1,
-                 barrier: Callable[[], None] | None = None) -> CropResult:
+                 barrier: Callable[[], None] | None = None, prior: Prior | None = None) -> CropResult:
     """Crop every photo of `raw` into `out` and write `out/manifest.csv`.
 
     >>> res = crop_dataset(Path("data_samples/train"), Path("/tmp/crops"))
-    >>> res.counts   # {'ok': 54, 'relaxed': 1, 'person_box': 1, 'no_face': 0, ...}
+    >>> res.counts   # {'ok': 55, 'relaxed': 0, 'person_box': 1, 'prior_box': 0, ...}
 
+    `prior` chooses the face of a lone photo (no other photos of its person: the eval set): give the
+    training crops' prior (`Prior.from_dict(read_meta(TRAIN_CROPS)["prior"])`, what predict does) so
+    eval photos are cropped as the training photos were; without it a built-in portrait prior is used.
     `on_progress(done, total)` is called as photos finish. Under torchrun (`world` > 1) each rank
     crops its share of the persons and rank 0 writes the one manifest (same rows, same order) and
     returns the whole result; the other ranks return their share (no counts).
@@ -110,6 +120,7 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
         from .detector import MTCNNDetector
         detector = MTCNNDetector(device=config.device, detect_side=config.detect_side, min_face=config.min_face,
                                  batch_size=config.batch_size)
+    prior = prior or DEFAULT_PRIOR
     key = settings_key(config, detector)
     paths = crop_paths(found.photos)
     units = _units(found.photos)
@@ -118,59 +129,79 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
         _remove_stale_temp_files(out)  # a killed run may have left half-written '.<name>.tmp' files
     if world > 1:
         barrier()  # no rank writes before rank 0 has cleaned up
-    todo, done_rows, unit_fps = [], {}, []
+    todo, done, unit_fps = [], {}, []
+    params = _crop_params(config)
     for u in units:
         fps = [_fingerprint(raw / p.source) for p in u]  # taken once: the journal records what was read
         unit_fps.append(fps)
-        hit = cache.get(tuple(p.source for p in u))
-        if hit and hit["fps"] == fps and all((out / r["crop"]).is_file() for r in hit["rows"]):
-            done_rows.update({r["source"]: r for r in hit["rows"]})
+        hits = [cache.get(p.source) for p in u]
+        dets = [h["det"] if h and h["fp"] == fp else None for h, fp in zip(hits, fps)]
+        boxes = [h["crop_box"] if h and h["fp"] == fp and h["crop"] == params else None for h, fp in zip(hits, fps)]
+        if all(d is not None for d in dets) and _current(out, paths, u, dets, boxes, prior):
+            done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
         else:
-            todo.append((u, fps))
+            todo.append((u, fps, dets))
     mine = todo[rank::world]
-    total = sum(len(u) for u, _ in mine)
-    detected = sum(len(u) for u, _ in todo)
+    total = sum(len(u) for u, *_ in mine)
+    detected = sum(d is None for _, _, dets in todo for d in dets)
     journal_path = out / (JOURNAL if world == 1 else f".journal.rank{rank}.jsonl")
     with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
         finished = 0
         for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-            rows = _crop_chunk(pool, out, paths, chunk, images, config, detector)
-            for (u, fps), urows in zip(chunk, rows):
-                journal.write(json.dumps({"key": key, "sources": [p.source for p in u], "fps": fps, "rows": urows}) + "\n")
-                done_rows.update({r["source"]: r for r in urows})
+            for (u, fps, _), rec in zip(chunk, _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)):
+                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": _crop_params(config), **rec}
+                journal.write(json.dumps(rec) + "\n")
+                done[tuple(rec["sources"])] = rec
             journal.flush()
             os.fsync(journal.fileno())
-            finished += sum(len(u) for u, _ in chunk)
+            finished += sum(len(u) for u, *_ in chunk)
             if on_progress:
                 on_progress(finished, total)
     if world > 1:
         barrier()  # every rank's journal is complete
-        if rank != 0:  # rank 0 alone merges the journals and writes; the others return their share
-            rows = [done_rows[p.source] for p in found.photos if p.source in done_rows]
-            return CropResult(out, found.layout, rows, {}, detected, found.warnings)
-        for r in _read_journal(out, key).values():
-            done_rows.update({row["source"]: row for row in r["rows"]})
-    rows = [done_rows[p.source] for p in found.photos]
-    counts = {s: 0 for s in ("ok", "relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")}
+        if rank == 0:  # rank 0 alone merges the journals and writes; the others return their share
+            merged = _read_journal(out, key)
+            for u in units:
+                k = tuple(p.source for p in u)
+                if k not in done:
+                    done[k] = {"crop": params, "det": [merged[s]["det"] for s in k],
+                               "crop_boxes": [merged[s]["crop_box"] for s in k]}
+    rows_of = {}
+    for u in units:
+        rec = done.get(tuple(p.source for p in u))
+        if rec is not None:
+            rows_of.update(zip((p.source for p in u), _rows(u, rec["det"], _choose(u, rec["det"], prior), paths, config)))
+    if rank != 0:
+        return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of], {},
+                          detected, found.warnings)
+    rows = [rows_of[p.source] for p in found.photos]
+    counts = {s: 0 for s in STATUSES if s != "no_face"}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    learned = _learn_prior(units, rows_of)
     meta = {"version": CROP_VERSION, "key": key, "layout": found.layout, "raw": str(raw),
             "config": asdict(config), "detector": detector.settings, "engine": getattr(detector, "engine", None),
-            "counts": counts, "rows": len(rows)}
+            "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
+            "prior_used": prior.to_dict()}
     write_manifest(out, rows, meta)
-    _compact_journal(out, key, units, unit_fps, rows)
+    _compact_journal(out, key, units, unit_fps, done)
     if config.pack:
         pack_crops(out, rows, config.size)
     # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
     # Dist.close(), on the rendezvous store).
-    return CropResult(out, found.layout, rows, counts, detected, found.warnings)
+    return CropResult(out, found.layout, rows, counts, detected, found.warnings, learned or prior)
 
 
 def settings_key(config: CropConfig, detector: FaceDetector) -> str:
-    """Hash of everything that changes a crop's pixels or box (not workers, device or batch size)."""
-    relevant = {"v": CROP_VERSION, "size": config.size, "margin": config.margin, "old": config.old,
-                "detector": detector.settings}
+    """Hash of everything that changes the faces found: the detector's settings (not labels, crop size
+    or margin, workers, device or batch size; another size or margin re-cuts crops without detecting)."""
+    relevant = {"v": CROP_VERSION, "detector": detector.settings}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _crop_params(config: CropConfig) -> dict:
+    """What a crop's pixels depend on besides the photo and the box."""
+    return {"size": config.size, "margin": config.margin}
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -195,12 +226,6 @@ def crop_square(img: np.ndarray, cx: float, cy: float, side: float, size: int) -
     patch = img[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
     return cv2.resize(patch, (size, size), interpolation=interp)
-
-
-def centre_box(w: int, h: int) -> tuple[float, float, float, float]:
-    """The no-face fallback: a centred square half as wide as the photo's shorter side."""
-    s = 0.5 * min(w, h)
-    return (w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -238,7 +263,7 @@ def _load(raw: Path, p: Photo):
 def _prefetch(pool, raw: Path, chunks):
     """Yield (chunk, images) with the next chunk's photos already decoding in the pool."""
     def submit(chunk):
-        return [[pool.submit(_load, raw, p) for p in u] for u, _ in chunk]
+        return [[pool.submit(_load, raw, p) for p in u] for u, *_ in chunk]
     it = iter(chunks)
     cur = next(it, None)
     futs = submit(cur) if cur else None
@@ -249,57 +274,127 @@ def _prefetch(pool, raw: Path, chunks):
         cur, futs = nxt, nfuts
 
 
-def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: CropConfig, detector: FaceDetector):
-    flat = [(ui, pi) for ui, u in enumerate(images) for pi, im in enumerate(u) if isinstance(im, np.ndarray)]
-    found = detect_two_pass(detector, [images[ui][pi] for ui, pi in flat])
-    faces: dict[tuple[int, int], tuple[Face, str]] = {k: hit for k, hit in zip(flat, found) if hit is not None}
+def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: CropConfig, detector: FaceDetector,
+                prior: Prior) -> list[dict]:
+    """Detect (where the cache has no detection), choose the subject, write the crops that changed.
+    Returns per unit its journal record: {"det": per-photo detection, "crop_boxes": the box each crop was cut from}."""
+    dets = [[d if d is not None else
+             {"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False} if isinstance(im, np.ndarray)
+             else {"error": str(im)} for d, im in zip(cached, imgs)] for (_, _, cached), imgs in zip(chunk, images)]
+    fresh = [(ui, pi) for ui, (_, _, cached) in enumerate(chunk) for pi, im in enumerate(images[ui])
+             if cached[pi] is None and isinstance(im, np.ndarray)]
+    _add_faces(detector, images, dets, fresh, relaxed=False)
+    # The relaxed pass, for photos whose subject the fast pass did not find (a fallback box).
+    again = [(ui, pi) for ui, (unit, _, _) in enumerate(chunk)
+             for pi, c in enumerate(_choose(unit, dets[ui], prior))
+             if c is not None and c.index is None and not dets[ui][pi]["relaxed"]]
+    _add_faces(detector, images, dets, again, relaxed=True)
     jobs = []
-    for ui, ((unit, _), imgs) in enumerate(zip(chunk, images)):
-        rel = [_relative(f.box, imgs[pi].shape) for (u2, pi), (f, _) in faces.items() if u2 == ui]
-        person = np.median(np.array(rel), axis=0) if rel else None
-        for pi, (p, img) in enumerate(zip(unit, imgs)):
-            jobs.append((p, img, faces.get((ui, pi)), person))
-    rows = list(pool.map(lambda j: _crop_one(out, paths[j[0].source], config, *j), jobs))
-    by_unit, k = [], 0
-    for unit, _ in chunk:
-        by_unit.append(rows[k:k + len(unit)])
+    for ui, (unit, _, _) in enumerate(chunk):
+        for pi, (p, c) in enumerate(zip(unit, _choose(unit, dets[ui], prior))):
+            jobs.append((paths[p.source], images[ui][pi], c))
+    boxes = list(pool.map(lambda j: _write_crop(out, j[0], config, j[1], j[2]), jobs))
+    recs, k = [], 0
+    for ui, (unit, _, _) in enumerate(chunk):
+        recs.append({"det": dets[ui], "crop_boxes": boxes[k:k + len(unit)]})
         k += len(unit)
-    return by_unit
+    return recs
 
 
-def _relative(box, shape) -> np.ndarray:
-    h, w = shape[:2]
-    return np.array([box[0] / w, box[1] / h, box[2] / w, box[3] / h])
+def _add_faces(detector: FaceDetector, images, dets, where: list[tuple[int, int]], relaxed: bool) -> None:
+    """Run one detector pass on the photos `where` (unit, photo) and add what it finds to their candidates."""
+    if not where:
+        return
+    for (ui, pi), faces in zip(where, detector.detect([images[ui][pi] for ui, pi in where], relaxed=relaxed)):
+        d = dets[ui][pi]
+        known = [c[:4] for c in d["cands"]]
+        for f in faces:
+            if relaxed and any(iou(f.box, b) > 0.7 for b in known):
+                continue  # the fast pass found this face already
+            d["cands"].append([*map(float, f.box), float(f.score), "relaxed" if relaxed else "ok",
+                               [float(v) for xy in f.landmarks for v in xy] if f.landmarks else None])
+        d["relaxed"] = d["relaxed"] or relaxed
 
 
-def _crop_one(out: Path, crop_rel: str, config: CropConfig, p: Photo, img, hit, person) -> dict:
-    age_group = L.age_group(p.age, config.old)
-    row = {"image_id": p.image_id, "source": p.source, "crop": crop_rel, "person_id": p.person_id,
-           "gender": p.gender, "race": p.race, "age": p.age, "mask": p.mask, "age_group": age_group,
-           "label": L.encode(p.mask, p.gender, age_group), "status": p.status, "reason": p.reason,
-           "x1": None, "y1": None, "x2": None, "y2": None, "score": None, "width": None, "height": None}
-    if p.status == "bad_name":
-        row["label"] = L.UNKNOWN
-    if not isinstance(img, np.ndarray):
-        row["status"] = p.status or "unreadable"
-        row["reason"] = str(img)
+def _candidates(d: dict) -> list[Candidate]:
+    return [(tuple(c[:4]), c[4], c[5], c[6]) for c in d["cands"]]
+
+
+def _choose(unit: list[Photo], dets: list[dict], prior: Prior) -> list[Choice | None]:
+    """The subject's box in each photo of a unit (None for a photo without pixels)."""
+    have = [k for k, d in enumerate(dets) if "error" not in d]
+    photos = [(_candidates(dets[k]), dets[k]["w"], dets[k]["h"]) for k in have]
+    if len(unit) > 1:
+        picked = choose_for_person(photos, prior)
+    else:
+        picked = [choose_lone(*ph, prior) for ph in photos]
+    out: list[Choice | None] = [None] * len(dets)
+    for k, c in zip(have, picked):
+        out[k] = c
+    return out
+
+
+def _current(out: Path, paths, unit: list[Photo], dets: list[dict], crop_boxes: list, prior: Prior) -> bool:
+    """Whether a cached unit needs no work: no pass left to run, every crop cut from today's choice and on disk."""
+    for p, c, d, cb in zip(unit, _choose(unit, dets, prior), dets, crop_boxes):
+        if not (out / paths[p.source]).is_file():
+            return False
+        if c is not None and ((c.index is None and not d["relaxed"]) or cb is None
+                              or not np.allclose(cb, c.box, atol=1e-3)):
+            return False
+    return True
+
+
+def _write_crop(out: Path, crop_rel: str, config: CropConfig, img, choice: Choice | None) -> list[float] | None:
+    """Write the crop (grey for a photo without pixels); returns the box it was cut from."""
+    if choice is None:
         crop = np.full((config.size, config.size, 3), GREY, np.uint8)
     else:
-        h, w = img.shape[:2]
-        if hit is not None:
-            box, score, status = hit[0].box, hit[0].score, hit[1]
-        elif person is not None:
-            box = (person[0] * w, person[1] * h, person[2] * w, person[3] * h)
-            score, status = None, "person_box"
+        crop = crop_square(img, *square_around(choice.box, config.margin), config.size)
+    atomic_write_bytes(out / crop_rel, encode_jpeg(crop))
+    return None if choice is None else [float(v) for v in choice.box]
+
+
+def _rows(unit: list[Photo], dets: list[dict], choices: list[Choice | None], paths: dict[str, str],
+          config: CropConfig) -> list[dict]:
+    """The manifest rows of a unit: labels from the raw folder (this run's), face from the detection."""
+    rows = []
+    for p, d, c in zip(unit, dets, choices):
+        age_group = L.age_group(p.age, config.old)
+        row = {"image_id": p.image_id, "source": p.source, "crop": paths[p.source], "person_id": p.person_id,
+               "gender": p.gender, "race": p.race, "age": p.age, "mask": p.mask, "age_group": age_group,
+               "label": L.UNKNOWN if p.status == "bad_name" else L.encode(p.mask, p.gender, age_group),
+               "status": p.status, "reason": p.reason, "x1": None, "y1": None, "x2": None, "y2": None,
+               "score": None, "width": None, "height": None, "faces": None, "landmarks": None}
+        if c is None:
+            row["status"] = p.status or "unreadable"
+            row["reason"] = d["error"]
         else:
-            box, score, status = centre_box(w, h), None, "no_face"
-        row.update(x1=box[0], y1=box[1], x2=box[2], y2=box[3], score=score, width=w, height=h)
-        row["status"] = p.status or status
-        if p.status == "bad_name":
-            row["reason"] = f"{p.reason}; face: {status}"
-        crop = crop_square(img, *square_around(box, config.margin), config.size)
-    atomic_write_bytes(out / row["crop"], encode_jpeg(crop))
-    return row
+            cand = d["cands"][c.index] if c.index is not None else None
+            row.update(x1=c.box[0], y1=c.box[1], x2=c.box[2], y2=c.box[3], score=cand and cand[4],
+                       width=d["w"], height=d["h"], faces=len(d["cands"]),
+                       landmarks=cand and _crop_landmarks(cand[6], c.box, config))
+            row["status"] = p.status or c.status
+            row["reason"] = f"{p.reason}; face: {c.status}" if p.status == "bad_name" else (p.reason or c.reason)
+        rows.append(row)
+    return rows
+
+
+def _crop_landmarks(lm: list[float] | None, box, config: CropConfig) -> list[float] | None:
+    """The five landmarks (x, y, ...) in the crop's pixels, as `crop_square` cuts it."""
+    if not lm:
+        return None
+    cx, cy, side = square_around(box, config.margin)
+    x0, y0, s = round(cx - side / 2), round(cy - side / 2), round(side)
+    k = config.size / s
+    return [round((v - (x0 if i % 2 == 0 else y0)) * k, 1) for i, v in enumerate(lm)]
+
+
+def _learn_prior(units: list[list[Photo]], rows_of: dict[str, dict]) -> Prior | None:
+    """The face prior this folder teaches: the boxes chosen in person units (found by the fast pass)."""
+    boxes = [((r["x1"], r["y1"], r["x2"], r["y2"]), r["width"], r["height"]) for u in units if len(u) > 1
+             for r in (rows_of[p.source] for p in u) if r["status"] == "ok"]
+    return Prior.learn(boxes) if len(boxes) >= MIN_PRIOR_PHOTOS else None
 
 
 def crop_paths(photos: list[Photo]) -> dict[str, str]:
@@ -322,9 +417,10 @@ def _fingerprint(path: Path) -> list[int]:
         return [-1, -1]
 
 
-def _read_journal(out: Path, key: str) -> dict[tuple[str, ...], dict]:
-    """Finished units of earlier (possibly killed) runs with these settings; a torn last line is ignored."""
-    units = {}
+def _read_journal(out: Path, key: str) -> dict[str, dict]:
+    """Per photo (source) of earlier (possibly killed) runs with these detector settings: its file's
+    fingerprint, detection, crop parameters and the box its crop was cut from. A torn last line is ignored."""
+    photos = {}
     for path in sorted(out.glob(".journal*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -332,9 +428,10 @@ def _read_journal(out: Path, key: str) -> dict[tuple[str, ...], dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the line a kill cut short
-                if rec.get("key") == key:
-                    units[tuple(rec["sources"])] = rec
-    return units
+                if rec.get("key") == key and "det" in rec:
+                    for src, fp, det, box in zip(rec["sources"], rec["fps"], rec["det"], rec["crop_boxes"]):
+                        photos[src] = {"fp": fp, "det": det, "crop": rec["crop"], "crop_box": box}
+    return photos
 
 
 def _remove_stale_temp_files(out: Path) -> None:
@@ -343,11 +440,13 @@ def _remove_stale_temp_files(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _compact_journal(out: Path, key: str, units, unit_fps, rows) -> None:
+def _compact_journal(out: Path, key: str, units, unit_fps, done: dict) -> None:
     """Rewrite the journal to hold exactly this run's units (the cache for the next run)."""
-    by_source = {r["source"]: r for r in rows}
-    lines = [json.dumps({"key": key, "sources": [p.source for p in u], "fps": fps,
-                         "rows": [by_source[p.source] for p in u]}) for u, fps in zip(units, unit_fps)]
+    lines = []
+    for u, fps in zip(units, unit_fps):
+        rec = done[tuple(p.source for p in u)]
+        lines.append(json.dumps({"key": key, "sources": [p.source for p in u], "fps": fps, "crop": rec["crop"],
+                                 "det": rec["det"], "crop_boxes": rec["crop_boxes"]}))
     atomic_write_bytes(out / JOURNAL, ("\n".join(lines) + "\n").encode("utf-8"))
     for extra in out.glob(".journal.rank*.jsonl"):
         extra.unlink(missing_ok=True)
@@ -378,19 +477,3 @@ def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
     os.replace(tmp, target)
     atomic_write_bytes(stamp_file, json.dumps(info).encode())
     return target
-
-
-def manifest_digest(out: Path) -> str:
-    return hashlib.sha256((Path(out) / "manifest.csv").read_bytes()).hexdigest()
-
-
-def packed_crops(out: Path) -> Path | None:
-    """crops.npy if it was packed from the current manifest, else None (callers then decode the JPEGs)."""
-    target, stamp_file = Path(out) / PACKED, Path(out) / (PACKED + ".json")
-    if not (target.is_file() and stamp_file.is_file()):
-        return None
-    try:
-        ok = json.loads(stamp_file.read_text()).get("manifest_sha256") == manifest_digest(out)
-    except (OSError, ValueError):
-        return None
-    return target if ok else None

@@ -1,7 +1,9 @@
 """The face detector: the one place that knows about MTCNN, its device, its pyramid and batching.
 
 `FaceDetector` is a protocol: anything with `settings` (a dict that goes into the crop cache key) and
-`detect(images, relaxed=False) -> list[Face | None]` will do, which is how tests inject a fake.
+`detect(images, relaxed=False) -> list[list[Face]]` (every face found in each photo, best first; an
+empty list when none) will do, which is how tests inject a fake. Which face is the photo's subject is
+not the detector's business: `subject.py` decides, from the person's other photos and a prior.
 
 Speed on the CPU comes from the pyramid, not from cleverness: a competition photo is 384x512 with one
 face filling a large part of it, so MTCNN's default (`min_face_size=20` on the full photo, 0.709
@@ -24,6 +26,8 @@ import numpy as np
 from .mtcnn import CvNets, Nets, detect_batch
 from .runtime import device_name
 
+SETTINGS_VERSION = "lean-3"  # in the settings (the cache key): bump when detection output changes
+
 
 @dataclass(frozen=True)
 class Face:
@@ -35,33 +39,26 @@ class Face:
 class FaceDetector(Protocol):
     settings: dict
 
-    def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[Face | None]: ...
+    def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[list[Face]]: ...
 
 
-def pick_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray | None) -> int:
-    """Index of the face to keep: the largest and most confident (area x probability)."""
-    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
-    return int(np.argmax(area * probs))
-
-
-def detect_two_pass(detector: FaceDetector, images: Sequence[np.ndarray]) -> list[tuple[Face, str] | None]:
-    """The crop stage's detection: the fast pass for all, the relaxed pass for the photos it missed.
-    Per photo (face, 'ok' | 'relaxed'), or None where neither pass found a face."""
-    found: list[tuple[Face, str] | None] = [None if f is None else (f, "ok") for f in detector.detect(images)] \
-        if len(images) else []
-    misses = [i for i, f in enumerate(found) if f is None]
-    if misses:
-        for i, f in zip(misses, detector.detect([images[i] for i in misses], relaxed=True)):
-            if f is not None:
-                found[i] = (f, "relaxed")
-    return found
+def build_detector(settings: dict, device: str = "auto", batch_size: int = 32) -> MTCNNDetector:
+    """The detector that `settings` (a crops.json's or a checkpoint's `detector` entry) describes, on
+    `device`: how predict crops new photos exactly as the training photos were cropped."""
+    if settings.get("detector") != "mtcnn":
+        raise ValueError(f"the crops were made with detector {settings.get('detector')!r}, which cannot be rebuilt; "
+                         "crop the photos yourself and pass the crops folder")
+    return MTCNNDetector(device=device, detect_side=settings["detect_side"], min_face=settings["min_face"],
+                         thresholds=tuple(settings["thresholds"]),
+                         relaxed_thresholds=tuple(settings["relaxed_thresholds"]), factor=settings["factor"],
+                         batch_size=batch_size)
 
 
 class MTCNNDetector:
     """MTCNN (facenet-pytorch's weights, `mtcnn.detect_batch`) with a speed-tuned pyramid and equal-size batching.
 
     >>> det = MTCNNDetector(device="cpu")
-    >>> faces = det.detect([rgb_uint8_array])   # [Face(box=(x1, y1, x2, y2), score=0.99, ...)] or [None]
+    >>> faces = det.detect([rgb_uint8_array])   # [[Face(box=(x1, y1, x2, y2), score=0.99, ...), ...]], [[]] if none
 
     `engine`: 'auto' runs the nets in OpenCV on the CPU and in torch on CUDA; 'torch' forces torch
     (on the CPU too: how the tests check the GPU path's code without a GPU).
@@ -81,7 +78,7 @@ class MTCNNDetector:
         # The relaxed pass: lower thresholds (masked faces lose R-/O-Net confidence, not size) and a
         # minimum face of 2/3 of the first pass's, same pyramid step.
         self._relaxed = (list(relaxed_thresholds), max(min_face * 2 / 3, 0.05), factor)
-        self.settings = {"detector": "mtcnn", "impl": "lean-2", "detect_side": detect_side, "min_face": min_face,
+        self.settings = {"detector": "mtcnn", "impl": SETTINGS_VERSION, "detect_side": detect_side, "min_face": min_face,
                          "thresholds": list(thresholds), "relaxed_thresholds": list(relaxed_thresholds),
                          "factor": factor}
 
@@ -100,8 +97,8 @@ class MTCNNDetector:
             self._net = TorchNets(self.device)
         return self._net
 
-    def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[Face | None]:
-        results: list[Face | None] = [None] * len(images)
+    def detect(self, images: Sequence[np.ndarray], relaxed: bool = False) -> list[list[Face]]:
+        results: list[list[Face]] = [[] for _ in images]
         scaled, scales = [], []
         for img in images:
             h, w = img.shape[:2]
@@ -122,14 +119,7 @@ class MTCNNDetector:
                 chunk = idx[start:start + self.batch_size]
                 found = detect_batch(nets, np.stack([scaled[i] for i in chunk]), min_face, thresholds, factor)
                 for i, (boxes, probs, points) in zip(chunk, found):
-                    results[i] = _to_face(boxes, probs, points, scales[i])
+                    results[i] = [Face(box=tuple(float(v) / scales[i] for v in b), score=float(p),
+                                       landmarks=tuple((float(x) / scales[i], float(y) / scales[i]) for x, y in lm))
+                                  for b, p, lm in zip(boxes, probs, points)]
         return results
-
-
-def _to_face(boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale: float) -> Face | None:
-    if len(boxes) == 0:
-        return None
-    k = pick_face(boxes, probs, points)
-    box = tuple(float(v) / scale for v in boxes[k])
-    lm = tuple((float(x) / scale, float(y) / scale) for x, y in points[k])
-    return Face(box=box, score=float(probs[k]), landmarks=lm)

@@ -6,6 +6,7 @@ re-derives a label from a folder name.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -15,18 +16,30 @@ from .imageio import atomic_write_bytes
 from .layouts import LayoutError, safe_relative
 
 COLUMNS = ["image_id", "source", "crop", "person_id", "gender", "race", "age", "mask", "age_group", "label",
-           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height"]
-INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height"}
+           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height", "faces", "landmarks"]
+OPTIONAL = {"faces", "landmarks"}  # absent from manifests written before they existed
+INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height", "faces"}
 FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score"}
 
-# ok: MTCNN found the face in this photo; relaxed: found by the second, lower-threshold pass;
-# person_box: the median box of the same person's other photos; no_face: centre crop;
-# unreadable / missing: no pixels (a grey crop stands in so predict can still answer); bad_name: labels unknown.
-STATUSES = ("ok", "relaxed", "person_box", "no_face", "unreadable", "missing", "bad_name")
-TRAINABLE = ("ok", "relaxed", "person_box", "no_face")
+# The one list of row statuses (the crop stage writes them; report, CLI and datasets read them):
+STATUS_HELP = {
+    "ok": "the subject's face, found by the detector's first pass",
+    "relaxed": "found by the second, lower-threshold pass",
+    "person_box": "no face where the person's other photos put it: their box, scaled to this photo",
+    "prior_box": "a lone photo with no plausible face: the face prior's box",
+    "no_face": "no face found: a centre square (manifests written before the face prior)",
+    "unreadable": "no pixels: the file cannot be decoded (a grey crop stands in so predict can still answer)",
+    "missing": "no pixels: the file listed is not there (a grey crop stands in)",
+    "bad_name": "the name carries no labels (labels unknown; the face is cropped)",
+}
+STATUSES = tuple(STATUS_HELP)
+TRAINABLE = ("ok", "relaxed", "person_box", "prior_box", "no_face")
+FALLBACKS = tuple(s for s in STATUSES if s != "ok")  # rows the report shows in its own gallery
+PROBLEMS = ("unreadable", "missing", "bad_name")     # rows the CLI lists after cropping
 
 MANIFEST = "manifest.csv"
 META = "crops.json"
+PACKED = "crops.npy"
 
 
 def write_manifest(crops: Path, rows: list[dict], meta: dict) -> None:
@@ -43,6 +56,8 @@ def write_manifest(crops: Path, rows: list[dict], meta: dict) -> None:
 def _fmt(v) -> str:
     if v is None:
         return ""
+    if isinstance(v, list):
+        return " ".join(map(str, v))
     if isinstance(v, float):
         return f"{v:.2f}" if abs(v) > 1.5 else f"{v:.6f}"
     return str(v)
@@ -61,17 +76,20 @@ def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
         raise LayoutError(f"{crops} has no {MANIFEST}: is it a crops folder? Make one with `maskcls crop RAW --out {crops}`")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        missing = set(COLUMNS) - OPTIONAL - set(reader.fieldnames or [])
         if missing:
             raise LayoutError(f"{path} is not a maskcls manifest: missing columns {sorted(missing)}")
         rows = []
         for n, raw in enumerate(reader, start=2):
             r = dict(raw)
             try:
+                for k in OPTIONAL:
+                    r.setdefault(k, "")
                 for k in INT_COLUMNS:
                     r[k] = int(r[k]) if r[k] != "" else L.UNKNOWN
                 for k in FLOAT_COLUMNS:
                     r[k] = float(r[k]) if r[k] != "" else None
+                r["landmarks"] = [float(v) for v in r["landmarks"].split()] or None
             except ValueError as e:
                 raise LayoutError(f"{path} line {n}: {e}") from None
             r["crop"] = safe_relative(Path(crops), r["crop"], f"{path} line {n}")
@@ -85,3 +103,19 @@ def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
 def read_meta(crops: Path) -> dict:
     path = Path(crops) / META
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def manifest_digest(crops: Path) -> str:
+    return hashlib.sha256((Path(crops) / MANIFEST).read_bytes()).hexdigest()
+
+
+def packed_crops(crops: Path) -> Path | None:
+    """crops.npy if it was packed from the current manifest, else None (callers then decode the JPEGs)."""
+    target, stamp_file = Path(crops) / PACKED, Path(crops) / (PACKED + ".json")
+    if not (target.is_file() and stamp_file.is_file()):
+        return None
+    try:
+        ok = json.loads(stamp_file.read_text()).get("manifest_sha256") == manifest_digest(crops)
+    except (OSError, ValueError):
+        return None
+    return target if ok else None

@@ -3,10 +3,11 @@
 The geometry (pyramid, box regression, squaring, NMS, landmarks) is facenet-pytorch's `detect_face`,
 written once here in numpy. The three networks run in a backend:
 
-- `CvNets` (the CPU): OpenCV's DNN module, fed an ONNX graph built in memory from the weights
-  (`onnx_proto`). As fast as torch's oneDNN on these small nets, and the crop stage then never
-  imports torch, which costs 1.8 s per process on this project's CPU (see BENCHMARKS.md). The
-  weights are read from facenet-pytorch's files by `load_weights` without torch as well.
+- `CvNets` (the CPU): OpenCV's DNN module, reading the ONNX files shipped in `preprocess/nets/`
+  (made once by tools/export_mtcnn_onnx.py with `torch.onnx.export` from facenet-pytorch's own
+  modules and weights; MIT, see nets/NOTICE.md). The crop stage then never imports torch, which
+  costs 1.8 s per process on this project's CPU (see BENCHMARKS.md). onnxruntime runs these nets
+  at the same speed (measured, BENCHMARKS.md §1) and would be one more dependency.
   Candidates are cut and resized with `cv2.resize(INTER_AREA)`, as the original MTCNN does.
 - `mtcnn_torch.TorchNets` (CUDA): the same nets in torch, batches on the GPU, candidates cut for a
   whole batch with one `grid_sample` per image (bilinear at twice the size, then 2x2 average
@@ -14,110 +15,31 @@ written once here in numpy. The three networks run in a backend:
 
 Why not facenet-pytorch's own `MTCNN.detect`: importing it imports torch and all of torchvision,
 and its second and third stages cut every candidate box in a Python loop of `interpolate` calls.
-Here only the `keep_rnet` / `keep_onet` best candidates per image go on to the next stage: we want
-the one main face of a photo, not every face in a crowd.
+Here only the `keep_rnet` / `keep_onet` best candidates per image go on to the next stage: a photo
+has one subject and at most a few other faces (a bystander, a poster), not a crowd. Which candidate
+is the subject is decided later, by `subject.py`.
 """
 from __future__ import annotations
 
-import collections
-import importlib.util
-import os
-import pickle
-import struct
-import zipfile
+from pathlib import Path
 from typing import Protocol
 
 import cv2
 import numpy as np
 
-from . import onnx_proto as ox
-
-# The nets, layer by layer, named as in the weight files. ("flatten",) is Caffe's order (N, W, H, C),
-# which the dense weights expect. Heads named "prob" end in a softmax over the two classes.
-SPECS = {
-    "pnet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 2), ("conv", "conv2"), ("prelu", "prelu2"),
-                      ("conv", "conv3"), ("prelu", "prelu3")],
-             "heads": [("reg", "conv4_2"), ("prob", "conv4_1")]},
-    "rnet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3), ("conv", "conv2"), ("prelu", "prelu2"),
-                      ("pool", 3), ("conv", "conv3"), ("prelu", "prelu3"), ("flatten",), ("dense", "dense4"),
-                      ("prelu", "prelu4")],
-             "heads": [("reg", "dense5_2"), ("prob", "dense5_1")], "side": 24},
-    "onet": {"body": [("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3), ("conv", "conv2"), ("prelu", "prelu2"),
-                      ("pool", 3), ("conv", "conv3"), ("prelu", "prelu3"), ("pool", 2), ("conv", "conv4"),
-                      ("prelu", "prelu4"), ("flatten",), ("dense", "dense5"), ("prelu", "prelu5")],
-             "heads": [("reg", "dense6_2"), ("landmarks", "dense6_3"), ("prob", "dense6_1")], "side": 48},
-}
+NETS_DIR = Path(__file__).resolve().parent / "nets"
+# Each net's outputs, in the order its forward returns them; "prob" ends in a softmax over (no face, face).
+OUTPUTS = {"pnet": ["reg", "prob"], "rnet": ["reg", "prob"], "onet": ["reg", "landmarks", "prob"]}
+SIDE = {"rnet": 24, "onet": 48}  # the input side of the second and third nets
 
 
-# -- weights ----------------------------------------------------------------------------------------
-
-def weights_path(name: str) -> str:
-    spec = importlib.util.find_spec("facenet_pytorch")  # locates the package without importing it (and torch)
-    if spec is None or spec.origin is None:
-        raise RuntimeError("facenet-pytorch is not installed: pip install facenet-pytorch==2.5.3")
-    return os.path.join(os.path.dirname(spec.origin), "data", f"{name}.pt")
-
-
-def load_weights(name: str) -> dict[str, np.ndarray]:
-    """The state dict of facenet-pytorch's `name` net ('pnet', 'rnet', 'onet') as float32 numpy arrays.
-
-    facenet-pytorch 2.5.3 ships them in torch's legacy (pre-1.6) serialisation, which is read here
-    without torch: a few pickles, then each storage's raw bytes. Only the objects a state dict holds
-    are allowed out of the pickle. A zip-format file (a later release) goes through torch.load."""
-    path = weights_path(name)
-    if zipfile.is_zipfile(path):
-        import torch
-        return {k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    with open(path, "rb") as f:
-        if pickle.load(f) != 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
-            raise RuntimeError(f"{path} is not a torch weights file")
-        pickle.load(f), pickle.load(f)  # protocol version, system info
-        storages: dict[str, tuple[np.dtype, int]] = {}
-        state = _StateDictUnpickler(f, storages).load()
-        data = {}
-        for key in pickle.load(f):
-            dtype, numel = storages[key]
-            raw = f.read(8 + numel * dtype.itemsize)
-            if len(raw) != 8 + numel * dtype.itemsize or struct.unpack("<q", raw[:8])[0] != numel:
-                raise RuntimeError(f"{path} is truncated or corrupt: reinstall facenet-pytorch==2.5.3")
-            data[key] = np.frombuffer(raw[8:], dtype=dtype)
-    out = {}
-    for name_, (key, offset, size, stride) in state.items():
-        buf = data[key]
-        if offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(buf):  # as_strided does not check
-            raise RuntimeError(f"{path}: tensor {name_} lies outside its storage: reinstall facenet-pytorch==2.5.3")
-        out[name_] = np.lib.stride_tricks.as_strided(buf[offset:], size, [s * buf.itemsize for s in stride]).copy()
-    return out
-
-
-_STORAGE_DTYPES = {"FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
-                   "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4")}
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    return storage, offset, tuple(size), tuple(stride)
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    def __init__(self, f, storages: dict):
-        super().__init__(f)
-        self.storages = storages
-
-    def find_class(self, module, name):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a weights file")
-
-    def persistent_load(self, pid):
-        kind, dtype, key, _location, numel = pid[:5]
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unexpected persistent object {kind!r} in a weights file")
-        self.storages[key] = (dtype, numel)
-        return key
+def net_path(name: str) -> Path:
+    """The shipped ONNX file of `name` ('pnet', 'rnet', 'onet'), made by tools/export_mtcnn_onnx.py
+    from facenet-pytorch's own modules and weights."""
+    path = NETS_DIR / f"{name}.onnx"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: reinstall maskcls (the MTCNN nets ship inside the package)")
+    return path
 
 
 # -- the detection geometry (numpy) -----------------------------------------------------------------
@@ -257,59 +179,11 @@ def nms(boxes, scores, idx, thresh: float, mode: str = "union") -> np.ndarray:
 
 # -- the CPU backend: OpenCV DNN ---------------------------------------------------------------------
 
-def onnx_graph(name: str, weights: dict[str, np.ndarray]) -> bytes:
-    """The net `name` of SPECS with these weights, as a serialised ONNX model (input 'x', N x 3 x H x W)."""
-    spec, nodes, inits = SPECS[name], [], []
-    x, k = "x", 0
-
-    def emit(op, inputs, **attrs):
-        nonlocal x, k
-        k += 1
-        nodes.append(ox.node(op, [x, *inputs], [f"t{k}"], **attrs))
-        x = f"t{k}"
-
-    def param(key, shape=None):
-        inits.append(ox.tensor(key, weights[key] if shape is None else weights[key].reshape(shape)))
-        return key
-
-    flat = False
-    for kind, *arg in spec["body"]:
-        if kind == "conv":
-            kh, kw = weights[f"{arg[0]}.weight"].shape[2:]
-            emit("Conv", [param(f"{arg[0]}.weight"), param(f"{arg[0]}.bias")], kernel_shape=[kh, kw])
-        elif kind == "prelu":
-            c = len(weights[f"{arg[0]}.weight"])
-            emit("PRelu", [param(f"{arg[0]}.weight", (c,) if flat else (c, 1, 1))])
-        elif kind == "pool":
-            emit("MaxPool", [], kernel_shape=[arg[0], arg[0]], strides=[2, 2], ceil_mode=1)
-        elif kind == "flatten":
-            emit("Transpose", [], perm=[0, 3, 2, 1])
-            emit("Flatten", [], axis=1)
-            flat = True
-        else:
-            emit("Gemm", [param(f"{arg[0]}.weight"), param(f"{arg[0]}.bias")], transB=1)
-    body = x
-    for out, layer in spec["heads"]:
-        op = "Gemm" if flat else "Conv"
-        attrs = {"transB": 1} if flat else {"kernel_shape": [1, 1]}
-        w, b = param(f"{layer}.weight"), param(f"{layer}.bias")
-        if out == "prob":
-            nodes.append(ox.node(op, [body, w, b], [f"{out}_logits"], **attrs))
-            nodes.append(ox.node("Softmax", [f"{out}_logits"], [out], axis=1))
-        else:
-            nodes.append(ox.node(op, [body, w, b], [out], **attrs))
-    side = spec.get("side")
-    return ox.model(name, nodes, inits, [ox.value_info("x", ["n", 3, side or "h", side or "w"])],
-                    [ox.value_info(out, ["n", len(weights[f"{layer}.bias"])] + ([] if flat else ["oh", "ow"]))
-                     for out, layer in spec["heads"]])
-
-
 class CvNets:
     """The three nets in OpenCV's DNN module, on the CPU, without torch."""
 
     def __init__(self, max_batch: int = 64):
-        self._nets = {name: cv2.dnn.readNetFromONNX(np.frombuffer(onnx_graph(name, load_weights(name)), np.uint8))
-                      for name in SPECS}
+        self._nets = {name: cv2.dnn.readNetFromONNX(str(net_path(name))) for name in OUTPUTS}
         self.max_batch = max_batch
 
     def load(self, images: np.ndarray) -> list[np.ndarray]:
@@ -322,18 +196,18 @@ class CvNets:
         return reg, prob[:, 1]
 
     def rnet(self, batch, regions, idx):
-        reg, prob = self._forward("rnet", _cut(batch, regions, idx, SPECS["rnet"]["side"]))
+        reg, prob = self._forward("rnet", _cut(batch, regions, idx, SIDE["rnet"]))
         return reg, prob[:, 1]
 
     def onet(self, batch, regions, idx):
-        reg, lm, prob = self._forward("onet", _cut(batch, regions, idx, SPECS["onet"]["side"]))
+        reg, lm, prob = self._forward("onet", _cut(batch, regions, idx, SIDE["onet"]))
         return reg, lm, prob[:, 1]
 
     def _forward(self, name: str, x: np.ndarray):
         """The net on x (N x 3 x H x W) in chunks of at most `max_batch`. Unlike torch's oneDNN, OpenCV
         neither slows down nor grows when the batch size changes from call to call (measured), so
         batches are not padded to fixed sizes."""
-        net, outs = self._nets[name], [o for o, _ in SPECS[name]["heads"]]
+        net, outs = self._nets[name], OUTPUTS[name]
         parts = []
         for start in range(0, len(x), self.max_batch):
             net.setInput(np.ascontiguousarray(x[start:start + self.max_batch], dtype=np.float32))

@@ -1,37 +1,18 @@
 """MTCNN's three nets in torch, for CUDA: a batch of photos stays on the GPU through all three stages.
 
+The nets are facenet-pytorch's own modules (`PNet`, `RNet`, `ONet`, with their shipped weights), the
+same ones tools/export_mtcnn_onnx.py exports for the CPU engine, so the two engines cannot drift apart.
 The geometry between the stages is `mtcnn.detect_batch` (numpy, on a few hundred boxes); only the
-pixels live here. The layers come from `mtcnn.SPECS`, the weights from `mtcnn.load_weights`, so the
-CPU (OpenCV) and GPU nets cannot drift apart.
+pixels live here.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
-from .mtcnn import SPECS, load_weights
-
-
-def forward(name: str, weights: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The net `name` of SPECS on x (N x 3 x H x W) → {head name: output}."""
-    for kind, *arg in SPECS[name]["body"]:
-        if kind == "conv":
-            x = F.conv2d(x, weights[f"{arg[0]}.weight"], weights[f"{arg[0]}.bias"])
-        elif kind == "prelu":
-            x = F.prelu(x, weights[f"{arg[0]}.weight"])
-        elif kind == "pool":
-            x = F.max_pool2d(x, arg[0], 2, ceil_mode=True)
-        elif kind == "flatten":
-            x = x.permute(0, 3, 2, 1).flatten(1)
-        else:
-            x = F.linear(x, weights[f"{arg[0]}.weight"], weights[f"{arg[0]}.bias"])
-    out = {}
-    for head, layer in SPECS[name]["heads"]:
-        w, b = weights[f"{layer}.weight"], weights[f"{layer}.bias"]
-        y = F.conv2d(x, w, b) if x.dim() == 4 else F.linear(x, w, b)
-        out[head] = y.softmax(1) if head == "prob" else y
-    return out
+from .mtcnn import SIDE
 
 
 class TorchNets:
@@ -39,12 +20,9 @@ class TorchNets:
 
     def __init__(self, device: torch.device, bucket: int = 64):
         self.device, self.bucket = torch.device(device), bucket
-        self.weights = {}
-        for name in SPECS:
-            w = {k: torch.from_numpy(v).to(self.device) for k, v in load_weights(name).items()}
-            # channels_last: torch's CPU max-pooling is ~10x faster in it, and convolutions no slower.
-            self.weights[name] = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                                  for k, v in w.items()}
+        # channels_last: torch's CPU max-pooling is ~10x faster in it, and convolutions no slower.
+        self.nets = {name: cls().eval().to(self.device, memory_format=torch.channels_last)
+                     for name, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet))}
 
     @torch.inference_mode()
     def load(self, images: np.ndarray) -> torch.Tensor:
@@ -54,28 +32,28 @@ class TorchNets:
     @torch.inference_mode()
     def pnet(self, batch, size):
         x = F.interpolate(batch, size=size, mode="area").contiguous(memory_format=torch.channels_last)
-        out = forward("pnet", self.weights["pnet"], x)
-        return out["reg"].float().cpu().numpy(), out["prob"][:, 1].float().cpu().numpy()
+        reg, prob = self.nets["pnet"](x)
+        return reg.float().cpu().numpy(), prob[:, 1].float().cpu().numpy()
 
     @torch.inference_mode()
     def rnet(self, batch, regions, idx):
-        out = self._bucketed("rnet", _cut(batch, regions, idx, SPECS["rnet"]["side"]))
-        return out["reg"], out["prob"][:, 1]
+        reg, prob = self._bucketed("rnet", _cut(batch, regions, idx, SIDE["rnet"]))
+        return reg, prob[:, 1]
 
     @torch.inference_mode()
     def onet(self, batch, regions, idx):
-        out = self._bucketed("onet", _cut(batch, regions, idx, SPECS["onet"]["side"]))
-        return out["reg"], out["landmarks"], out["prob"][:, 1]
+        reg, lm, prob = self._bucketed("onet", _cut(batch, regions, idx, SIDE["onet"]))
+        return reg, lm, prob[:, 1]
 
-    def _bucketed(self, name: str, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def _bucketed(self, name: str, x: torch.Tensor) -> list[np.ndarray]:
         """The net on x with the batch padded to a multiple of `bucket`: every new input shape makes
         cuDNN/oneDNN plan and cache another kernel (measured on the CPU: +440 MiB over 1,000 photos)."""
         n = x.shape[0]
         pad = (-n) % self.bucket
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-        out = forward(name, self.weights[name], x.contiguous(memory_format=torch.channels_last))
-        return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+        out = self.nets[name](x.contiguous(memory_format=torch.channels_last))
+        return [v[:n].float().cpu().numpy() for v in out]
 
 
 def _cut(norm: torch.Tensor, regions: np.ndarray, idx: np.ndarray, size: int) -> torch.Tensor:

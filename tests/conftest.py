@@ -1,7 +1,8 @@
 """Shared fixtures: a fake face detector, synthetic raw folders, synthetic crops folders.
 
-The fake detector finds "faces" drawn as bright squares: a square brighter than 200 is found by the
-first pass, one between 120 and 200 only by the relaxed pass, and a photo without one has no face.
+The fake detector finds "faces" drawn as bright squares, every square of a photo: a square brighter
+than 200 is found by the first pass, one between 120 and 200 only by the relaxed pass, and a photo
+without one has no face. Its score is 0.99 x min(1, brightness / 250).
 So tests know every box and every status in advance, and run without MTCNN.
 """
 from __future__ import annotations
@@ -33,14 +34,19 @@ class FakeDetector:
     def detect(self, images, relaxed=False):
         self.calls += 1
         self.photos += len(images)
-        return [self._one(im, 120 if relaxed else 200) for im in images]
+        return [self._all(im, 120 if relaxed else 200) for im in images]
 
     @staticmethod
-    def _one(im, level):
-        ys, xs = np.nonzero(im.min(axis=2) > level)
-        if len(xs) < 16:
-            return None
-        return Face(box=(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), score=0.99)
+    def _all(im, level):
+        grey = im.min(axis=2)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats((grey > level).astype(np.uint8), connectivity=4)
+        faces = []
+        for k in range(1, n):
+            x, y, w, h, area = stats[k]
+            if area >= 16:
+                score = min(0.99, 0.99 * float(grey[lab == k].mean()) / 250)
+                faces.append(Face(box=(float(x), float(y), float(x + w), float(y + h)), score=round(score, 4)))
+        return sorted(faces, key=lambda f: -f.score)
 
 
 def photo(box=(140, 160, 260, 280), level=255, size=(384, 512), seed=0) -> np.ndarray:

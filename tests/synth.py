@@ -83,10 +83,16 @@ def draw_mask(img: np.ndarray, box, pts, kind: str = "wear", colour=(235, 235, 2
     return img
 
 
-def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H)):
-    """The seven photos of one synthetic person: {stem: (rgb, true_box)}; they share framing, as in the data."""
+def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H), bystander: Source | None = None,
+                  details: dict | None = None):
+    """The seven photos of one synthetic person: {stem: (rgb, true_box)}; they share framing, as in the data.
+
+    `bystander`: a second, unmasked face partly in frame at one side of most photos (a person behind,
+    a poster), roughly where it was in the person's other photos. `details`, when given, receives per
+    stem the bystander's box (None where it is not in the photo)."""
     face_w = rng.uniform(0.38, 0.5) * size[0]
     centre = (size[0] / 2 + rng.uniform(-20, 20), size[1] * 0.42 + rng.uniform(-20, 20))
+    place = _bystander_place(rng, face_w, size) if bystander is not None else None
     out = {}
     for k, stem in enumerate(["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]):
         c = (centre[0] + rng.uniform(-6, 6), centre[1] + rng.uniform(-6, 6))
@@ -94,8 +100,44 @@ def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H)
         if stem != "normal":
             colour = MASK_COLOURS[k % len(MASK_COLOURS)]
             img = draw_mask(img, box, pts, "wear" if stem.startswith("mask") else "incorrect", colour)
+        other = None
+        if place is not None and rng.random() < 0.85:
+            img, other = add_face(img, bystander, rng, place, keep_clear=box)
+        if details is not None:
+            details[stem] = other
         out[stem] = (img, box)
     return out
+
+
+def _bystander_place(rng: np.random.Generator, face_w: float, size) -> tuple[float, float, float]:
+    """(centre x, centre y, face width) of a bystander: at the left or right edge, 10-35% of it out of
+    frame, 55-80% of the subject's size, in the upper half."""
+    w, h = size
+    bw = face_w * rng.uniform(0.55, 0.8)
+    cx = bw * (0.5 - rng.uniform(0.1, 0.35))
+    if rng.random() < 0.5:
+        cx = w - cx
+    return cx, h * rng.uniform(0.18, 0.4), bw
+
+
+def add_face(img: np.ndarray, src: Source, rng: np.random.Generator, place, keep_clear=None):
+    """Paste src's bare face (feathered ellipse) at place = (cx, cy, face width), jittered a little, behind
+    the box `keep_clear` (the subject stays in front). Returns (rgb, the pasted face's box clipped to the photo)."""
+    h, w = img.shape[:2]
+    cx, cy, fw = place
+    layer, box, _ = compose(src, rng, fw * rng.uniform(0.96, 1.04), (cx + rng.uniform(-10, 10), cy + rng.uniform(-10, 10)),
+                            bool(rng.integers(2)), (w, h))
+    alpha = np.zeros((h, w), np.float32)
+    ecx, ecy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    axes = (int((box[2] - box[0]) * 0.62), int((box[3] - box[1]) * 0.72))
+    cv2.ellipse(alpha, (int(ecx), int(ecy)), axes, 0, 0, 360, 1.0, -1)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 6)
+    if keep_clear is not None:
+        x1, y1, x2, y2 = keep_clear
+        pad = 0.15 * (x2 - x1)
+        alpha[max(0, int(y1 - pad)):int(y2 + pad), max(0, int(x1 - pad)):int(x2 + pad)] = 0
+    out = (img * (1 - alpha[..., None]) + layer * alpha[..., None]).astype(np.uint8)
+    return out, np.array([max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3])])
 
 
 def save(path: Path, rgb: np.ndarray, quality: int = 85) -> None:

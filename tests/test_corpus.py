@@ -14,6 +14,7 @@ from tests.test_imageio import _png_header_only
 from tests.test_predict import make_ckpt
 
 BOX = (140, 160, 260, 280)
+UPRIGHT = (214, 100, 334, 220)  # where orientation 6 puts the stored photo's face
 
 
 def _pil(arr, mode=None):
@@ -48,8 +49,8 @@ def corpus(tmp_path):
     _pil(stored).save(p2 / "normal.jpg", exif=exif, quality=95)
     save_rgb(p2 / "mask1.jpg", photo(level=0))          # no face: takes this person's box
     _png_header_only(p2 / "mask2.png", 20000, 20000)    # decompression bomb
-    for stem in ("mask3", "mask4", "mask5", "incorrect_mask"):
-        save_rgb(p2 / f"{stem}.jpg", photo(BOX))
+    for stem in ("mask3", "mask4", "mask5", "incorrect_mask"):  # framed like the upright normal photo
+        save_rgb(p2 / f"{stem}.jpg", photo(UPRIGHT))
 
     for k, stem in enumerate(("mask1", "normal")):
         save_rgb(img / "000003_femal_x_20" / f"{stem}.jpg", photo(BOX, seed=k))     # bad folder name
@@ -85,7 +86,7 @@ def test_crop_handles_every_bad_photo_with_a_row_status_and_reason(corpus, tmp_p
     assert rows["000004_male_Asian_70/normal"]["label"] == 14
     assert any("000004_male_Asian_70 lacks mask2, mask3, mask4, mask5, incorrect_mask" in w for w in res.warnings)
     assert rows["000005_female_한국_33/normal"]["race"] == "한국" and rows["000005_female_한국_33/normal"]["label"] == 16
-    assert res.counts == {"ok": 13, "relaxed": 0, "person_box": 1, "no_face": 0, "unreadable": 4, "missing": 0,
+    assert res.counts == {"ok": 13, "relaxed": 0, "person_box": 1, "prior_box": 0, "unreadable": 4, "missing": 0,
                           "bad_name": 3}
     with open(tmp_path / "c" / "manifest.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 21

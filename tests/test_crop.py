@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from preprocess import CropConfig, crop_dataset
-from preprocess.crop import centre_box, crop_square, square_around
+from preprocess.crop import crop_square, square_around
+from preprocess.subject import DEFAULT_PRIOR
 from preprocess.imageio import read_crop
 from preprocess.manifest import COLUMNS, read_manifest
 from tests.conftest import photo, save_rgb
@@ -23,7 +24,7 @@ def test_every_photo_gets_one_row_with_labels_and_the_documented_status(raw_trai
     faceless = by_id["000010-1_male_Asian_22/normal"]
     assert faceless["status"] == "person_box"
     assert (faceless["x1"], faceless["y1"], faceless["x2"], faceless["y2"]) == (140, 160, 260, 280)
-    assert res.counts == {"ok": 19, "relaxed": 1, "person_box": 1, "no_face": 0, "unreadable": 0, "missing": 0,
+    assert res.counts == {"ok": 19, "relaxed": 1, "person_box": 1, "prior_box": 0, "unreadable": 0, "missing": 0,
                           "bad_name": 0}
     r = by_id["000002_male_Asian_61/incorrect_mask"]
     assert (r["person_id"], r["gender"], r["age"], r["mask"], r["age_group"], r["label"]) == ("000002", 0, 61, 1, 2, 8)
@@ -33,14 +34,14 @@ def test_every_photo_gets_one_row_with_labels_and_the_documented_status(raw_trai
     assert header == COLUMNS
 
 
-def test_a_photo_alone_without_face_gets_a_centre_crop_and_no_face(tmp_path, fake_detector):
+def test_a_photo_alone_without_face_gets_the_prior_box(tmp_path, fake_detector):
     raw = tmp_path / "eval"
     save_rgb(raw / "images" / "blank.jpg", photo(level=0))
     (raw / "info.csv").write_text("ImageID,ans\nblank.jpg,0\n")
     crop_dataset(raw, tmp_path / "c", CFG, detector=fake_detector)
     (r,) = read_manifest(tmp_path / "c")
-    assert r["status"] == "no_face" and r["label"] == -1
-    assert (r["x1"], r["y1"], r["x2"], r["y2"]) == pytest.approx(centre_box(384, 512))
+    assert r["status"] == "prior_box" and r["label"] == -1 and r["reason"] == "no face found"
+    assert (r["x1"], r["y1"], r["x2"], r["y2"]) == pytest.approx(DEFAULT_PRIOR.box(384, 512), abs=0.01)
 
 
 def test_unreadable_and_missing_files_get_rows_with_reasons_and_the_run_goes_on(tmp_path, fake_detector):
@@ -102,18 +103,24 @@ def test_second_run_does_no_detection_and_a_settings_change_recrops(raw_train, t
     out = tmp_path / "c"
     crop_dataset(raw_train, out, CFG, detector=fake_detector)
     first = (out / "manifest.csv").read_bytes()
-    calls = fake_detector.calls
+    calls, photos = fake_detector.calls, fake_detector.photos
     res = crop_dataset(raw_train, out, CFG, detector=fake_detector)
     assert fake_detector.calls == calls and res.detected == 0
     assert (out / "manifest.csv").read_bytes() == first
-    # a changed photo is re-detected with its person (7 photos), nothing else
+    # a changed photo is detected again, nothing else (its person's choice is made again from the cache)
     save_rgb(raw_train / "images" / "000001_female_Asian_45" / "mask2.jpg", photo(seed=99))
     res = crop_dataset(raw_train, out, CFG, detector=fake_detector)
-    assert res.detected == 7
-    # another margin changes every crop: all 21 photos are cropped again
+    assert res.detected == 1 and fake_detector.photos - photos == 1
+    # another margin changes every crop: all 21 are cut again, from the cached detections
+    before = read_crop(out / read_manifest(out)[0]["crop"])
+    calls = fake_detector.calls
     res = crop_dataset(raw_train, out, CropConfig(size=64, margin=0.5), detector=fake_detector)
-    assert res.detected == 21
+    assert res.detected == 0 and fake_detector.calls == calls
     assert json.loads((out / "crops.json").read_text())["config"]["margin"] == 0.5
+    assert not np.array_equal(before, read_crop(out / read_manifest(out)[0]["crop"]))
+    # another detector setting detects again
+    fake_detector.settings = {**fake_detector.settings, "v": 2}
+    assert crop_dataset(raw_train, out, CFG, detector=fake_detector).detected == 21
 
 
 def test_packed_array_equals_the_decoded_crops_and_no_temp_files_remain(raw_train, tmp_path, fake_detector):
