@@ -42,6 +42,14 @@ def manifest_boxes(crops: Path) -> dict[str, list[float] | None]:
                 for r in csv.DictReader(f)}
 
 
+def count_statuses(crops: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(crops / "manifest.csv") as f:
+        for r in csv.DictReader(f):
+            out[r["status"]] = out.get(r["status"], 0) + 1
+    return out
+
+
 def hits_by_kind(truth: dict, kinds: dict, boxes: dict) -> dict[str, tuple[int, int]]:
     """{group: (face-centred, photos)} for each kind, with and without a bystander, and overall."""
     out: dict[str, list[int]] = {}
@@ -94,7 +102,7 @@ def main() -> None:
                               args.device]))
         ours_t.append(timed(cli + [str(raw), "--out", str(work / "ours"), "--device", args.device]))
     # Lone photos: not timed; maskcls with the training crops' prior where this checkout has one.
-    for d in ("plain_lone", "ours_lone"):
+    for d in ("plain_lone", "ours_lone", "builtin_lone"):
         shutil.rmtree(work / d, ignore_errors=True)
     subprocess.run([sys.executable, str(ROOT / "bench" / "plain_crop.py"), str(lone), str(work / "plain_lone"),
                     args.device], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,15 +110,15 @@ def main() -> None:
     subprocess.run(cli + [str(lone), "--out", str(work / "ours_lone"), "--device", args.device]
                    + (["--prior", str(work / "ours")] if has_prior else []),
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if has_prior:  # the same lone photos with the built-in prior: what the learned one adds
+        subprocess.run(cli + [str(lone), "--out", str(work / "builtin_lone"), "--device", args.device],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     plain = json.loads((work / "plain" / "boxes.json").read_text()) | \
         {f"lone:{k}": v for k, v in json.loads((work / "plain_lone" / "boxes.json").read_text()).items()}
     ours = manifest_boxes(work / "ours") | {f"lone:{k}": v for k, v in manifest_boxes(work / "ours_lone").items()}
     all_truth = truth | {f"lone:{k}": v for k, v in lone_truth.items()}
     all_kinds = kinds | {f"lone:{k}": v for k, v in lone_kinds.items()}
-    statuses: dict[str, int] = {}
-    with open(work / "ours" / "manifest.csv") as f:
-        for r in csv.DictReader(f):
-            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    statuses, lone_statuses = count_statuses(work / "ours"), count_statuses(work / "ours_lone")
     tp, to = statistics.median(plain_t), statistics.median(ours_t)
     n_by = sum(1 for k in kinds.values() if k["bystander"])
     print(f"photos: {n} in person folders (384x512; {n_by} with a bystander in frame) + {len(lone_truth)} lone "
@@ -123,6 +131,12 @@ def main() -> None:
     print("face-centred crops (IoU >= 0.5 with the subject's box), by kind [without / with a bystander]:")
     print(show("baseline plain MTCNN loop", hits_by_kind(all_truth, all_kinds, plain)))
     print(show("maskcls crop", hits_by_kind(all_truth, all_kinds, ours)))
+    print(f"maskcls lone photos' statuses: {lone_statuses} (a prior_box counts as face-centred when it is)")
+    if has_prior:
+        builtin = {f"lone:{k}": v for k, v in manifest_boxes(work / "builtin_lone").items()}
+        res = hits_by_kind(lone_truth and {f"lone:{k}": v for k, v in lone_truth.items()}, all_kinds, builtin)
+        print(show("maskcls crop, lone photos with the built-in prior (no --prior)", res).replace("\n  all", "\n  (all)"))
+        print(f"  statuses: {count_statuses(work / 'builtin_lone')}")
 
 
 if __name__ == "__main__":

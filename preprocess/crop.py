@@ -147,9 +147,14 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     journal_path = out / (JOURNAL if world == 1 else f".journal.rank{rank}.jsonl")
     with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
         finished = 0
-        for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-            for (u, fps, _), rec in zip(chunk, _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)):
-                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": _crop_params(config), **rec}
+
+        def record(chunk, recs, writes):
+            """Journal a chunk once its crops are on disk: the journal never vouches for a missing crop."""
+            nonlocal finished
+            for f in writes:
+                f.result()
+            for (u, fps, _), rec in zip(chunk, recs):
+                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": params, **rec}
                 journal.write(json.dumps(rec) + "\n")
                 done[tuple(rec["sources"])] = rec
             journal.flush()
@@ -157,6 +162,15 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
             finished += sum(len(u) for u, *_ in chunk)
             if on_progress:
                 on_progress(finished, total)
+
+        pending = None  # the previous chunk: its crops are encoded while this chunk is detected
+        for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
+            recs, writes = _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)
+            if pending:
+                record(*pending)
+            pending = (chunk, recs, writes)
+        if pending:
+            record(*pending)
     if world > 1:
         barrier()  # every rank's journal is complete
         if rank == 0:  # rank 0 alone merges the journals and writes; the others return their share
@@ -276,8 +290,9 @@ def _prefetch(pool, raw: Path, chunks):
 
 def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: CropConfig, detector: FaceDetector,
                 prior: Prior) -> list[dict]:
-    """Detect (where the cache has no detection), choose the subject, write the crops that changed.
-    Returns per unit its journal record: {"det": per-photo detection, "crop_boxes": the box each crop was cut from}."""
+    """Detect (where the cache has no detection), choose the subject, and start writing the crops.
+    Returns (per unit its journal record {"det": per-photo detection, "crop_boxes": the box each crop is
+    cut from}, the writes' futures)."""
     dets = [[d if d is not None else
              {"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False} if isinstance(im, np.ndarray)
              else {"error": str(im)} for d, im in zip(cached, imgs)] for (_, _, cached), imgs in zip(chunk, images)]
@@ -289,16 +304,13 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: C
              for pi, c in enumerate(_choose(unit, dets[ui], prior))
              if c is not None and c.index is None and not dets[ui][pi]["relaxed"]]
     _add_faces(detector, images, dets, again, relaxed=True)
-    jobs = []
+    recs, writes = [], []
     for ui, (unit, _, _) in enumerate(chunk):
-        for pi, (p, c) in enumerate(zip(unit, _choose(unit, dets[ui], prior))):
-            jobs.append((paths[p.source], images[ui][pi], c))
-    boxes = list(pool.map(lambda j: _write_crop(out, j[0], config, j[1], j[2]), jobs))
-    recs, k = [], 0
-    for ui, (unit, _, _) in enumerate(chunk):
-        recs.append({"det": dets[ui], "crop_boxes": boxes[k:k + len(unit)]})
-        k += len(unit)
-    return recs
+        choices = _choose(unit, dets[ui], prior)
+        for p, img, c in zip(unit, images[ui], choices):
+            writes.append(pool.submit(_write_crop, out, paths[p.source], config, img, c))
+        recs.append({"det": dets[ui], "crop_boxes": [None if c is None else [float(v) for v in c.box] for c in choices]})
+    return recs, writes
 
 
 def _add_faces(detector: FaceDetector, images, dets, where: list[tuple[int, int]], relaxed: bool) -> None:
@@ -345,14 +357,13 @@ def _current(out: Path, paths, unit: list[Photo], dets: list[dict], crop_boxes: 
     return True
 
 
-def _write_crop(out: Path, crop_rel: str, config: CropConfig, img, choice: Choice | None) -> list[float] | None:
-    """Write the crop (grey for a photo without pixels); returns the box it was cut from."""
+def _write_crop(out: Path, crop_rel: str, config: CropConfig, img, choice: Choice | None) -> None:
+    """Write the crop (grey for a photo without pixels)."""
     if choice is None:
         crop = np.full((config.size, config.size, 3), GREY, np.uint8)
     else:
         crop = crop_square(img, *square_around(choice.box, config.margin), config.size)
     atomic_write_bytes(out / crop_rel, encode_jpeg(crop))
-    return None if choice is None else [float(v) for v in choice.box]
 
 
 def _rows(unit: list[Photo], dets: list[dict], choices: list[Choice | None], paths: dict[str, str],

@@ -60,7 +60,7 @@ class Nets(Protocol):
 
 
 def detect_batch(nets: Nets, images: np.ndarray, min_face: int, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
-                 keep_rnet: int = 32, keep_onet: int = 8) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                 keep_rnet: int = 16, keep_onet: int = 4) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """MTCNN over a batch of equal-size photos (N x H x W x 3 uint8) → per photo (boxes K x 4,
     scores K, landmarks K x 5 x 2), K >= 0, best first."""
     n, h, w = images.shape[:3]
@@ -157,9 +157,17 @@ def _regions(boxes, w: int, h: int) -> np.ndarray:
 
 
 def nms(boxes, scores, idx, thresh: float, mode: str = "union") -> np.ndarray:
-    """Greedy non-maximum suppression within each image (boxes of different `idx` never suppress each other)."""
+    """Greedy non-maximum suppression within each image (boxes of different `idx` never suppress each other).
+    Overlap counts pixels inclusively (+1), as facenet-pytorch does; 'union' is IoU (OpenCV's batched NMS,
+    given widths + 1, computes exactly that, ~3x faster than the loop below), 'min' divides by the smaller box."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
+    if mode == "union":
+        b = np.asarray(boxes, np.float64)
+        rects = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1], 1)
+        keep = cv2.dnn.NMSBoxesBatched(rects.tolist(), np.asarray(scores, np.float64).tolist(),
+                                       np.asarray(idx).tolist(), -np.inf, thresh)
+        return np.asarray(keep, np.int64).reshape(-1)
     b = boxes.astype(np.float64) + idx.astype(np.float64)[:, None] * (float(boxes.max()) + 1)
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
