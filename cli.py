@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -203,8 +203,13 @@ def train(
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val F1 (0: off) [0]."),
     img_size: Optional[int] = typer.Option(None, help="Model input side, pixels [224]."),
     preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none [base]."),
-    mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup [none]."),
+    mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup | vcutmix (left/right halves of "
+                                                 "two photos of the same mask status) | vcutmix-class (same class) [none]."),
     mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio [1.0]."),
+    synth_mask: Optional[float] = typer.Option(None, help="Chance that an unmasked training crop gets a mask drawn "
+                                                          "from its landmarks (label: wear or incorrect) [0]."),
+    extra: Optional[List[Path]] = typer.Option(None, metavar="CROPS", help="Crops folder added to training only, never validation "
+                                                          "(e.g. `maskcls pseudo-label`'s); repeatable."),
     loss: Optional[str] = typer.Option(None, help="wce (class-weighted CE) | ce | smooth | focal | f1 [wce]."),
     smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth [0.1]."),
     gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal [2.0]."),
@@ -305,7 +310,8 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
                       f"({summary['val_photos']} validation photos of {summary['val_people']} people, age boundary "
                       f"{summary['val_old']}) in {secs:.0f}s")
         left = summary["excluded_photos"] + summary["dropped_near_boundary"]
-        console.print(f"trained on {summary['train_photos']} photos of {summary['train_people']} people; left out "
+        extra = f" (of them {summary['extra_photos']} from --extra, training only)" if summary.get("extra_photos") else ""
+        console.print(f"trained on {summary['train_photos']} photos of {summary['train_people']} people{extra}; left out "
                       f"{left} ({summary['excluded_photos']} without a label or a usable crop, "
                       f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
         console.print(f"run: {cfg.out}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)")
@@ -348,6 +354,42 @@ def predict(
     console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s) or run(s), tta={tta}, "
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
     console.print(f"submission: {out}")
+
+
+@app.command("pseudo-label")
+@user_errors
+def pseudo_label(
+    paths: list[Path] = typer.Argument(..., help="CKPT... then RAW_OR_CROPS: checkpoint(s) or run folders, then an "
+                                                 "eval folder (info.csv + images/) or a crops folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="The crops folder to write (for train --extra)."),
+    min_prob: float = typer.Option(0.9, help="Keep photos whose top class probability is at least this."),
+    tta: int = typer.Option(1, help="Views averaged (see predict)."),
+    crops: Optional[Path] = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/...]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="DataLoader worker processes."),
+    vote: str = typer.Option("soft", help="Several models: soft | hard (see predict)."),
+):
+    """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
+    from classify.errors import ConfigError
+    from classify.pseudo import pseudo_label as run
+    from preprocess.labels import class_names
+
+    if len(paths) < 2:
+        raise ConfigError("give at least one checkpoint and then the folder to pseudo-label")
+    *ckpts, source = paths
+    with LazyProgress("crop") as bar:
+        res = run(ckpts, source, out, min_prob, tta, crops, device, batch_size, workers, vote, on_progress=bar.update)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    names = class_names()
+    table = Table(title=f"{res.kept} of {res.total} photos at p >= {min_prob}")
+    table.add_column("class")
+    table.add_column("photos", justify="right")
+    for y, n in res.by_class.items():
+        table.add_row(names[y], str(n))
+    console.print(table)
+    console.print(f"pseudo-labelled crops: {res.out} (train with --extra {res.out})")
 
 
 @app.command()

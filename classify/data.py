@@ -21,6 +21,7 @@ from preprocess.imageio import read_crop
 from preprocess.manifest import TRAINABLE, packed_crops, read_manifest
 
 from .errors import ConfigError
+from .masks import synthesize
 
 LABEL_FIELDS = {"gender", "age", "mask"}
 
@@ -139,8 +140,9 @@ class CropDataset(Dataset):
     into the model's input.
     """
 
-    def __init__(self, crops: Path, rows: list[dict], transform, seed: int = 0):
+    def __init__(self, crops: Path, rows: list[dict], transform, seed: int = 0, synth_mask: float = 0.0):
         self.crops, self.rows, self.transform, self.seed = Path(crops), rows, transform, seed
+        self.synth_mask = synth_mask  # training only: the chance that an unmasked crop gets a drawn mask
         self.epoch = 0
         self.labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         self._packed_path = packed_crops(self.crops)
@@ -154,6 +156,8 @@ class CropDataset(Dataset):
 
     def image(self, i: int) -> np.ndarray:
         r = self.rows[i]
+        if r.get("root") is not None:  # a row of another crops folder (train --extra)
+            return read_crop(Path(r["root"]) / r["crop"])
         if self._packed_path is not None:
             if self._packed is None:  # opened lazily: each DataLoader worker maps it itself
                 self._packed = np.load(self._packed_path, mmap_mode="r")
@@ -164,9 +168,15 @@ class CropDataset(Dataset):
         """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         s = _sample_seed(self.seed, epoch, self.rows[i]["index"])
+        img, label = self.image(i), self.labels[i]
+        if self.synth_mask and self.rows[i]["mask"] == 2 and self.rows[i].get("landmarks"):
+            rng = np.random.default_rng([s, 1])
+            if rng.random() < self.synth_mask:
+                img, new = synthesize(img, self.rows[i]["landmarks"], int(label), rng)
+                label = torch.tensor(new)
         self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
-        x = torch.from_numpy(channels_first(self.transform(image=self.image(i))["image"]))
-        return x, self.labels[i], self.rows[i]["index"]
+        x = torch.from_numpy(channels_first(self.transform(image=img)["image"]))
+        return x, label, self.rows[i]["index"]
 
 
 def channels_first(img: np.ndarray) -> np.ndarray:

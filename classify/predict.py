@@ -24,7 +24,7 @@ from preprocess.crop import CropConfig, crop_dataset
 from preprocess.detector import FaceDetector, build_detector
 from preprocess.imageio import atomic_write_bytes
 from preprocess.layouts import LayoutError
-from preprocess.manifest import read_manifest, read_meta
+from preprocess.manifest import NO_PIXELS, read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
 from preprocess.subject import Prior
 
@@ -199,7 +199,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         raise LayoutError(f"{source} holds no photo to predict")
     probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote)
     for r in rows:
-        if r["status"] in ("unreadable", "missing"):
+        if r["status"] in NO_PIXELS:
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
     pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels)
     if out is not None:

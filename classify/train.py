@@ -51,6 +51,8 @@ from .plots import plot_confusion
 from .tblog import RunLog
 from .transforms import PRESETS, build_transform, normalize
 
+MIXES = ("none", "cutmix", "mixup", "vcutmix", "vcutmix-class")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,8 +75,10 @@ class TrainConfig:
     patience: int = 0                 # stop after this many epochs without a better validation F1 (0: off)
     img_size: int = 224
     preset: str = "base"              # base | strong | none
-    mix: str = "none"                 # none | cutmix | mixup
+    mix: str = "none"                 # none | cutmix | mixup | vcutmix | vcutmix-class (see _mix)
     mix_alpha: float = 1.0
+    synth_mask: float = 0.0           # chance that an unmasked training crop gets a drawn mask (classify/masks.py)
+    extra: tuple[str, ...] = ()       # crops folders added to training only (e.g. `maskcls pseudo-label`'s)
     loss: str = "wce"                 # wce | ce | smooth | focal | f1 (wce: chosen by bench/finetune.py)
     smoothing: float = 0.1
     gamma: float = 2.0
@@ -98,7 +102,7 @@ class TrainConfig:
     def check(self) -> None:
         """Every value that cannot work is refused here, before any work, naming its option."""
         choices = {"optimizer": ("adam", "adamw", "sgd"), "scheduler": ("none", "cosine", "onecycle"),
-                   "preset": PRESETS, "mix": ("none", "cutmix", "mixup"), "loss": LOSSES,
+                   "preset": PRESETS, "mix": MIXES, "loss": LOSSES,
                    "task_weighting": ("fixed", "uncertainty"), "sampler": ("none", "weighted"), "amp": AMP_MODES}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
@@ -112,6 +116,7 @@ class TrainConfig:
                   ("clip-grad", self.clip_grad >= 0, ">= 0 (0: off)"), ("ema", 0 <= self.ema < 1, "in [0, 1)"),
                   ("patience", self.patience >= 0, ">= 0 (0: off)"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
                   ("mix-alpha", self.mix_alpha > 0, "> 0"), ("smoothing", 0 <= self.smoothing < 1, "in [0, 1)"),
+                  ("synth-mask", 0 <= self.synth_mask <= 1, "in [0, 1] (a probability)"),
                   ("gamma", self.gamma >= 0, ">= 0"), ("val-ratio", 0 < self.val_ratio < 1, "between 0 and 1"),
                   ("folds", self.folds == 0 or self.folds >= 2, "0 (use --val-ratio) or >= 2"),
                   ("old", L.YOUNG < self.old <= 120, f"in {L.YOUNG + 1}..120"),
@@ -121,6 +126,10 @@ class TrainConfig:
         for name, ok, allowed in ranges:
             if not ok:
                 raise ConfigError(f"--{name} {getattr(self, name.replace('-', '_'))}: must be {allowed}")
+        for extra in self.extra:
+            if not (Path(extra) / "manifest.csv").is_file():
+                raise ConfigError(f"--extra {extra}: not a crops folder (no manifest.csv); give a folder written by "
+                                  "`maskcls crop` or `maskcls pseudo-label`")
         if self.fold == "all":
             if self.folds < 2:
                 raise ConfigError("--fold all needs --folds K (K >= 2)")
@@ -141,11 +150,13 @@ def load_config(cli: dict, toml_path: Path | None = None) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"--config {toml_path}: unknown keys {unknown}")
-    values.update({k: v for k, v in cli.items() if v is not None})
+    values.update({k: v for k, v in cli.items() if v is not None and not (k == "extra" and not v)})
     missing = [k for k in ("crops", "out") if k not in values]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}")
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+    if "extra" in values:  # a list from the command line or TOML: a tuple of folder names
+        values["extra"] = tuple(str(v) for v in ([values["extra"]] if isinstance(values["extra"], str) else values["extra"]))
     if isinstance(values.get("fold"), str) and values["fold"] != "all":
         try:
             values["fold"] = int(values["fold"])
@@ -163,7 +174,10 @@ def config_from(saved: dict) -> TrainConfig:
     """The TrainConfig a saved config (checkpoint or config.json) describes; keys it does not know
     (config.json's resolved values, or a newer maskcls's options) are left out, new ones default."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    values = {k: v for k, v in saved.items() if k in known}
+    if "extra" in values:
+        values["extra"] = tuple(values["extra"])
+    return TrainConfig(**values)
 
 
 def _saved_config(out: Path) -> TrainConfig:
@@ -291,6 +305,7 @@ class Data:
     val_labels: np.ndarray        # the validation rows' labels at --val-old (what the competition scores)
     split: dict[str, str]
     dropped_near_boundary: int    # training photos left out by --drop-ages-near
+    extra: int = 0                # training photos from --extra folders (the last ones of train_rows)
 
 
 def boundary_distance(age: int, old: int) -> int:
@@ -316,7 +331,23 @@ def prepare_data(cfg: TrainConfig) -> Data:
         raise ConfigError(f"the split left {len(train_rows)} training and {len(val_rows)} validation photos; "
                           "use more people or another --val-ratio/--folds")
     val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
-    return Data(rows, train_rows, val_rows, val_labels, split, dropped)
+    extra = extra_rows(cfg)
+    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra))
+
+
+def extra_rows(cfg: TrainConfig) -> list[dict]:
+    """The usable rows of every --extra crops folder, for training only (never validation: each is
+    read from its own folder and joins no split). Their `index` is offset per folder so that their
+    augmentation seeds differ from the main folder's."""
+    out = []
+    from .pseudo import check_extra  # pseudo imports predict: only when there is an extra folder
+
+    for k, folder in enumerate(cfg.extra, start=1):
+        check_extra(Path(folder), cfg.old)
+        _, usable = load_rows(Path(folder), cfg.old)
+        for r in usable:
+            out.append(r | {"root": str(Path(folder).resolve()), "index": k * 10_000_000 + r["index"]})
+    return out
 
 
 def build_model(cfg: TrainConfig, weights: str) -> tuple[nn.Module, dict, dict]:
@@ -480,7 +511,8 @@ def _fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -
                 "interpolation": t.norm["interpolation"], "preset": cfg.preset, "crop": read_meta(Path(cfg.crops)),
                 "config": asdict(cfg), "weights": weights, "weights_note": note}
     interp = t.norm["interpolation"]
-    train_ds = CropDataset(cfg.crops, data.train_rows, build_transform(cfg.preset, cfg.img_size, True, interp), cfg.seed)
+    train_ds = CropDataset(cfg.crops, data.train_rows, build_transform(cfg.preset, cfg.img_size, True, interp), cfg.seed,
+                           cfg.synth_mask)
     val_ds = CropDataset(cfg.crops, data.val_rows, build_transform(cfg.preset, cfg.img_size, False, interp), cfg.seed)
     order = EpochOrder()
     loader = make_loader(train_ds, cfg.batch_size, workers, d.device, sampler=order, persistent=True)
@@ -611,7 +643,9 @@ def _write_start(out: Path, cfg: TrainConfig, data: Data, t: Trainer, weights: s
                               "workers_resolved": workers, "amp_resolved": t.amp, "normalisation": t.norm}
     atomic_write_bytes(out / "config.json", json.dumps(resolved, indent=2).encode())
     kept = {person_key(r) for r in data.train_rows}
-    write_split(out / "split.csv", {p: "dropped" if s == "train" and p not in kept else s for p, s in data.split.items()})
+    extra = {person_key(r): "extra" for r in data.train_rows[len(data.train_rows) - data.extra:]}
+    write_split(out / "split.csv", {p: "dropped" if s == "train" and p not in kept else s for p, s in data.split.items()}
+                | extra)
 
 
 _WARNED: set[str] = set()
@@ -670,9 +704,11 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, history, best_val, weights,
                    L.class_names(cfg.val_old), f"validation, epoch {best['epoch']} (macro F1 {best['val_f1']:.3f})")
     summary = {"best_epoch": best["epoch"], "best": best, "last": history[-1], "epochs": len(history),
                "stopped_early": stopped_early, "train_photos": len(data.train_rows), "val_photos": len(data.val_rows),
+               "extra_photos": data.extra,
                "train_people": len({person_key(r) for r in data.train_rows}),
                "val_people": len({person_key(r) for r in data.val_rows}),
-               "excluded_photos": len(data.rows) - len(data.train_rows) - len(data.val_rows) - data.dropped_near_boundary,
+               "excluded_photos": len(data.rows) - (len(data.train_rows) - data.extra) - len(data.val_rows)
+               - data.dropped_near_boundary,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
                "weights": weights, "warnings": [note] if note else [], "device": str(d.device), "world_size": d.world}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -696,9 +732,25 @@ def _epoch_order(cfg: TrainConfig, epoch: int, ds: CropDataset, label_counts, d:
 
 
 def _mix(cfg: TrainConfig, x, y, epoch: int, step: int, rank: int):
+    """(mixed batch, partner labels or None, lam): the loss is lam * L(y) + (1 - lam) * L(partner's y).
+
+    vcutmix (label-preserving CutMix): each photo takes the left or right half from another photo of
+    the batch with the same mask status (vcutmix-class: the same class); lam = 1/2, and where the two
+    classes are equal the mixed loss is that class's loss, so the label only mixes where they differ
+    (never in the mask task). A photo with no such partner in the batch stays whole."""
     if cfg.mix == "none":
         return x, None, 1.0
     rng = np.random.default_rng([cfg.seed, epoch, step, rank])
+    if cfg.mix in ("vcutmix", "vcutmix-class"):
+        n, w = x.shape[0], x.shape[-1]
+        key = y if cfg.mix == "vcutmix-class" else L.task_parts(y)[0]
+        same = (key[:, None] == key[None, :]) & ~torch.eye(n, dtype=torch.bool, device=y.device)
+        noise = torch.as_tensor(rng.random((n, n)), device=y.device) + 1  # a random partner among the allowed
+        partner = torch.where(same.any(1), (noise * same).argmax(1), torch.arange(n, device=y.device))
+        right = torch.as_tensor(rng.random(n) < 0.5, device=x.device)
+        half = (torch.arange(w, device=x.device) >= w // 2)[None, :] == right[:, None]  # n x w: columns taken
+        x = torch.where(half[:, None, None, :], x[partner], x)
+        return x, y[partner], 0.5
     lam = float(rng.beta(cfg.mix_alpha, cfg.mix_alpha))
     perm = torch.as_tensor(rng.permutation(x.shape[0]), device=x.device)
     if cfg.mix == "mixup":

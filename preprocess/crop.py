@@ -193,7 +193,7 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     learned = _learn_prior(units, rows_of)
-    meta = {"version": CROP_VERSION, "key": key, "layout": found.layout, "raw": str(raw),
+    meta = {"version": CROP_VERSION, "key": crops_key(config, detector), "layout": found.layout, "raw": str(raw),
             "config": asdict(config), "detector": detector.settings, "engine": getattr(detector, "engine", None),
             "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
             "prior_used": prior.to_dict()}
@@ -211,6 +211,12 @@ def settings_key(config: CropConfig, detector: FaceDetector) -> str:
     or margin, workers, device or batch size; another size or margin re-cuts crops without detecting)."""
     relevant = {"v": CROP_VERSION, "detector": detector.settings}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def crops_key(config: CropConfig, detector: FaceDetector) -> str:
+    """Hash of what makes two crops folders' pixels comparable (crops.json's `key`: predict warns when
+    the photos it is given were cropped otherwise than the training photos)."""
+    return hashlib.sha256(json.dumps([settings_key(config, detector), _crop_params(config)]).encode()).hexdigest()[:16]
 
 
 def _crop_params(config: CropConfig) -> dict:

@@ -16,10 +16,11 @@ from .imageio import atomic_write_bytes
 from .layouts import LayoutError, safe_relative
 
 COLUMNS = ["image_id", "source", "crop", "person_id", "gender", "race", "age", "mask", "age_group", "label",
-           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height", "faces", "landmarks"]
-OPTIONAL = {"faces", "landmarks"}  # absent from manifests written before they existed
+           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height", "faces", "landmarks", "prob"]
+OPTIONAL = {"faces", "landmarks", "prob"}  # absent from manifests written before they existed
+# prob: a pseudo-label's probability (`maskcls pseudo-label`), empty for photos labelled by their names
 INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height", "faces"}
-FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score"}
+FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score", "prob"}
 
 # The one list of row statuses (the crop stage writes them; report, CLI and datasets read them):
 STATUS_HELP = {
@@ -36,6 +37,7 @@ STATUSES = tuple(STATUS_HELP)
 TRAINABLE = ("ok", "relaxed", "person_box", "prior_box", "no_face")
 FALLBACKS = tuple(s for s in STATUSES if s != "ok")  # rows the report shows in its own gallery
 PROBLEMS = ("unreadable", "missing", "bad_name")     # rows the CLI lists after cropping
+NO_PIXELS = ("unreadable", "missing")                # rows whose crop is a grey stand-in
 
 MANIFEST = "manifest.csv"
 META = "crops.json"

@@ -1,7 +1,7 @@
 """Synthetic competition-style photos with a known face box, made from the public-domain faces in
 tests/assets/faces (see SOURCES.md there). Used by data_samples/make_samples.py, the benchmarks and
 the tests. Masks are drawn from the faces' MTCNN landmarks (stored in landmarks.json, so generating
-needs no detector).
+needs no detector) by `classify.masks.draw_mask`, the same code as `train --synth-mask`.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from classify.masks import MASK_COLOURS, MaskStyle, draw_mask
+
 ASSETS = Path(__file__).resolve().parent / "assets" / "faces"
 W, H = 384, 512
 
-MASK_COLOURS = [(235, 235, 240), (150, 190, 230), (30, 30, 35), (230, 170, 190), (90, 120, 90), (200, 60, 60)]
 
 
 @dataclass
@@ -60,29 +61,6 @@ def compose(src: Source, rng: np.random.Generator, face_w: float | None = None, 
     return img, box, pts
 
 
-def draw_mask(img: np.ndarray, box, pts, kind: str = "wear", colour=(235, 235, 240)) -> np.ndarray:
-    """Draw a face mask: 'wear' covers nose to chin; 'incorrect' sits below the nose."""
-    img = img.copy()
-    x1, y1, x2, y2 = box
-    fw = x2 - x1
-    eye_y = (pts[0, 1] + pts[1, 1]) / 2
-    nose_x, nose_y = pts[2]
-    mouth_y = (pts[3, 1] + pts[4, 1]) / 2
-    top = nose_y - 0.45 * (nose_y - eye_y) if kind == "wear" else nose_y + 0.45 * (mouth_y - nose_y)
-    bottom = y2 + 0.04 * (y2 - y1)
-    poly = np.array([
-        [x1 + 0.02 * fw, top + 0.12 * fw], [nose_x, top], [x2 - 0.02 * fw, top + 0.12 * fw],
-        [x2 - 0.06 * fw, mouth_y + 0.25 * (bottom - mouth_y)], [nose_x + 0.2 * fw, bottom], [nose_x - 0.2 * fw, bottom],
-        [x1 + 0.06 * fw, mouth_y + 0.25 * (bottom - mouth_y)],
-    ], np.int32)
-    cv2.fillPoly(img, [poly], colour, lineType=cv2.LINE_AA)
-    shade = tuple(int(c * 0.8) for c in colour)
-    for k in (1, 2, 3):  # pleats
-        y = int(top + k * (bottom - top) / 4.5)
-        cv2.line(img, (int(x1 + 0.1 * fw), y), (int(x2 - 0.1 * fw), y), shade, 2, cv2.LINE_AA)
-    return img
-
-
 def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H), bystander: Source | None = None,
                   details: dict | None = None):
     """The seven photos of one synthetic person: {stem: (rgb, true_box)}; they share framing, as in the data.
@@ -99,7 +77,7 @@ def person_photos(src: Source, rng: np.random.Generator, flip=False, size=(W, H)
         img, box, pts = compose(src, rng, face_w * rng.uniform(0.96, 1.04), c, flip, size)
         if stem != "normal":
             colour = MASK_COLOURS[k % len(MASK_COLOURS)]
-            img = draw_mask(img, box, pts, "wear" if stem.startswith("mask") else "incorrect", colour)
+            img = draw_mask(img, pts, "wear" if stem.startswith("mask") else "incorrect", MaskStyle(colour=colour), box=box)
         other = None
         if place is not None and rng.random() < 0.85:
             img, other = add_face(img, bystander, rng, place, keep_clear=box)
