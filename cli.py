@@ -102,6 +102,8 @@ def load_prior(path: Path):
 
     if path.is_dir() and (path / META).is_file():
         meta, what = read_meta(path), f"{path}/{META}"
+    elif path.is_dir() and not (path / "best.pt").is_file():
+        raise LayoutError(f"--prior {path}: neither a crops folder (no {META}) nor a run folder (no best.pt)")
     else:
         from classify.checkpoint import load_checkpoint  # imports torch: only for a checkpoint
         ckpt = path / "best.pt" if path.is_dir() else path

@@ -40,7 +40,18 @@ VARIANTS = {
     "backbone-lr-0.3": {"backbone_lr": 0.3},
     "wce+backbone-lr-0.3": {"loss": "wce", "backbone_lr": 0.3},
     "wce+backbone-lr-1.0": {"loss": "wce", "backbone_lr": 1.0},
+    # Issue 16, each against class-weighted-ce (the default loss), same seed and epochs:
+    "wce+synth-mask-0.3": {"loss": "wce", "synth_mask": 0.3},
+    "wce+synth-mask-0.6": {"loss": "wce", "synth_mask": 0.6},
+    "wce+vcutmix": {"loss": "wce", "mix": "vcutmix"},
+    "wce+vcutmix-class": {"loss": "wce", "mix": "vcutmix-class"},
+    "wce+cutmix": {"loss": "wce", "mix": "cutmix"},
+    # pseudo-labels of an unlabelled folder of other people (same generator, --pseudo-people of them),
+    # made by the class-weighted-ce run's folds (soft vote) at p >= 0.9, added with --extra:
+    "wce+pseudo-0.9": {"loss": "wce", "pseudo": 0.9},
 }
+ISSUE16 = ["class-weighted-ce", "wce+synth-mask-0.3", "wce+synth-mask-0.6", "wce+vcutmix", "wce+vcutmix-class",
+           "wce+cutmix", "wce+pseudo-0.9"]
 
 
 def hub_with_mobilenet(base: Path) -> None:
@@ -65,7 +76,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--only", default="", help="comma-separated variant names, or 'issue16'")
+    ap.add_argument("--pseudo-people", type=int, default=30, help="people in the unlabelled folder wce+pseudo labels")
     args = ap.parse_args()
     base = workdir(args.workdir)
     hub_with_mobilenet(base)
@@ -76,14 +88,18 @@ def main() -> None:
     crops = base / f"visible_crops{args.workload_seed}"
     res = crop_dataset(raw, crops, CropConfig(size=160, device="cpu"))
     print(f"workload: {args.people} people, {len(res.rows)} photos, statuses {dict(res.counts)}", flush=True)
-    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    only = ISSUE16 if args.only == "issue16" else args.only.split(",") if args.only else list(VARIANTS)
+    names = [n for n in VARIANTS if n in only]
     results = {}
     for name in names:
         out = base / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
+        opts = BASE | VARIANTS[name]
+        if "pseudo" in opts:
+            opts = opts | {"extra": (str(make_pseudo(base, args, opts.pop("pseudo"), results)),)}
         cfg = TrainConfig(crops=str(crops), out=str(out), epochs=args.epochs, img_size=args.img_size,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, fold="all", seed=args.seed,
-                          device="cpu", **(BASE | VARIANTS[name]))
+                          device="cpu", **opts)
         t = time.perf_counter()
         s = fit(cfg, warn=lambda m: print("  warning:", m))
         secs = time.perf_counter() - t
@@ -94,6 +110,32 @@ def main() -> None:
               f"age {o['age_f1']:.4f}  ({secs:.0f}s, weights {s['weights']})", flush=True)
     (base / f"finetune-{args.workload_seed}-{args.epochs}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
+
+
+def make_pseudo(base: Path, args, min_prob: float, results: dict) -> Path:
+    """Pseudo-label an unlabelled folder of other people with the class-weighted-ce run's folds; prints
+    how many were kept and how many of those labels are right (the folder's true labels are known here)."""
+    from classify.pseudo import pseudo_label
+    from preprocess import CropConfig, crop_dataset
+    from preprocess.manifest import read_manifest
+
+    teacher = base / "runs" / "class-weighted-ce"
+    if not (teacher / "summary.json").is_file():
+        sys.exit("wce+pseudo needs the class-weighted-ce run first (run it in the same --only list, before)")
+    seed = 1000 + args.workload_seed
+    raw = make_visible_workload(base / f"unlabelled{seed}", args.pseudo_people, seed=seed)
+    crops = base / f"unlabelled_crops{seed}"
+    crop_dataset(raw, crops, CropConfig(size=160, device="cpu"))
+    out = base / f"pseudo{seed}-{min_prob}"
+    shutil.rmtree(out, ignore_errors=True)
+    res = pseudo_label([teacher], crops, out, min_prob=min_prob, device="cpu")
+    truth = {r["image_id"]: r["label"] for r in read_manifest(crops)}
+    kept = read_manifest(out)
+    right = sum(truth[r["image_id"]] == r["label"] for r in kept)
+    print(f"  pseudo-labels: {res.kept} of {res.total} photos at p >= {min_prob}, {right} of them right "
+          f"({100 * right / max(1, res.kept):.1f}%)", flush=True)
+    results["pseudo-labels"] = {"kept": res.kept, "of": res.total, "right": right}
+    return out
 
 
 if __name__ == "__main__":

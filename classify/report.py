@@ -23,6 +23,7 @@ from preprocess.imageio import UnreadableImage, atomic_write_bytes, load_rgb, re
 from preprocess.manifest import FALLBACKS, STATUS_HELP, read_manifest, read_meta
 
 from .errors import ConfigError
+from .masks import synthesize
 from .metrics import confusion, per_class_f1
 from .plots import plot_confusion, pyplot, save_figure
 
@@ -56,6 +57,9 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     data = [_class_counts(out, rows, names), _task_counts(out, rows, old), _ages(out, rows, old),
             _crop_grid(out, crops, rows, names, seed, per_class)]
     data += _gallery(out, crops, rows)
+    preview = _synth_preview(out, crops, rows, names, seed)
+    if preview:
+        data.append(preview)
     sections.append(("Data", data))
     if run is not None:
         val = _val(run)  # read once, used by three figures
@@ -163,6 +167,34 @@ def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
     save_figure(fig, out / "crops_grid.png")
     return "crops_grid.png", ("Random crops of each class, one row per class: what the model is trained on; each "
                               "tile names its person folder (image ids in crops_grid.csv).")
+
+
+def _synth_preview(out: Path, crops: Path, rows, names, seed: int, n: int = 8):
+    """What `train --synth-mask` draws: unmasked crops beside the same crops with a synthetic mask."""
+    cands = [r for r in rows if r["mask"] == 2 and r["label"] >= 0 and r.get("landmarks")]
+    if not cands:
+        return None
+    rng = np.random.default_rng(seed)
+    picked = [cands[i] for i in rng.permutation(len(cands))[:n]]
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(picked), figsize=(1.6 * len(picked) + 0.4, 4.6), dpi=100, squeeze=False)
+    table = []
+    for j, r in enumerate(picked):
+        img = read_crop(crops / r["crop"])
+        drawn, label = synthesize(img, r["landmarks"], r["label"], np.random.default_rng([seed, j]))
+        for ax, im, title in ((axes[0, j], img, f"{_short(r['image_id'], 16)}\n{names[r['label']]}"),
+                              (axes[1, j], drawn, f"→ {names[label]}")):
+            ax.imshow(im)
+            ax.set_title(title, fontsize=6)
+            ax.axis("off")
+        table.append([r["image_id"], names[r["label"]], names[label]])
+    _write_csv(out / "synth_masks.csv", ["image_id", "class", "class_with_synthetic_mask"], table)
+    fig.suptitle("train --synth-mask: unmasked crops (top) with a mask drawn from their landmarks (bottom)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93), h_pad=2.0)
+    save_figure(fig, out / "synth_masks.png")
+    return "synth_masks.png", ("Synthetic masks as `train --synth-mask P` draws them (shape, colour and texture vary; "
+                               "half below the nose, labelled incorrect, half worn): each unmasked training crop "
+                               "gets one with probability P. Classes in synth_masks.csv.")
 
 
 def _gallery(out: Path, crops: Path, rows):

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from classify.masks import MASK_COLOURS, MaskStyle, draw_mask
+from preprocess.subject import iou  # noqa: F401 (the benchmarks and tests take it from here)
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "faces"
 W, H = 384, 512
@@ -122,11 +123,3 @@ def save(path: Path, rgb: np.ndarray, quality: int = 85) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0

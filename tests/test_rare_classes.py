@@ -14,7 +14,7 @@ from classify.pseudo import pseudo_label
 from classify.train import TrainConfig, _mix, fit, prepare_data
 from classify.transforms import build_transform
 from preprocess import labels as L
-from preprocess.manifest import read_manifest
+from preprocess.manifest import read_manifest, write_manifest
 from tests.conftest import make_crops
 
 # A frontal face in a 256 x 256 crop: eyes, nose, mouth corners.
@@ -178,3 +178,26 @@ def test_vcutmix_is_a_train_option_and_a_bad_synth_mask_is_refused():
         TrainConfig(crops="c", out="o", synth_mask=1.5).check()
     with pytest.raises(ConfigError, match="vcutmix"):
         TrainConfig(crops="c", out="o", mix="hcutmix").check()
+
+
+def test_the_report_previews_synthetic_masks_with_their_new_classes(tmp_path):
+    import csv
+
+    from classify.report import report
+    from preprocess.manifest import read_meta
+
+    crops = make_crops(tmp_path / "c", people=4, size=256)
+    rows = read_manifest(crops)
+    for r in rows:
+        r["landmarks"] = PTS.ravel().tolist()
+    write_manifest(crops, rows, read_meta(crops))
+    report(crops, tmp_path / "rep")
+    with open(tmp_path / "rep" / "synth_masks.csv") as f:
+        shown = list(csv.DictReader(f))
+    names = L.class_names()
+    assert len(shown) == 4  # the four unmasked photos
+    for r in shown:
+        before, after = names.index(r["class"]), names.index(r["class_with_synthetic_mask"])
+        assert L.decode(before)[0] == 2 and L.decode(after)[0] in (0, 1)
+        assert L.decode(before)[1:] == L.decode(after)[1:]
+    assert (tmp_path / "rep" / "synth_masks.png").is_file()
