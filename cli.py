@@ -111,7 +111,10 @@ def load_prior(path: Path):
     if "prior" not in meta:
         raise LayoutError(f"--prior {path}: {what} records no face prior (made before maskcls learned one): "
                           "crop the training photos again, or leave --prior out for the built-in one")
-    return Prior.from_dict(meta["prior"])
+    try:
+        return Prior.from_dict(meta["prior"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LayoutError(f"--prior {path}: {what} holds a damaged face prior ({e}); crop the training photos again") from None
 
 
 @app.command()
