@@ -129,7 +129,7 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
         _remove_stale_temp_files(out)  # a killed run may have left half-written '.<name>.tmp' files
     if world > 1:
         barrier()  # no rank writes before rank 0 has cleaned up
-    todo, done, unit_fps = [], {}, []
+    todo, done, unit_fps, chosen = [], {}, [], {}  # chosen: each unit's choices, made once
     params = _crop_params(config)
     for u in units:
         fps = [_fingerprint(raw / p.source) for p in u]  # taken once: the journal records what was read
@@ -137,10 +137,13 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
         hits = [cache.get(p.source) for p in u]
         dets = [h["det"] if h and h["fp"] == fp else None for h, fp in zip(hits, fps)]
         boxes = [h["crop_box"] if h and h["fp"] == fp and h["crop"] == params else None for h, fp in zip(hits, fps)]
-        if all(d is not None for d in dets) and _current(out, paths, u, dets, boxes, prior):
-            done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
-        else:
-            todo.append((u, fps, dets))
+        if all(d is not None for d in dets):
+            choices = _choose(u, dets, prior)
+            if _current(out, paths, u, dets, boxes, choices):
+                done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
+                chosen[tuple(p.source for p in u)] = choices
+                continue
+        todo.append((u, fps, dets))
     mine = todo[rank::world]
     total = sum(len(u) for u, *_ in mine)
     detected = sum(d is None for _, _, dets in todo for d in dets)
@@ -148,15 +151,16 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
         finished = 0
 
-        def record(chunk, recs, writes):
+        def record(chunk, recs, writes, choices):
             """Journal a chunk once its crops are on disk: the journal never vouches for a missing crop."""
             nonlocal finished
             for f in writes:
                 f.result()
-            for (u, fps, _), rec in zip(chunk, recs):
+            for (u, fps, _), rec, c in zip(chunk, recs, choices):
                 rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": params, **rec}
                 journal.write(json.dumps(rec) + "\n")
                 done[tuple(rec["sources"])] = rec
+                chosen[tuple(rec["sources"])] = c
             journal.flush()
             os.fsync(journal.fileno())
             finished += sum(len(u) for u, *_ in chunk)
@@ -165,10 +169,10 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
 
         pending = None  # the previous chunk: its crops are encoded while this chunk is detected
         for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-            recs, writes = _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)
+            recs, writes, choices = _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)
             if pending:
                 record(*pending)
-            pending = (chunk, recs, writes)
+            pending = (chunk, recs, writes, choices)
         if pending:
             record(*pending)
     if world > 1:
@@ -182,9 +186,10 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
                                "crop_boxes": [merged[s]["crop_box"] for s in k]}
     rows_of = {}
     for u in units:
-        rec = done.get(tuple(p.source for p in u))
-        if rec is not None:
-            rows_of.update(zip((p.source for p in u), _rows(u, rec["det"], _choose(u, rec["det"], prior), paths, config)))
+        k = tuple(p.source for p in u)
+        if k in done:  # a unit another rank (torchrun) cropped was not chosen in this process yet
+            choices = chosen[k] if k in chosen else _choose(u, done[k]["det"], prior)
+            rows_of.update(zip(k, _rows(u, done[k]["det"], choices, paths, config)))
     if rank != 0:
         return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of], {},
                           detected, found.warnings)
@@ -298,7 +303,7 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: C
                 prior: Prior) -> list[dict]:
     """Detect (where the cache has no detection), choose the subject, and start writing the crops.
     Returns (per unit its journal record {"det": per-photo detection, "crop_boxes": the box each crop is
-    cut from}, the writes' futures)."""
+    cut from}, the writes' futures, per unit its choices)."""
     dets = [[d if d is not None else
              {"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False} if isinstance(im, np.ndarray)
              else {"error": str(im)} for d, im in zip(cached, imgs)] for (_, _, cached), imgs in zip(chunk, images)]
@@ -306,17 +311,19 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: C
              if cached[pi] is None and isinstance(im, np.ndarray)]
     _add_faces(detector, images, dets, fresh, relaxed=False)
     # The relaxed pass, for photos whose subject the fast pass did not find (a fallback box).
-    again = [(ui, pi) for ui, (unit, _, _) in enumerate(chunk)
-             for pi, c in enumerate(_choose(unit, dets[ui], prior))
+    chosen = [_choose(unit, dets[ui], prior) for ui, (unit, _, _) in enumerate(chunk)]
+    again = [(ui, pi) for ui, choices in enumerate(chosen) for pi, c in enumerate(choices)
              if c is not None and c.index is None and not dets[ui][pi]["relaxed"]]
     _add_faces(detector, images, dets, again, relaxed=True)
+    for ui in {ui for ui, _ in again}:  # the units whose candidates the relaxed pass changed
+        chosen[ui] = _choose(chunk[ui][0], dets[ui], prior)
     recs, writes = [], []
     for ui, (unit, _, _) in enumerate(chunk):
-        choices = _choose(unit, dets[ui], prior)
+        choices = chosen[ui]
         for p, img, c in zip(unit, images[ui], choices):
             writes.append(pool.submit(_write_crop, out, paths[p.source], config, img, c))
         recs.append({"det": dets[ui], "crop_boxes": [None if c is None else [float(v) for v in c.box] for c in choices]})
-    return recs, writes
+    return recs, writes, chosen
 
 
 def _add_faces(detector: FaceDetector, images, dets, where: list[tuple[int, int]], relaxed: bool) -> None:
@@ -352,9 +359,9 @@ def _choose(unit: list[Photo], dets: list[dict], prior: Prior) -> list[Choice | 
     return out
 
 
-def _current(out: Path, paths, unit: list[Photo], dets: list[dict], crop_boxes: list, prior: Prior) -> bool:
+def _current(out: Path, paths, unit: list[Photo], dets: list[dict], crop_boxes: list, choices: list) -> bool:
     """Whether a cached unit needs no work: no pass left to run, every crop cut from today's choice and on disk."""
-    for p, c, d, cb in zip(unit, _choose(unit, dets, prior), dets, crop_boxes):
+    for p, c, d, cb in zip(unit, choices, dets, crop_boxes):
         if not (out / paths[p.source]).is_file():
             return False
         if c is not None and ((c.index is None and not d["relaxed"]) or cb is None
