@@ -123,21 +123,22 @@ def _naive(cands: list[Candidate]) -> int:
     return int(np.argmax([(b[2] - b[0]) * (b[3] - b[1]) * s for b, s, *_ in cands]))
 
 
-def _found(cands: list[Candidate], k: int, other: str = "") -> Choice:
+def _found(cands: list[Candidate], k: int) -> Choice:
     box, score, how, _ = cands[k]
     reason = ""
     if len(cands) > 1 and _naive(cands) != k:
         b, s, *_ = cands[_naive(cands)]
-        reason = f"the subject, not the larger or higher-scoring face at {_fmt_box(b)} (score {s:.2f}){other}"
+        reason = f"the subject, not the larger or higher-scoring face at {_fmt_box(b)} (score {s:.2f})"
     return Choice(tuple(box), k, how, reason)
 
 
-def _passed_over(cands: list[Candidate]) -> str:
+def _passed_over(cands: list[Candidate], where: str) -> str:
+    """The reason of a fallback box: what the photo had, elsewhere than `where`."""
     if not cands:
         return "no face found"
     b, s, *_ = cands[_naive(cands)]
     more = f" and {len(cands) - 1} more" if len(cands) > 1 else ""
-    return f"no face where this person's face is; passed over the face at {_fmt_box(b)} (score {s:.2f}){more}"
+    return f"no face {where}; passed over the face at {_fmt_box(b)} (score {s:.2f}){more}"
 
 
 def choose_lone(cands: list[Candidate], w: int, h: int, prior: Prior) -> Choice:
@@ -147,10 +148,7 @@ def choose_lone(cands: list[Candidate], w: int, h: int, prior: Prior) -> Choice:
     if ok:
         k = max(ok, key=lambda k: prior.utility(cands[k][0], cands[k][1], w, h))
         return _found(cands, k)
-    reason = ("no face found" if not cands else
-              f"no face where faces sit ({prior.source}); passed over the face at {_fmt_box(cands[_naive(cands)][0])} "
-              f"(score {cands[_naive(cands)][1]:.2f})" + (f" and {len(cands) - 1} more" if len(cands) > 1 else ""))
-    return Choice(prior.box(w, h), None, "prior_box", reason)
+    return Choice(prior.box(w, h), None, "prior_box", _passed_over(cands, f"where faces sit ({prior.source})"))
 
 
 def person_box(photos: list[tuple[list[Candidate], int, int]], prior: Prior) -> np.ndarray | None:
@@ -166,7 +164,7 @@ def person_box(photos: list[tuple[list[Candidate], int, int]], prior: Prior) -> 
     groups: list[dict] = []  # each: seed box, photos, members' boxes, value
     for u, p, rel in items:
         for g in groups:
-            if p not in g["photos"] and iou(g["seed"], rel) >= SAME_PLACE:
+            if iou(g["seed"], rel) >= SAME_PLACE:
                 break
         else:
             g = {"seed": rel, "photos": set(), "boxes": [], "value": 0.0}
@@ -193,5 +191,5 @@ def choose_for_person(photos: list[tuple[list[Candidate], int, int]], prior: Pri
         if there:
             out.append(_found(cands, max(there, key=lambda k: cands[k][1])))
         else:
-            out.append(Choice(pbox, None, "person_box", _passed_over(cands)))
+            out.append(Choice(pbox, None, "person_box", _passed_over(cands, "where this person's face is")))
     return out
