@@ -44,6 +44,7 @@ class Prediction:
     crops: Path
     warnings: list[str]
     labels: np.ndarray         # N predicted classes (the vote's)
+    old: int = L.DEFAULT_OLD   # the checkpoints' training age boundary (one for all: check_ensemble)
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
@@ -201,7 +202,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     for r in rows:
         if r["status"] in NO_PIXELS:
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels)
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels,
+                      ckpts[0]["config"].get("old", L.DEFAULT_OLD))
     if out is not None:
         write_submission(Path(out), pred)
     if probs_out is not None:

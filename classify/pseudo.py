@@ -19,7 +19,6 @@ from pathlib import Path
 from preprocess import labels as L
 from preprocess.manifest import TRAINABLE, read_meta, write_manifest
 
-from .checkpoint import load_checkpoint
 from .errors import ConfigError
 from .predict import checkpoint_paths, predict
 
@@ -49,10 +48,9 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     if (out / "manifest.csv").exists():
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
     ckpt_paths = checkpoint_paths(checkpoints)
-    olds = {load_checkpoint(p)["config"].get("old", L.DEFAULT_OLD) for p in ckpt_paths}
-    old = olds.pop()  # predict refuses an ensemble of different --old
     pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,
                    workers=workers, detector=detector, on_progress=on_progress, vote=vote)
+    old = pred.old
     top = pred.probs.max(1)
     rows, by_class = [], {}
     for r, p, y in zip(pred.rows, top, pred.labels):
