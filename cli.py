@@ -155,7 +155,12 @@ def crop(
         with LazyProgress("crop") as bar:
             res = crop_dataset(raw, out, cfg, on_progress=bar.update if rank == 0 else None, rank=rank,
                                world=world, barrier=dist.barrier if dist else None,
-                               prior=load_prior(prior) if prior else None)
+                               broadcast=dist.broadcast if dist else None, prior=load_prior(prior) if prior else None)
+    except BaseException:
+        if dist:
+            dist.abort()
+            dist = None
+        raise
     finally:
         if dist:
             dist.close()
@@ -242,7 +247,8 @@ def train(
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
     from classify.errors import ConfigError
-    from classify.train import fit, load_config, resume_config
+    from classify.config import load_config, resume_config
+    from classify.train import fit
     from preprocess.runtime import dist_env
 
     opts = {k: v for k, v in ctx.params.items() if k not in ("config", "resume", "overwrite")}
@@ -302,11 +308,16 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
                         f"{summary['val_old']})", title_justify="left")
         for c in ("", "F1", "acc", "mask F1", "gender F1", "age F1"):
             t.add_column(c, justify="right" if c else "left")
-        t.add_row("out-of-fold", *(f"{o[k]:.4f}" for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
+        t.add_row("out-of-fold, best epochs*", *(f"{o[k]:.4f}" for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
+        if summary.get("oof_last"):
+            t.add_row("out-of-fold, last epochs", *(f"{summary['oof_last'][k]:.4f}"
+                                                    for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
         mean, std = summary["fold_mean"], summary["fold_std"]
         t.add_row("fold mean ± std", *(f"{mean['val_' + k]:.3f} ± {std['val_' + k]:.3f}"
                                        for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")))
         console.print(t)
+        console.print("* each fold's best epoch was chosen on that fold's own validation people, so this score is "
+                      "optimistic; the last epochs' score selects nothing", highlight=False)
         console.print(f"run: {cfg.out}  (fold0..{cfg.folds - 1}/, oof_predictions.csv, summary.json) in {secs:.0f}s; "
                       f"predict with `maskcls predict {cfg.out} EVAL`")
     else:

@@ -29,12 +29,6 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def fold_dirs(run: Path) -> list[Path]:
-    """The fold folders of a k-fold run folder (`train --fold all`): fold0, fold1, ... in numeric order."""
-    return sorted((f for f in Path(run).glob("fold*") if f.name[4:].isdigit() and f.is_dir()),
-                  key=lambda f: int(f.name[4:]))
-
-
 def read_torch_file(path: Path, what: str, error=CheckpointError):
     """torch.load(path, weights_only=True), or `error` with one line that says what the file is
     instead: missing, empty, text, not a PyTorch file, truncated, or carrying code (refused, never

@@ -19,7 +19,8 @@ import numpy as np
 
 from preprocess.imageio import atomic_write_bytes
 
-from .checkpoint import fold_dirs
+from . import rundir
+from .rundir import fold_dirs
 from .errors import ConfigError
 from .plots import pyplot, save_figure
 
@@ -40,39 +41,32 @@ class RunScores:
     curve: list[tuple[int, float]]  # (epoch, val_f1) of the run (k-fold: fold 0)
 
 
-def _csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _best(run: Path) -> dict[str, float]:
-    rows = _csv_rows(run / "metrics.csv")
-    best = max(rows, key=lambda r: float(r["val_f1"]))
+    best = rundir.best_record(rundir.read_metrics(run))
     return {k: float(best[k]) for k in SCORES}
 
 
 def load_run(path: Path) -> RunScores:
     """The scores of one run folder (single or k-fold), from its config.json and metrics.csv files."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config = rundir.read_config(path)
+    if not config:
         raise ConfigError(f"{path} is not a `maskcls train` run folder (no config.json)")
-    config = json.loads((path / "config.json").read_text())
     folds = [f for f in fold_dirs(path) if (f / "metrics.csv").is_file()]
     if (path / "metrics.csv").is_file():
         return RunScores(path.name, path, config, _best(path), None, 0, None, _curve(path))
     if not folds:
         raise ConfigError(f"{path} has no metrics.csv and no fold*/metrics.csv: has it finished an epoch?")
-    if (folds[0] / "config.json").is_file():  # fold 0's resolved config (weights, normalisation), as one run's
-        config = json.loads((folds[0] / "config.json").read_text()) | {"fold": config.get("fold", "all")}
+    if rundir.read_config(folds[0]):  # fold 0's resolved config (weights, normalisation), as one run's
+        config = rundir.read_config(folds[0]) | {"fold": config.get("fold", "all")}
     per = np.array([[_best(f)[k] for k in SCORES] for f in folds])
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    oof = summary.get("oof", {}).get("f1")
+    oof = rundir.read_summary(path).get("oof", {}).get("f1")
     return RunScores(path.name, path, config, dict(zip(SCORES, per.mean(0).tolist())),
                      dict(zip(SCORES, per.std(0).tolist())), len(folds), oof, _curve(folds[0]))
 
 
 def _curve(run: Path) -> list[tuple[int, float]]:
-    return [(int(r["epoch"]), float(r["val_f1"])) for r in _csv_rows(run / "metrics.csv")]
+    return [(int(r["epoch"]), float(r["val_f1"])) for r in rundir.read_metrics(run)]
 
 
 def differing_keys(runs: list[RunScores]) -> list[str]:

@@ -1,14 +1,19 @@
-"""Datasets over the manifest, label fixes, and person-level splits.
+"""Data preparation in one pass (`prepare_data`), datasets over the manifest, label fixes, and
+person-level splits.
 
 Labels come only from the manifest's explicit columns. Splits are made over *people*, never photos:
 a person's seven photos share a face, and a split that shares people between train and validation
-measures memory, not generalisation.
+measures memory, not generalisation. The split is stratified at the competition's age boundary
+(`--val-old`), so runs that differ only in the training labels' `--old` validate on the same people.
+Photos of `--extra` folders join training only, and never when they are photos of the training
+crops themselves (compared by content, not name).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -17,13 +22,14 @@ import torch
 from torch.utils.data import Dataset
 
 from preprocess import labels as L
-from preprocess.imageio import read_crop
-from preprocess.manifest import TRAINABLE, packed_crops, read_manifest
+from preprocess.imageio import content_digest, read_crop
+from preprocess.manifest import TRAINABLE, packed_crops, read_manifest, read_meta
 
 from .errors import ConfigError
-from .masks import synthesize
+from .masks import SYNTH_INCORRECT, synthesize
 
 LABEL_FIELDS = {"gender", "age", "mask"}
+LABEL_RANGES = {"mask": (0, 2), "gender": (0, 1), "age": (0, 120)}
 
 
 def load_rows(crops: Path, old: int = L.DEFAULT_OLD, label_fixes: Path | None = None,
@@ -67,14 +73,18 @@ def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
         except ValueError:
             bad.append(f"line {k}: value {value!r}")
             continue
+        lo, hi = LABEL_RANGES[field]
+        if not lo <= v <= hi:
+            bad.append(f"line {k}: {field} {value!r} is outside {lo}..{hi}")
+            continue
         for r in targets:
             r[field] = v
             r["age_group"] = L.age_group(r["age"], old)
             r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
             n += 1
     if bad:
-        raise ConfigError(f"--label-fixes {path}: {len(bad)} fix(es) name no photo or field "
-                          f"(fields: {', '.join(sorted(LABEL_FIELDS))}): " + "; ".join(bad[:20]))
+        raise ConfigError(f"--label-fixes {path}: {len(bad)} fix(es) name no photo or field, or give a value out of "
+                          f"range (fields: mask 0..2, gender 0/1 or male/female, age 0..120): " + "; ".join(bad[:20]))
     return n
 
 
@@ -83,8 +93,11 @@ def person_key(r: dict) -> str:
     return r["person_id"] or f"photo:{r['image_id']}"
 
 
-def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, folds: int = 0, fold: int = 0) -> dict[str, str]:
-    """{person: 'train' | 'val'}, stratified on gender x age group, reproducible from the seed.
+def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, folds: int = 0, fold: int = 0,
+                  old: int = L.DEFAULT_OLD) -> dict[str, str]:
+    """{person: 'train' | 'val'}, stratified on gender x age group at the boundary `old` (give the
+    validation boundary, --val-old: the training labels' --old must not move validation people),
+    reproducible from the seed.
 
     With `folds` = K > 1, people are dealt round-robin into K folds within each stratum and fold
     `fold` is the validation set, so the K validation sets partition the people."""
@@ -94,7 +107,7 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         p = person_key(r)
         if p not in seen:
             seen.add(p)
-            strata.setdefault((r["gender"], r["age_group"]), []).append(p)
+            strata.setdefault((r["gender"], L.age_group(r["age"], old)), []).append(p)
     rng = random.Random(seed)
     out = {}
     if folds and folds > 1:
@@ -120,14 +133,6 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         for i, p in enumerate(people):
             out[p] = "val" if i < n_val else "train"
     return out
-
-
-def write_split(path: Path, split: dict[str, str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["person_id", "split"])
-        for p in sorted(split):
-            w.writerow([p, split[p]])
 
 
 class CropDataset(Dataset):
@@ -191,3 +196,116 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little")
 
 
+
+
+# -- one pass of data preparation ---------------------------------------------------------------------
+
+@dataclass
+class Data:
+    rows: list[dict]              # every manifest row
+    train_rows: list[dict]        # the training rows, --extra folders' rows last
+    val_rows: list[dict]
+    val_labels: np.ndarray        # the validation rows' labels at --val-old (what the competition scores)
+    split: dict[str, str]
+    dropped_near_boundary: int    # training photos left out by --drop-ages-near
+    extra: int = 0                # training photos from --extra folders (the last ones of train_rows)
+    warnings: list[str] = field(default_factory=list)
+
+
+def boundary_distance(age: int, old: int) -> int:
+    """Years to the nearest age-group boundary, counted so that the two ages on either side of a
+    boundary are both 1 away (29 and 30 for the boundary 30; 59 and 60 for old = 60)."""
+    return min(b - age if age < b else age - b + 1 for b in (L.YOUNG, old))
+
+
+def prepare_data(cfg) -> Data:
+    """Manifest rows → person-level split (stratified at --val-old) → training rows labelled at --old
+    (less --drop-ages-near), validation labels at --val-old, then the --extra folders' rows."""
+    crops = Path(cfg.crops)
+    rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
+    if not usable:
+        raise ConfigError(f"{crops}/manifest.csv has no photo with a known label and a usable crop")
+    split = split_persons(usable, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold, cfg.val_old)
+    train_rows = [r for r in usable if split[person_key(r)] == "train"]
+    val_rows = [r for r in usable if split[person_key(r)] == "val"]
+    dropped = 0
+    if cfg.drop_ages_near:
+        kept = [r for r in train_rows if boundary_distance(r["age"], cfg.old) > cfg.drop_ages_near]
+        dropped, train_rows = len(train_rows) - len(kept), kept
+    if not train_rows or not val_rows:
+        raise ConfigError(f"the split left {len(train_rows)} training and {len(val_rows)} validation photos; "
+                          "use more people or another --val-ratio/--folds")
+    val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
+    warnings: list[str] = []
+    extra = extra_rows(cfg, rows, warnings)
+    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings)
+
+
+def extra_rows(cfg, main_rows: list[dict], warnings: list[str]) -> list[dict]:
+    """The usable rows of every --extra crops folder, for training only (never validation: each is
+    read from its own folder and joins no split). A folder pseudo-labelled at another --old, or holding
+    a photo of the training crops (same bytes), is refused. Their `index` is offset per folder so
+    that their augmentation seeds differ from the main folder's."""
+    out = []
+    own = None
+    for k, folder in enumerate(cfg.extra, start=1):
+        folder = Path(folder)
+        check_extra(folder, cfg.old)
+        _, usable = load_rows(folder, cfg.old)
+        if own is None:
+            own = {d: r for r, d in zip(main_rows, photo_digests(Path(cfg.crops), main_rows)) if d}
+        digests = photo_digests(folder, usable)
+        same = [(r, own[d]) for r, d in zip(usable, digests) if d and d in own]
+        if same:
+            examples = ", ".join(f"{r['image_id']} = {m['image_id']}" for r, m in same[:3])
+            raise ConfigError(f"--extra {folder}: {len(same)} of its photos are photos of the training crops "
+                              f"{cfg.crops} (same content: {examples}); their labels would carry validation photos "
+                              "into training. Pseudo-label photos outside the training set (the eval set)")
+        unknown = sum(d is None for d in digests)
+        if unknown:
+            warnings.append(f"--extra {folder}: {unknown} photo(s) could not be compared with the training photos "
+                            "(no content hash in its manifest and the photo is not readable); crop them again to check")
+        for r in usable:
+            out.append(r | {"root": str(folder.resolve()), "index": k * 10_000_000 + r["index"]})
+    return out
+
+
+def check_extra(folder: Path, old: int) -> None:
+    """Refuse a pseudo-label folder made at another age boundary (its `age` holds the group's representative)."""
+    made = (read_meta(folder).get("pseudo") or {}).get("old")
+    if made is not None and made != old:
+        raise ConfigError(f"--extra {folder}: pseudo-labelled with --old {made}, but this run trains with --old {old}; "
+                          f"train with --old {made} or pseudo-label with a model trained at --old {old}")
+
+
+def photo_digests(crops: Path, rows: list[dict]) -> list[str | None]:
+    """Each row's photo content hash: the manifest's `sha256` column, else the photo's bytes hashed
+    where the raw folder it was cropped from is still there; None where neither is known."""
+    raw = read_meta(crops).get("raw")
+    out = []
+    for r in rows:
+        d = r.get("sha256") or None
+        if d is None and raw and r.get("source"):
+            try:
+                d = content_digest((Path(raw) / r["source"]).read_bytes())
+            except OSError:
+                d = None
+        out.append(d)
+    return out
+
+
+def expected_class_counts(rows: list[dict], synth_mask: float) -> np.ndarray:
+    """Training photos per class as training will see them: with --synth-mask P an unmasked photo with
+    landmarks is drawn masked with probability P (incorrect with SYNTH_INCORRECT, else wear), so its
+    count moves, in expectation, to those classes. The wce weights are counted on this mix."""
+    counts = np.zeros(L.NUM_CLASSES)
+    for r in rows:
+        y = r["label"]
+        if synth_mask and r["mask"] == 2 and r.get("landmarks"):
+            _, gender, age = L.decode(y)
+            counts[y] += 1 - synth_mask
+            counts[L.encode(1, gender, age)] += synth_mask * SYNTH_INCORRECT
+            counts[L.encode(0, gender, age)] += synth_mask * (1 - SYNTH_INCORRECT)
+        else:
+            counts[y] += 1
+    return counts

@@ -37,6 +37,14 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (the others pass anything, e.g. None)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -60,6 +68,13 @@ class Dist:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
+
+    def abort(self) -> None:
+        """Leave the job after an error on this rank, at once: no collective, no wait for rank 0. This
+        process then exits with its error, and torchrun ends the job's other processes, which may be
+        waiting for this one in a collective (waiting for them here would hang until a timeout).
+        The process group is left to the process's exit: destroying it could wait on those peers."""
+        return None
 
     def close(self) -> None:
         """Leave the job. Rank 0 leaves last: the other ranks wait (on the rendezvous store, not on a

@@ -62,17 +62,23 @@ def check_infer_options(tta: int, batch_size: int, workers: int) -> None:
 
 
 def resolve_amp(amp, device: torch.device) -> str:
-    """'bf16', 'fp16' or 'off' for an --amp value on `device`. auto: bf16 where the GPU supports it,
-    else fp16 (with a GradScaler in training); mixed precision is for CUDA only (off on the CPU).
-    Older configs said True/False."""
+    """'bf16', 'fp16' or 'off' for an --amp value on `device`. auto: bf16 where the GPU computes it
+    natively (compute capability 8.0+: A100, H100, RTX 30xx on), else fp16 with a GradScaler in training:
+    `torch.cuda.is_bf16_supported()` also counts emulated bf16 (V100, T4), which is slow. Mixed
+    precision is for CUDA only (off on the CPU). Older configs said True/False."""
     amp = {True: "auto", False: "off"}.get(amp, amp)
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
     if device.type != "cuda" or amp == "off":
         return "off"
     if amp == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device) else "fp16"
     return amp
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU has bf16 arithmetic in hardware (compute capability 8.0 or later)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0) and torch.cuda.is_bf16_supported()
 
 
 def autocast(device: torch.device, amp: str):

@@ -10,6 +10,7 @@ import numpy as np
 from preprocess import labels as L
 
 from .checkpoint import load_checkpoint
+from .rundir import ModelSpec
 from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
@@ -29,7 +30,7 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     check_device(device)
     ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
     check_ensemble(ckpts)
-    old = ckpts[0]["config"].get("val_old", L.DEFAULT_OLD)
+    old = ModelSpec.of(ckpts[0]).val_old
     _, rows = load_rows(Path(crops), old)
     if not rows:
         raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,11 +29,12 @@ from preprocess.manifest import NO_PIXELS, read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
 from preprocess.subject import Prior
 
-from .checkpoint import fold_dirs, load_checkpoint
+from .checkpoint import load_checkpoint
 from .data import CropDataset
 from .engine import check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
 from .models import create_model, upgrade_state
+from .rundir import ModelSpec, fold_dirs
 from .transforms import build_transform
 
 
@@ -48,12 +50,13 @@ class Prediction:
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
-    m = ckpt["model"]
     try:
-        model = create_model(m["name"], weights="none", **m.get("kwargs", {}))
-        model.load_state_dict(upgrade_state(m["name"], ckpt["model_state"]))
+        spec = ModelSpec.of(ckpt)
+        model = create_model(spec.name, weights="none", **spec.kwargs)
+        model.load_state_dict(upgrade_state(spec.name, ckpt["model_state"]))
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its model description ({m.get('name')}): {e}") from None
+        raise CheckpointError(f"checkpoint does not match its model description "
+                              f"({(ckpt.get('model') or {}).get('name')}): {e}") from None
     return model.to(device).eval()
 
 
@@ -88,13 +91,13 @@ def model_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.
     out = np.zeros((len(ckpts), len(rows), L.NUM_CLASSES))
     pos = {r["index"]: k for k, r in enumerate(rows)}
     for m, ckpt in enumerate(ckpts):
-        tf = build_transform(ckpt["preset"], ckpt["img_size"], train=False,
-                             interpolation=ckpt.get("interpolation", "bilinear"))
+        spec = ModelSpec.of(ckpt)
+        tf = build_transform(spec.preset, spec.img_size, train=False, interpolation=spec.interpolation)
         ds = CropDataset(crops, rows, tf)
         model = load_model(ckpt, device)
-        amp = resolve_amp(ckpt["config"].get("amp", "off"), device)
+        amp = resolve_amp(spec.amp, device)
         idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
-                           mean=ckpt["mean"], std=ckpt["std"])
+                           mean=list(spec.mean), std=list(spec.std))
         out[m, [pos[i] for i in idx]] = probs
     return out
 
@@ -125,11 +128,12 @@ def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: tor
 def check_ensemble(ckpts: list[dict]) -> None:
     """Checkpoints that cannot be combined are refused: different crops, or different age boundaries
     (their class 2 of age means different people, so their probabilities do not add up)."""
-    keys = {(c.get("crop") or {}).get("key") for c in ckpts}
+    specs = [ModelSpec.of(c) for c in ckpts]
+    keys = {s.crop.get("key") for s in specs}
     if len(keys) > 1:
         raise CheckpointError("these checkpoints were trained on crops made with different settings, so no one "
                               "crop of the photos suits them all: predict them separately and average the --probs")
-    olds = sorted({c["config"].get("old", L.DEFAULT_OLD) for c in ckpts})
+    olds = sorted({s.old for s in specs})
     if len(olds) > 1:
         raise CheckpointError(f"these checkpoints were trained with different --old ({', '.join(map(str, olds))}): "
                               "their age groups mean different ages, so they cannot be combined; ensemble the "
@@ -143,7 +147,7 @@ def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detecto
     source = Path(source)
     if (source / "manifest.csv").is_file():
         return source, []
-    crop_meta = ckpt.get("crop") or {}
+    crop_meta = ModelSpec.of(ckpt).crop
     if not crop_meta.get("config"):
         raise CheckpointError("the checkpoint records no crop settings, so raw photos cannot be cropped the way "
                               "training saw them; run `maskcls crop` yourself and pass the crops folder")
@@ -157,13 +161,22 @@ def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detecto
     # The training crops' face prior chooses each eval photo's face, as it does for `maskcls crop --prior`.
     prior = Prior.from_dict(crop_meta["prior"]) if crop_meta.get("prior") else None
     if cache is None:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskcls" / "crops"
-        cache = base / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+        cache = default_cache(source, crop_meta, detector)
+    # crop_dataset holds the folder's lock while it works: predicts sharing a cache take turns.
     res = crop_dataset(source, cache, cfg, detector=detector, on_progress=on_progress, prior=prior)
     if prior is None:
         res.warnings.append("the checkpoint records no face prior (its crops were made before maskcls learned "
                             "one): lone photos were cropped with the built-in prior")
     return cache, res.warnings
+
+
+def default_cache(source: Path, crop_meta: dict, detector: FaceDetector) -> Path:
+    """~/.cache/maskcls/crops/<key>: one folder per (photos folder, crop settings, detector, face prior),
+    so checkpoints trained on crops made otherwise never overwrite each other's crops."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskcls" / "crops"
+    what = [str(Path(source).resolve()), crop_meta.get("key"), crop_meta.get("config", {}).get("size"),
+            crop_meta.get("config", {}).get("margin"), detector.settings, crop_meta.get("prior")]
+    return base / hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
@@ -185,7 +198,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         raise ConfigError(f"--vote {vote!r}: choose soft or hard")
     ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
     check_ensemble(ckpts)
-    keys = {(c.get("crop") or {}).get("key") for c in ckpts}
+    keys = {ModelSpec.of(c).crop.get("key") for c in ckpts}
     dev = resolve_device(device)
     crops, warnings = crops_for(Path(source), ckpts[0], cache, device, detector, on_progress)
     given_key, trained_key = read_meta(crops).get("key"), keys.pop()
@@ -202,8 +215,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     for r in rows:
         if r["status"] in NO_PIXELS:
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels,
-                      ckpts[0]["config"].get("old", L.DEFAULT_OLD))
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, ModelSpec.of(ckpts[0]).old)
     if out is not None:
         write_submission(Path(out), pred)
     if probs_out is not None:

@@ -22,6 +22,7 @@ from preprocess import labels as L
 from preprocess.imageio import UnreadableImage, atomic_write_bytes, load_rgb, read_crop
 from preprocess.manifest import FALLBACKS, STATUS_HELP, read_manifest, read_meta
 
+from . import rundir
 from .errors import ConfigError
 from .masks import synthesize
 from .metrics import confusion, per_class_f1
@@ -47,7 +48,7 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
             hint = (f" It is a k-fold run: give one fold, e.g. {run / 'fold0'}" if (run / "fold0").is_dir() else
                     " Is it a `maskcls train` run folder?")
             raise ConfigError(f"{run} has no metrics.csv.{hint}")
-        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        cfg = rundir.read_config(run)
         old = cfg.get("old", old)
         val_old = cfg.get("val_old", old)  # validation labels are at this boundary
     rows = read_manifest(crops, old=old)
@@ -251,13 +252,8 @@ def _short(s: str, n: int = 28) -> str:
 
 # -- run figures --------------------------------------------------------------------------------------
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _curves(out: Path, run: Path):
-    m = _read_csv(run / "metrics.csv")
+    m = rundir.read_metrics(run)
     ep = [int(r["epoch"]) for r in m]
     cols = ["train_loss", "val_loss", "val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"]
     _write_csv(out / "curves.csv", ["epoch"] + cols, [[r["epoch"]] + [r[c] for c in cols] for r in m])
@@ -289,10 +285,8 @@ def _curves(out: Path, run: Path):
 
 
 def _val(run: Path):
-    rows = _read_csv(run / "val_predictions.csv")
-    y = np.array([int(r["label"]) for r in rows])
-    probs = np.array([[float(r[f"p{k}"]) for k in range(L.NUM_CLASSES)] for r in rows])
-    return rows, y, probs
+    ids, probs, y = rundir.read_val_predictions(run / rundir.VAL_PREDICTIONS)
+    return [{"image_id": i} for i in ids], y, probs
 
 
 def _confusions(out: Path, val, names):
@@ -423,9 +417,9 @@ def _run_overview(run) -> list[str]:
     """The run's best epoch and its scores per task, and its resolved configuration, as HTML."""
     if run is None or not (Path(run) / "metrics.csv").is_file():
         return []
-    m = _read_csv(Path(run) / "metrics.csv")
-    best = max(m, key=lambda r: float(r["val_f1"]))
-    cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+    m = rundir.read_metrics(run)
+    best = rundir.best_record(m)
+    cfg = rundir.read_config(run)
     cells = [("18 classes", "val_f1", "val_acc"), ("mask", "val_mask_f1", "val_mask_acc"),
              ("gender", "val_gender_f1", "val_gender_acc"), ("age", "val_age_f1", "val_age_acc")]
     rows = "".join(f"<tr><td>{t}</td><td>{float(best[f]):.4f}</td><td>{float(best[a]):.4f}</td></tr>"

@@ -28,20 +28,24 @@ training memory-maps: reading a crop is then a memory copy, not a JPEG decode (s
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-import cv2
 import numpy as np
 
 from . import labels as L
 from .detector import FaceDetector
-from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_rgb, read_crop
+from .geometry import crop_landmarks, crop_square, square_around
+from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_photo, read_crop
+from .journal import JOURNAL, fingerprint, read_journal, remove_stale_temp_files
+from .journal import compact as compact_journal
 from .layouts import LayoutError, Photo, discover
 from .manifest import PACKED, STATUSES, manifest_digest, write_manifest
 from .runtime import OptionError, check_device
@@ -49,7 +53,6 @@ from .subject import DEFAULT_PRIOR, Candidate, Choice, Prior, choose_for_person,
 
 CROP_VERSION = 2  # bump when the crop geometry, encoding or journal changes: it invalidates every cache
 MIN_PRIOR_PHOTOS = 10  # chosen faces needed to learn a folder's face prior
-JOURNAL = ".journal.jsonl"
 GREY = 128
 
 
@@ -94,7 +97,8 @@ class CropResult:
 
 def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detector: FaceDetector | None = None,
                  on_progress: Callable[[int, int], None] | None = None, rank: int = 0, world: int = 1,
-                 barrier: Callable[[], None] | None = None, prior: Prior | None = None) -> CropResult:
+                 barrier: Callable[[], None] | None = None, prior: Prior | None = None,
+                 broadcast: Callable[[object], object] | None = None) -> CropResult:
     """Crop every photo of `raw` into `out` and write `out/manifest.csv`.
 
     >>> res = crop_dataset(Path("data_samples/train"), Path("/tmp/crops"))
@@ -103,9 +107,12 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     `prior` chooses the face of a lone photo (no other photos of its person: the eval set): give the
     training crops' prior (`Prior.from_dict(read_meta(TRAIN_CROPS)["prior"])`, what predict does) so
     eval photos are cropped as the training photos were; without it a built-in portrait prior is used.
-    `on_progress(done, total)` is called as photos finish. Under torchrun (`world` > 1) each rank
-    crops its share of the persons and rank 0 writes the one manifest (same rows, same order) and
-    returns the whole result; the other ranks return their share (no counts).
+    `on_progress(done, total)` is called as photos finish. Under torchrun (`world` > 1) rank 0 plans
+    the work (what the cache already holds) and `broadcast`s the plan, so no rank plans from a file
+    system that a faster rank is already writing; each rank crops its share of the persons and rank 0
+    writes the one manifest (same rows, same order) and returns the whole result; the other ranks
+    return their share (no counts). A single process holds `out/.lock` while it works: two crops into
+    one folder (two predicts sharing a cache) take turns instead of clashing.
     """
     config.check()
     raw, out = Path(raw).resolve(), Path(out).resolve()
@@ -120,65 +127,71 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
         from .detector import MTCNNDetector
         detector = MTCNNDetector(device=config.device, detect_side=config.detect_side, min_face=config.min_face,
                                  batch_size=config.batch_size)
-    prior = prior or DEFAULT_PRIOR
-    key = settings_key(config, detector)
-    paths = crop_paths(found.photos)
-    units = _units(found.photos)
-    cache = _read_journal(out, key)
-    if cache and rank == 0:
-        _remove_stale_temp_files(out)  # a killed run may have left half-written '.<name>.tmp' files
-    if world > 1:
-        barrier()  # no rank writes before rank 0 has cleaned up
-    todo, done, unit_fps, chosen = [], {}, [], {}  # chosen: each unit's choices, made once
-    params = _crop_params(config)
+    with (_folder_lock(out) if world == 1 else contextlib.nullcontext()):
+        return _crop_locked(raw, out, found, config, detector, prior or DEFAULT_PRIOR, on_progress, rank, world,
+                            barrier, broadcast)
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path):
+    """An exclusive lock on `out/.lock` for the duration (released by the kernel if the process dies)."""
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class _Plan:
+    """What a run has to do: the units to detect or re-cut (with their fingerprints and cached
+    detections), the units the cache already holds in full, and each unit's fingerprints."""
+    todo: list            # (unit, fingerprints, per-photo cached detection or None)
+    done: dict            # unit sources → {"crop", "det", "crop_boxes"}
+    chosen: dict          # unit sources → choices (made once)
+    unit_fps: list        # per unit, per photo fingerprint
+
+
+def _plan(raw: Path, out: Path, units, paths, key: str, params: dict, prior: Prior) -> _Plan:
+    cache = read_journal(out, key)
+    if cache:
+        remove_stale_temp_files(out)  # a killed run may have left half-written '.<name>.tmp' files
+    plan = _Plan([], {}, {}, [])
     for u in units:
-        fps = [_fingerprint(raw / p.source) for p in u]  # taken once: the journal records what was read
-        unit_fps.append(fps)
+        fps = [fingerprint(raw / p.source) for p in u]  # taken once: the journal records what was read
+        plan.unit_fps.append(fps)
         hits = [cache.get(p.source) for p in u]
         dets = [h["det"] if h and h["fp"] == fp else None for h, fp in zip(hits, fps)]
         boxes = [h["crop_box"] if h and h["fp"] == fp and h["crop"] == params else None for h, fp in zip(hits, fps)]
         if all(d is not None for d in dets):
             choices = _choose(u, dets, prior)
             if _current(out, paths, u, dets, boxes, choices):
-                done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
-                chosen[tuple(p.source for p in u)] = choices
+                plan.done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
+                plan.chosen[tuple(p.source for p in u)] = choices
                 continue
-        todo.append((u, fps, dets))
-    mine = todo[rank::world]
-    total = sum(len(u) for u, *_ in mine)
-    detected = sum(d is None for _, _, dets in todo for d in dets)
+        plan.todo.append((u, fps, dets))
+    return plan
+
+
+def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, world, barrier, broadcast) -> CropResult:
+    key = settings_key(config, detector)
+    paths = crop_paths(found.photos)
+    units = _units(found.photos)
+    params = _crop_params(config)
+    if world > 1:  # rank 0 plans (and cleans up) before any rank writes; the others take its plan
+        plan = broadcast(_plan(raw, out, units, paths, key, params, prior) if rank == 0 else None)
+    else:
+        plan = _plan(raw, out, units, paths, key, params, prior)
+    done, chosen = plan.done, plan.chosen
+    mine = plan.todo[rank::world]
+    detected = sum(d is None for _, _, dets in plan.todo for d in dets)
     journal_path = out / (JOURNAL if world == 1 else f".journal.rank{rank}.jsonl")
-    with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
-        finished = 0
-
-        def record(chunk, recs, writes, choices):
-            """Journal a chunk once its crops are on disk: the journal never vouches for a missing crop."""
-            nonlocal finished
-            for f in writes:
-                f.result()
-            for (u, fps, _), rec, c in zip(chunk, recs, choices):
-                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": params, **rec}
-                journal.write(json.dumps(rec) + "\n")
-                done[tuple(rec["sources"])] = rec
-                chosen[tuple(rec["sources"])] = c
-            journal.flush()
-            os.fsync(journal.fileno())
-            finished += sum(len(u) for u, *_ in chunk)
-            if on_progress:
-                on_progress(finished, total)
-
-        pending = None  # the previous chunk: its crops are encoded while this chunk is detected
-        for chunk, images in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-            recs, writes, choices = _crop_chunk(pool, out, paths, chunk, images, config, detector, prior)
-            if pending:
-                record(*pending)
-            pending = (chunk, recs, writes, choices)
-        if pending:
-            record(*pending)
+    _crop_units(raw, out, paths, mine, key, params, config, detector, prior, journal_path, done, chosen, on_progress)
     if world > 1:
         barrier()  # every rank's journal is complete
         if rank == 0:  # rank 0 alone merges the journals and writes; the others return their share
-            merged = _read_journal(out, key)
+            merged = read_journal(out, key)
             for u in units:
                 k = tuple(p.source for p in u)
                 if k not in done:
@@ -203,12 +216,45 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
             "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
             "prior_used": prior.to_dict()}
     write_manifest(out, rows, meta)
-    _compact_journal(out, key, units, unit_fps, done)
+    compact_journal(out, key, units, plan.unit_fps, done)
     if config.pack:
         pack_crops(out, rows, config.size)
     # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
     # Dist.close(), on the rendezvous store).
     return CropResult(out, found.layout, rows, counts, detected, found.warnings, learned or prior)
+
+
+def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, journal_path, done, chosen,
+                on_progress) -> None:
+    """Detect, choose and crop this rank's units, journalling each chunk once its crops are on disk."""
+    total = sum(len(u) for u, *_ in mine)
+    with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
+        finished = 0
+
+        def record(chunk, recs, writes, choices):
+            """Journal a chunk once its crops are on disk: the journal never vouches for a missing crop."""
+            nonlocal finished
+            for f in writes:
+                f.result()
+            for (u, fps, _), rec, c in zip(chunk, recs, choices):
+                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": params, **rec}
+                journal.write(json.dumps(rec) + "\n")
+                done[tuple(rec["sources"])] = rec
+                chosen[tuple(rec["sources"])] = c
+            journal.flush()
+            os.fsync(journal.fileno())
+            finished += sum(len(u) for u, *_ in chunk)
+            if on_progress:
+                on_progress(finished, total)
+
+        pending = None  # the previous chunk: its crops are encoded while this chunk is detected
+        for chunk, images, digests in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
+            recs, writes, choices = _crop_chunk(pool, out, paths, chunk, images, digests, config, detector, prior)
+            if pending:
+                record(*pending)
+            pending = (chunk, recs, writes, choices)
+        if pending:
+            record(*pending)
 
 
 def settings_key(config: CropConfig, detector: FaceDetector) -> str:
@@ -227,30 +273,6 @@ def crops_key(config: CropConfig, detector: FaceDetector) -> str:
 def _crop_params(config: CropConfig) -> dict:
     """What a crop's pixels depend on besides the photo and the box."""
     return {"size": config.size, "margin": config.margin}
-
-
-# -- geometry -------------------------------------------------------------------------------------
-
-def square_around(box: Iterable[float], margin: float) -> tuple[float, float, float]:
-    """(cx, cy, side) of the square crop around a face box, `margin` x box side added on each side."""
-    x1, y1, x2, y2 = box
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
-    return (x1 + x2) / 2, (y1 + y2) / 2, max(side, 8.0)
-
-
-def crop_square(img: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:
-    """Cut the square (cx, cy, side) out of `img`, replicating edges outside it, and resize to size x size."""
-    h, w = img.shape[:2]
-    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
-    s = int(round(side))
-    x1, y1 = x0 + s, y0 + s
-    pad = max(0, -x0, -y0, x1 - w, y1 - h)
-    if pad:
-        img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        x0, y0, x1, y1 = x0 + pad, y0 + pad, x1 + pad, y1 + pad
-    patch = img[y0:y1, x0:x1]
-    interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-    return cv2.resize(patch, (size, size), interpolation=interp)
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -277,16 +299,17 @@ def _chunks(units, photos_per_chunk: int):
 
 
 def _load(raw: Path, p: Photo):
+    """(pixels or the UnreadableImage that says why not, the file's content digest or None)."""
     if p.status == "missing":
-        return UnreadableImage(p.reason)
+        return UnreadableImage(p.reason), None
     try:
-        return load_rgb(raw / p.source)
+        return load_photo(raw / p.source)
     except UnreadableImage as e:
-        return e
+        return e, None
 
 
 def _prefetch(pool, raw: Path, chunks):
-    """Yield (chunk, images) with the next chunk's photos already decoding in the pool."""
+    """Yield (chunk, images, digests) with the next chunk's photos already decoding in the pool."""
     def submit(chunk):
         return [[pool.submit(_load, raw, p) for p in u] for u, *_ in chunk]
     it = iter(chunks)
@@ -295,18 +318,23 @@ def _prefetch(pool, raw: Path, chunks):
     while cur is not None:
         nxt = next(it, None)
         nfuts = submit(nxt) if nxt else None
-        yield cur, [[f.result() for f in uf] for uf in futs]
+        loaded = [[f.result() for f in uf] for uf in futs]
+        yield cur, [[im for im, _ in u] for u in loaded], [[d for _, d in u] for u in loaded]
         cur, futs = nxt, nfuts
 
 
-def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, config: CropConfig, detector: FaceDetector,
-                prior: Prior) -> list[dict]:
+def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, config: CropConfig,
+                detector: FaceDetector, prior: Prior) -> list[dict]:
     """Detect (where the cache has no detection), choose the subject, and start writing the crops.
     Returns (per unit its journal record {"det": per-photo detection, "crop_boxes": the box each crop is
     cut from}, the writes' futures, per unit its choices)."""
     dets = [[d if d is not None else
              {"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False} if isinstance(im, np.ndarray)
              else {"error": str(im)} for d, im in zip(cached, imgs)] for (_, _, cached), imgs in zip(chunk, images)]
+    for ud, udig in zip(dets, digests):  # the photo's content, for `train --extra`'s same-photo check
+        for d, digest in zip(ud, udig):
+            if digest and "error" not in d:
+                d["sha256"] = digest
     fresh = [(ui, pi) for ui, (_, _, cached) in enumerate(chunk) for pi, im in enumerate(images[ui])
              if cached[pi] is None and isinstance(im, np.ndarray)]
     _add_faces(detector, images, dets, fresh, relaxed=False)
@@ -389,7 +417,8 @@ def _rows(unit: list[Photo], dets: list[dict], choices: list[Choice | None], pat
                "gender": p.gender, "race": p.race, "age": p.age, "mask": p.mask, "age_group": age_group,
                "label": L.UNKNOWN if p.status == "bad_name" else L.encode(p.mask, p.gender, age_group),
                "status": p.status, "reason": p.reason, "x1": None, "y1": None, "x2": None, "y2": None,
-               "score": None, "width": None, "height": None, "faces": None, "landmarks": None}
+               "score": None, "width": None, "height": None, "faces": None, "landmarks": None,
+               "sha256": d.get("sha256")}
         if c is None:
             row["status"] = p.status or "unreadable"
             row["reason"] = d["error"]
@@ -397,21 +426,11 @@ def _rows(unit: list[Photo], dets: list[dict], choices: list[Choice | None], pat
             cand = d["cands"][c.index] if c.index is not None else None
             row.update(x1=c.box[0], y1=c.box[1], x2=c.box[2], y2=c.box[3], score=cand and cand[4],
                        width=d["w"], height=d["h"], faces=len(d["cands"]),
-                       landmarks=cand and _crop_landmarks(cand[6], c.box, config))
+                       landmarks=cand and crop_landmarks(cand[6], c.box, config.margin, config.size))
             row["status"] = p.status or c.status
             row["reason"] = f"{p.reason}; face: {c.status}" if p.status == "bad_name" else (p.reason or c.reason)
         rows.append(row)
     return rows
-
-
-def _crop_landmarks(lm: list[float] | None, box, config: CropConfig) -> list[float] | None:
-    """The five landmarks (x, y, ...) in the crop's pixels, as `crop_square` cuts it."""
-    if not lm:
-        return None
-    cx, cy, side = square_around(box, config.margin)
-    x0, y0, s = round(cx - side / 2), round(cy - side / 2), round(side)
-    k = config.size / s
-    return [round((v - (x0 if i % 2 == 0 else y0)) * k, 1) for i, v in enumerate(lm)]
 
 
 def _learn_prior(units: list[list[Photo]], rows_of: dict[str, dict]) -> Prior | None:
@@ -433,55 +452,12 @@ def crop_paths(photos: list[Photo]) -> dict[str, str]:
     return {p.source: short(p.source) if counts[short(p.source)] == 1 else f"crops/{p.source}.jpg" for p in photos}
 
 
-def _fingerprint(path: Path) -> list[int]:
-    try:
-        st = path.stat()
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [-1, -1]
-
-
-def _read_journal(out: Path, key: str) -> dict[str, dict]:
-    """Per photo (source) of earlier (possibly killed) runs with these detector settings: its file's
-    fingerprint, detection, crop parameters and the box its crop was cut from. A torn last line is ignored."""
-    photos = {}
-    for path in sorted(out.glob(".journal*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a kill cut short
-                if rec.get("key") == key and "det" in rec:
-                    for src, fp, det, box in zip(rec["sources"], rec["fps"], rec["det"], rec["crop_boxes"]):
-                        photos[src] = {"fp": fp, "det": det, "crop": rec["crop"], "crop_box": box}
-    return photos
-
-
-def _remove_stale_temp_files(out: Path) -> None:
-    for p in out.rglob(".*.tmp*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-
-
-def _compact_journal(out: Path, key: str, units, unit_fps, done: dict) -> None:
-    """Rewrite the journal to hold exactly this run's units (the cache for the next run)."""
-    lines = []
-    for u, fps in zip(units, unit_fps):
-        rec = done[tuple(p.source for p in u)]
-        lines.append(json.dumps({"key": key, "sources": [p.source for p in u], "fps": fps, "crop": rec["crop"],
-                                 "det": rec["det"], "crop_boxes": rec["crop_boxes"]}))
-    atomic_write_bytes(out / JOURNAL, ("\n".join(lines) + "\n").encode("utf-8"))
-    for extra in out.glob(".journal.rank*.jsonl"):
-        extra.unlink(missing_ok=True)
-
-
 def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
     """Write crops.npy (N x size x size x 3 uint8, manifest order), decoded from the JPEG crops, atomically.
 
     Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
     Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
-    stamp = hashlib.sha256(json.dumps([(r["crop"], _fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
+    stamp = hashlib.sha256(json.dumps([(r["crop"], fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
     target, stamp_file = out / PACKED, out / (PACKED + ".json")
     info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
     if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:

@@ -2,12 +2,19 @@
 
 Every photo goes through `load_rgb`: EXIF orientation applied (the box is in those pixels), 16-bit
 and palette/alpha/CMYK/grayscale modes converted to 8-bit RGB, and oversized images refused from
-their header before any pixel is decoded, so a decompression bomb costs no memory.
+their header before any pixel is decoded, so a decompression bomb costs no memory. PIL's own bomb
+guard (`Image.MAX_IMAGE_PIXELS`) is left as it is for every other library in the process.
+
+Nothing here changes process-wide state at import: files are created with the mode open() gives
+them (0666 less the umask, applied by the kernel).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import tempfile
+import re
+import secrets
 import warnings
 from pathlib import Path
 
@@ -18,25 +25,35 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 40_000_000  # 40 MP: far above any phone photo, far below a bomb
 JPEG_QUALITY = 95
 
-# We refuse large images ourselves (below), so PIL's own warning/limit is redundant for us.
-Image.MAX_IMAGE_PIXELS = None
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class UnreadableImage(Exception):
     """A photo that cannot be turned into pixels; the message says why."""
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read a photo as an upright HxWx3 uint8 RGB array, or raise UnreadableImage with the reason."""
-    path = Path(path)
+def content_digest(data: bytes) -> str:
+    """A photo's identity by content (not name): the first 32 hex digits of its bytes' SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def load_photo(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """(upright RGB uint8 pixels, content digest) of a photo, reading its bytes once; UnreadableImage
+    with the reason (the digest of what could be read is lost with it)."""
     try:
-        if path.stat().st_size == 0:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UnreadableImage("file not found") from None
+    except OSError as e:
+        raise UnreadableImage(f"cannot read the file: {e.strerror or e}") from None
+    return load_rgb(io.BytesIO(data), max_pixels, size=len(data)), content_digest(data)
+
+
+def load_rgb(path, max_pixels: int = MAX_PIXELS, size: int | None = None) -> np.ndarray:
+    """Read a photo (a path, or a file object of `size` bytes) as an upright HxWx3 uint8 RGB array, or
+    raise UnreadableImage with the reason."""
+    src = path if hasattr(path, "read") else Path(path)
+    try:
+        if (size if size is not None else src.stat().st_size) == 0:
             raise UnreadableImage("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise UnreadableImage(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit "
@@ -50,7 +67,11 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarra
         raise
     except FileNotFoundError:
         raise UnreadableImage("file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own guard fires at open, from the header, above twice its limit
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(n[1]) / 1e6:.0f} MP" if n else "too large"
+        raise UnreadableImage(f"image is {size}, over the {max_pixels / 1e6:.0f} MP limit (possible decompression bomb)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         # PIL raises OSError for truncated/unknown data, SyntaxError/ValueError for some broken headers.
         raise UnreadableImage(f"not a readable image: {e}") from None
 
@@ -73,11 +94,12 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader (or a killed run) sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    # 0o666: the kernel applies the umask, so the file gets the permissions open() would give it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

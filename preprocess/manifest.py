@@ -16,8 +16,9 @@ from .imageio import atomic_write_bytes
 from .layouts import LayoutError, safe_relative
 
 COLUMNS = ["image_id", "source", "crop", "person_id", "gender", "race", "age", "mask", "age_group", "label",
-           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height", "faces", "landmarks", "prob"]
-OPTIONAL = {"faces", "landmarks", "prob"}  # absent from manifests written before they existed
+           "status", "reason", "x1", "y1", "x2", "y2", "score", "width", "height", "faces", "landmarks", "prob", "sha256"]
+OPTIONAL = {"faces", "landmarks", "prob", "sha256"}  # absent from manifests written before they existed
+# sha256: the photo's content digest (imageio.content_digest), empty where it could not be read
 # prob: a pseudo-label's probability (`maskcls pseudo-label`), empty for photos labelled by their names
 INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height", "faces"}
 FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score", "prob"}

@@ -24,19 +24,24 @@ def test_round_trip_restores_model_and_description(tmp_path):
 
 
 class _Evil:
+    """Unpickled, it would create `marker`: a file inside the test's own tmp folder, so a regression
+    shows in this test and leaves nothing behind for later runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
         import os
-        return (os.system, ("touch /tmp/maskcls_pwned",))
+        return (os.mkdir, (self.marker,))
 
 
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
     with open(path, "wb") as f:
-        pickle.dump({"format": "maskcls-checkpoint", "payload": _Evil()}, f)
+        pickle.dump({"format": "maskcls-checkpoint", "payload": _Evil(marker)}, f)
     with pytest.raises(CheckpointError, match="carries Python objects that would run code when loaded; refused"):
         load_checkpoint(path)
-    import os
-    assert not os.path.exists("/tmp/maskcls_pwned")
+    assert not marker.exists()
 
 
 def test_foreign_and_corrupt_files_are_clear_errors_each_saying_what_it_is(tmp_path):

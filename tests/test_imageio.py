@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from preprocess.imageio import UnreadableImage, load_rgb
+from tests.conftest import REPO
 
 
 def _png_header_only(path, w, h):
@@ -35,8 +36,33 @@ def test_broken_files_are_refused_with_a_reason(tmp_path):
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     _png_header_only(tmp_path / "bomb.png", 20000, 20000)
-    with pytest.raises(UnreadableImage, match="20000x20000 = 400 MP"):
+    with pytest.raises(UnreadableImage, match="400 MP, over the 40 MP limit"):
         load_rgb(tmp_path / "bomb.png")
+    _png_header_only(tmp_path / "big.png", 8000, 6000)  # under PIL's own limit, over ours
+    with pytest.raises(UnreadableImage, match="8000x6000 = 48 MP, over the 40 MP limit"):
+        load_rgb(tmp_path / "big.png")
+
+
+def test_importing_the_crop_stage_changes_no_process_wide_state(tmp_path):
+    """PIL's bomb guard stays on for every other library in the process, and the umask is never
+    flipped (a thread creating a file at that moment would get mode 0666); files still get the mode
+    open() would give them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, PIL.Image as I; before = I.MAX_IMAGE_PIXELS; os.umask(0o027)\n"
+            "import preprocess.crop, preprocess.imageio as io, classify.train\n"
+            "assert I.MAX_IMAGE_PIXELS == before, I.MAX_IMAGE_PIXELS\n"
+            "from pathlib import Path\n"
+            f"io.atomic_write_bytes(Path({str(tmp_path / 'f.bin')!r}), b'x')\n"
+            "print(oct(os.stat(" + repr(str(tmp_path / "f.bin")) + ").st_mode & 0o777))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0o640"
+    import preprocess.crop  # noqa: F401  (in this process too)
+    from PIL import Image
+    assert Image.MAX_IMAGE_PIXELS is not None
 
 
 def test_modes_become_8bit_rgb(tmp_path):

@@ -11,7 +11,10 @@ from classify.data import CropDataset
 from classify.masks import face_box, synthesize
 from classify.predict import predict
 from classify.pseudo import pseudo_label
-from classify.train import TrainConfig, _mix, fit, prepare_data
+from classify.config import TrainConfig
+from classify.data import prepare_data
+from classify.mixing import mix_batch as _mix
+from classify.train import fit
 from classify.transforms import build_transform
 from preprocess import labels as L
 from preprocess.manifest import read_manifest, write_manifest

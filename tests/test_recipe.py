@@ -16,8 +16,10 @@ import torch
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
 from classify.predict import predict
-from classify.train import (TrainConfig, boundary_distance, create_optimizer, create_scheduler, fit, prepare_data,
-                            resume_config)
+from classify.config import TrainConfig, resume_config
+from classify.data import boundary_distance, prepare_data
+from classify.schedule import create_optimizer, create_scheduler
+from classify.train import fit
 from preprocess import labels as L
 from tests.conftest import make_crops
 

@@ -10,7 +10,8 @@ def _rows(n_people=60, seed=0):
     for p in range(n_people):
         g, a = rnd.randrange(2), rnd.choice([0, 0, 1, 1, 1, 2])
         for k in range(7):
-            rows.append({"person_id": f"{p:06d}", "image_id": f"{p:06d}/{k}", "gender": g, "age_group": a})
+            rows.append({"person_id": f"{p:06d}", "image_id": f"{p:06d}/{k}", "gender": g, "age_group": a,
+                         "age": (20, 45, 70)[a]})
     return rows
 
 
@@ -46,7 +47,7 @@ def test_k_folds_partition_the_people():
 
 
 def test_rows_without_person_id_are_split_per_photo():
-    rows = [{"person_id": "", "image_id": f"x{i}", "gender": 0, "age_group": 0} for i in range(10)]
+    rows = [{"person_id": "", "image_id": f"x{i}", "gender": 0, "age_group": 0, "age": 20} for i in range(10)]
     split = split_persons(rows, val_ratio=0.3)
     assert len(split) == 10 and sum(v == "val" for v in split.values()) == 3
 
@@ -132,3 +133,33 @@ def test_normalize_standardises_each_channel_of_a_loader_batch_and_refuses_anoth
         assert np.allclose(y.numpy(), expected.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         normalize(x.permute(0, 2, 3, 1).contiguous())  # an H x W x 3 batch, the old layout
+
+
+def test_changing_only_the_training_old_moves_no_validation_person(tmp_path):
+    """The split is stratified at --val-old (the competition's boundary): --old 58 and --old 60 validate on
+    the same people, so their scores compare. Stratified at the training --old, the people aged 58-59
+    change stratum and the split moves."""
+    from classify.config import TrainConfig
+    from classify.data import prepare_data
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=40, ages=(22, 45, 58, 59, 70))
+    splits = {old: prepare_data(TrainConfig(crops=str(crops), out="x", old=old, val_old=60)).split
+              for old in (55, 58, 60)}
+    assert splits[58] == splits[60] == splits[55]
+    by_val_old = prepare_data(TrainConfig(crops=str(crops), out="x", old=58, val_old=58)).split
+    assert by_val_old != splits[60]  # the boundary the split uses does matter: this test can see a change
+
+
+def test_a_label_fix_out_of_range_is_one_error_naming_the_line(tmp_path):
+    import pytest
+
+    from classify.data import apply_label_fixes
+    from classify.errors import ConfigError
+
+    rows = [{"image_id": "a.jpg", "gender": 0, "age": 20, "mask": 0, "age_group": 0, "label": 0}]
+    for field, value in (("mask", "3"), ("gender", "2"), ("age", "-4"), ("mask", "-1")):
+        (tmp_path / "fix.csv").write_text(f"image_id,field,value\na.jpg,{field},{value}\n")
+        with pytest.raises(ConfigError, match=rf"line 2: {field} '{value}' is outside"):
+            apply_label_fixes(rows, tmp_path / "fix.csv", 60)
+    assert rows[0]["label"] == 0  # nothing applied

@@ -10,7 +10,8 @@ import torch
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.train import TrainConfig, fit, load_config, resume_config
+from classify.config import TrainConfig, load_config, resume_config
+from classify.train import fit
 from tests.conftest import make_crops
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -140,7 +141,8 @@ def test_resume_with_more_epochs_continues_the_cosine_schedule_to_the_new_end(cr
 
 def test_weighted_sampler_evens_out_classes_and_mixing_weights_match_the_pixels():
     from classify.distributed import Dist
-    from classify.train import _epoch_order, _mix
+    from classify.mixing import epoch_order as _epoch_order
+    from classify.mixing import mix_batch as _mix
 
     class DS:
         labels = torch.tensor([0] * 90 + [17] * 10)
