@@ -25,6 +25,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Face crops, training and prediction for mask status x gender x age group.")
 console = Console(stderr=True)
 
+# The options predict, evaluate and pseudo-label share, declared once.
+TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
+                           "--tta alone is not valid: give a number.")
+CROP_CACHE = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/<photos + crop settings>].")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
+BATCH = typer.Option(64, help="Images per forward pass.")
+WORKERS = typer.Option(2, help="DataLoader worker processes.")
+VOTE = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes).")
+
 
 @app.callback()
 def main():
@@ -342,13 +351,12 @@ def predict(
                                                  "(info.csv + images/) or a crops folder."),
     out: Path = typer.Option(Path("submission.csv"), "--out", "-o", help="Submission CSV (ImageID,ans)."),
     probs: Optional[Path] = typer.Option(None, help="Also write the 18 probabilities per image here."),
-    tta: int = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
-                                    "--tta alone is not valid: give a number."),
-    crops: Optional[Path] = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/...]."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="DataLoader worker processes."),
-    vote: str = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes)."),
+    tta: int = TTA,
+    crops: Optional[Path] = CROP_CACHE,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    workers: int = WORKERS,
+    vote: str = VOTE,
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     from classify.errors import ConfigError
@@ -379,12 +387,12 @@ def pseudo_label(
                                                  "eval folder (info.csv + images/) or a crops folder."),
     out: Path = typer.Option(..., "--out", "-o", help="The crops folder to write (for train --extra)."),
     min_prob: float = typer.Option(0.9, help="Keep photos whose top class probability is at least this."),
-    tta: int = typer.Option(1, help="Views averaged (see predict)."),
-    crops: Optional[Path] = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/...]."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="DataLoader worker processes."),
-    vote: str = typer.Option("soft", help="Several models: soft | hard (see predict)."),
+    tta: int = TTA,
+    crops: Optional[Path] = CROP_CACHE,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    workers: int = WORKERS,
+    vote: str = VOTE,
 ):
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
     from classify.errors import ConfigError
@@ -412,12 +420,12 @@ def pseudo_label(
 @user_errors
 def evaluate(
     paths: list[Path] = typer.Argument(..., help="CKPT... then CROPS: checkpoint(s), then a labelled crops folder."),
-    tta: int = typer.Option(1, help="Views averaged (see predict)."),
+    tta: int = TTA,
     confusion: Optional[Path] = typer.Option(None, help="Write the confusion matrix PNG here."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    batch_size: int = typer.Option(64),
-    workers: int = typer.Option(2),
-    vote: str = typer.Option("soft", help="Several models: soft | hard (see predict)."),
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    workers: int = WORKERS,
+    vote: str = VOTE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
     from classify.errors import ConfigError

@@ -43,11 +43,11 @@ import numpy as np
 from . import labels as L
 from .detector import FaceDetector
 from .geometry import crop_landmarks, crop_square, square_around
-from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_photo, read_crop
+from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_photo
 from .journal import JOURNAL, fingerprint, read_journal, remove_stale_temp_files
 from .journal import compact as compact_journal
 from .layouts import LayoutError, Photo, discover
-from .manifest import PACKED, STATUSES, manifest_digest, write_manifest
+from .manifest import STATUSES, pack_crops, write_manifest
 from .runtime import OptionError, check_device
 from .subject import DEFAULT_PRIOR, Candidate, Choice, Prior, choose_for_person, choose_lone, iou
 
@@ -450,30 +450,3 @@ def crop_paths(photos: list[Photo]) -> dict[str, str]:
     for p in photos:
         counts[short(p.source)] = counts.get(short(p.source), 0) + 1
     return {p.source: short(p.source) if counts[short(p.source)] == 1 else f"crops/{p.source}.jpg" for p in photos}
-
-
-def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
-    """Write crops.npy (N x size x size x 3 uint8, manifest order), decoded from the JPEG crops, atomically.
-
-    Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
-    Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
-    stamp = hashlib.sha256(json.dumps([(r["crop"], fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
-    target, stamp_file = out / PACKED, out / (PACKED + ".json")
-    info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
-    if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:
-        return target
-    tmp = out / f".{PACKED}.tmp.npy"
-    # Plain sequential writes, not a writable memory map: mapped dirty pages count as the process's
-    # memory, so a map would grow with the data set.
-    with open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)})
-        for r in rows:
-            crop = read_crop(out / r["crop"])
-            if crop.shape != (size, size, 3):
-                raise ValueError(f"{r['crop']} is {crop.shape}, expected {(size, size, 3)}: recrop this folder")
-            f.write(np.ascontiguousarray(crop).tobytes())
-    stamp_file.unlink(missing_ok=True)  # no window where an old stamp vouches for a new array
-    os.replace(tmp, target)
-    atomic_write_bytes(stamp_file, json.dumps(info).encode())
-    return target

@@ -9,10 +9,14 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
+import numpy as np
+
 from . import labels as L
-from .imageio import atomic_write_bytes
+from .imageio import atomic_write_bytes, read_crop
+from .journal import fingerprint
 from .layouts import LayoutError, safe_relative
 
 COLUMNS = ["image_id", "source", "crop", "person_id", "gender", "race", "age", "mask", "age_group", "label",
@@ -122,3 +126,30 @@ def packed_crops(crops: Path) -> Path | None:
     except (OSError, ValueError):
         return None
     return target if ok else None
+
+
+def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
+    """Write crops.npy (N x size x size x 3 uint8, manifest order), decoded from the JPEG crops, atomically.
+
+    Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
+    Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
+    stamp = hashlib.sha256(json.dumps([(r["crop"], fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
+    target, stamp_file = out / PACKED, out / (PACKED + ".json")
+    info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
+    if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:
+        return target
+    tmp = out / f".{PACKED}.tmp.npy"
+    # Plain sequential writes, not a writable memory map: mapped dirty pages count as the process's
+    # memory, so a map would grow with the data set.
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)})
+        for r in rows:
+            crop = read_crop(out / r["crop"])
+            if crop.shape != (size, size, 3):
+                raise ValueError(f"{r['crop']} is {crop.shape}, expected {(size, size, 3)}: recrop this folder")
+            f.write(np.ascontiguousarray(crop).tobytes())
+    stamp_file.unlink(missing_ok=True)  # no window where an old stamp vouches for a new array
+    os.replace(tmp, target)
+    atomic_write_bytes(stamp_file, json.dumps(info).encode())
+    return target

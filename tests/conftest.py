@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from preprocess import labels as L
-from preprocess.crop import pack_crops
+from preprocess.manifest import pack_crops
 from preprocess.detector import Face
 from preprocess.imageio import atomic_write_bytes, encode_jpeg
 from preprocess.manifest import write_manifest

@@ -94,3 +94,57 @@ def test_kfold_under_torchrun_equals_one_process(tmp_path):
     ids2, p2 = oof(tmp_path / "two")
     assert ids1 == ids2 and len(ids1) == 16 * 7
     assert np.abs(p1 - p2).max() < 1e-4
+
+
+def _run_torchrun(script, *args, timeout=120):
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "helpers" / script), *map(str, args)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return res, res.stdout + res.stderr, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_an_error_on_one_rank_ends_the_whole_job_within_seconds(tmp_path, rank):
+    """The failing rank used to wait (2 hours) for rank 0's goodbye while rank 0 waited in DDP's
+    all-reduce for it: a hang until a collective timeout. Now the failing rank leaves at once with its
+    error line and torchrun ends the other."""
+    crops = make_crops(tmp_path / "crops", people=12)
+    res, out, secs = _run_torchrun("fail_on_rank.py", crops, tmp_path / "run", f"epoch2-rank{rank}", timeout=100)
+    assert res.returncode != 0 and secs < 60, (secs, out[-3000:])
+    assert f"rank {rank}: injected failure on rank {rank}" in out, out[-3000:]
+
+
+def test_weights_are_resolved_on_rank_0_alone(tmp_path):
+    """`auto` could mean ImageNet on one node and random init on another (each rank looked at its own
+    cache): rank 0 resolves and broadcasts; the other ranks never call resolve."""
+    crops = make_crops(tmp_path / "crops", people=12)
+    res, out, _ = _run_torchrun("fail_on_rank.py", crops, tmp_path / "run", "resolve-elsewhere", timeout=300)
+    assert res.returncode == 0, out[-3000:]
+    import json
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2
+
+
+def test_a_rank_that_plans_late_still_crops_exactly_rank_0s_plan(tmp_path):
+    """A rerun where some crops are missing: rank 0 re-cuts them at once, and a rank that planned from
+    the file system after that saw less work left, so some persons were cropped by no rank (and
+    packing failed). Rank 0 plans and broadcasts; the late rank takes its plan."""
+    from tests.conftest import make_person
+
+    raw = tmp_path / "raw"
+    for p in range(8):
+        make_person(raw / "images", f"{p:06d}_male_Asian_{20 + p}")
+    from tests.conftest import FakeDetector
+
+    crop_dataset(raw, tmp_path / "one", CropConfig(size=48, batch_size=7), detector=FakeDetector())
+    reference = (tmp_path / "one" / "manifest.csv").read_bytes()
+    for p in range(8):
+        for f in (tmp_path / "one" / "crops" / "images").glob(f"{p:06d}_*/mask1.jpg"):
+            f.unlink()
+    res, out, _ = _run_torchrun("crop_ranks.py", raw, tmp_path / "one", timeout=300)
+    assert res.returncode == 0, out[-3000:]
+    assert "rank 0: 56 rows, 0 detected" in out
+    assert (tmp_path / "one" / "manifest.csv").read_bytes() == reference
+    assert len(list((tmp_path / "one" / "crops").rglob("*.jpg"))) == 56

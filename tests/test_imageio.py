@@ -47,7 +47,7 @@ def test_importing_the_crop_stage_changes_no_process_wide_state(tmp_path):
     """PIL's bomb guard stays on for every other library in the process, and the umask is never
     flipped (a thread creating a file at that moment would get mode 0666); files still get the mode
     open() would give them."""
-    import os
+
     import subprocess
     import sys
 

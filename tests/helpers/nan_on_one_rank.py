@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import classify.train as T  # noqa: E402
+from classify.errors import TrainingError  # noqa: E402
 from tests.helpers import nan_at_call  # noqa: E402
 
 T.make_loss = nan_at_call(T.make_loss, 3, when=lambda: os.environ.get("RANK") == "1")
@@ -19,7 +20,7 @@ if __name__ == "__main__":
     try:
         T.fit(T.TrainConfig(crops=sys.argv[1], out=sys.argv[2], epochs=2, img_size=32, batch_size=8, workers=0,
                             weights="none", device="cpu", preset="none"), warn=lambda m: None)
-    except T.TrainingError as e:
+    except TrainingError as e:
         print(f"rank {os.environ.get('RANK')}: {e}", flush=True)
         if os.environ.get("RANK") == "1":
             time.sleep(3)  # torchrun ends the other ranks when one exits: give rank 0 the time to speak
