@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -66,7 +67,7 @@ def user_errors(fn):
                         "written before (manifest, checkpoints) are left as they were.")
             else:
                 raise
-        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(line))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     return wrapper
 
@@ -76,6 +77,11 @@ def _user_path(filename) -> str:
     p = Path(str(filename))
     m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", p.name)
     return str(p.parent / m[1]) if m else str(p)
+
+
+def warning(message: str) -> None:
+    """One warning line; the message (paths, library text) is printed as it is, never read as markup."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 class LazyProgress:
@@ -141,6 +147,7 @@ def crop(
     old: int = typer.Option(60, help="Age-group threshold for the manifest's age_group/label (>= old is group 2)."),
     pack: bool = typer.Option(True, help="Also write crops.npy, the uint8 array training memory-maps."),
     strict: bool = typer.Option(False, help="Stop before any work if a photo is missing or badly named."),
+    overwrite: bool = typer.Option(False, help="Replace the crops in --out even if they were made from another RAW."),
     prior: Optional[Path] = typer.Option(None, help="Training crops folder or checkpoint whose face prior chooses "
                                                     "the face of lone photos (eval): crop eval photos as training's."),
 ):
@@ -164,7 +171,8 @@ def crop(
         with LazyProgress("crop") as bar:
             res = crop_dataset(raw, out, cfg, on_progress=bar.update if rank == 0 else None, rank=rank,
                                world=world, barrier=dist.barrier if dist else None,
-                               broadcast=dist.broadcast if dist else None, prior=load_prior(prior) if prior else None)
+                               broadcast=dist.broadcast if dist else None, prior=load_prior(prior) if prior else None,
+                               overwrite=overwrite)
     except BaseException:
         if dist:
             dist.abort()
@@ -186,13 +194,13 @@ def crop(
     table.add_row("[dim]reused from cache[/]", str(len(res.rows) - res.detected))
     console.print(table)
     for w in res.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        warning(w)
     problems = [r for r in res.rows if r["status"] in PROBLEMS]
     for r in problems[:20]:
-        console.print(f"[yellow]{r['status']}:[/] {r['source']}: {r['reason']}", highlight=False)
+        console.print(f"[yellow]{r['status']}:[/] {escape(r['source'])}: {escape(r['reason'])}", highlight=False)
     if len(problems) > 20:
         console.print(f"[yellow]… and {len(problems) - 20} more:[/] see the status and reason columns of the manifest")
-    console.print(f"manifest: {res.crops / 'manifest.csv'}")
+    console.print(f"manifest: {escape(str(res.crops / 'manifest.csv'))}", highlight=False)
 
 
 @app.command()
@@ -302,7 +310,7 @@ def train(
 
     try:
         summary = fit(cfg, resume=resume, overwrite=overwrite, on_epoch=show, on_step=step,
-                      warn=lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False))
+                      warn=warning)
     finally:
         if bar["p"] is not None:
             bar["p"].__exit__()
@@ -327,7 +335,7 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
         console.print(t)
         console.print("* each fold's best epoch was chosen on that fold's own validation people, so this score is "
                       "optimistic; the last epochs' score selects nothing", highlight=False)
-        console.print(f"run: {cfg.out}  (fold0..{cfg.folds - 1}/, oof_predictions.csv, summary.json) in {secs:.0f}s; "
+        console.print(f"run: {escape(cfg.out)}  (fold0..{cfg.folds - 1}/, oof_predictions.csv, summary.json) in {secs:.0f}s; "
                       f"predict with `maskcls predict {cfg.out} EVAL`")
     else:
         b = summary["best"]
@@ -339,9 +347,9 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
         console.print(f"trained on {summary['train_photos']} photos of {summary['train_people']} people{extra}; left out "
                       f"{left} ({summary['excluded_photos']} without a label or a usable crop, "
                       f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
-        console.print(f"run: {cfg.out}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)")
+        console.print(f"run: {escape(cfg.out)}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)", highlight=False)
     for w in summary.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        warning(w)
 
 
 @app.command()
@@ -364,6 +372,9 @@ def predict(
 
     if len(paths) < 2:
         raise ConfigError("give at least one checkpoint and then the folder to predict")
+    for name, path in (("--out", out), ("--probs", probs)):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{name} {path} is a folder: give a file name (e.g. {path / 'submission.csv'})")
     *ckpts, source = paths
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
@@ -371,13 +382,13 @@ def predict(
                            batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote)
     secs = time.perf_counter() - t0
     for w in pred.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        warning(w)
     counts = {}
     for y in pred.labels:
         counts[int(y)] = counts.get(int(y), 0) + 1
     console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s) or run(s), tta={tta}, "
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
-    console.print(f"submission: {out}")
+    console.print(f"submission: {escape(str(out))}", highlight=False)
 
 
 @app.command("pseudo-label")
@@ -405,7 +416,7 @@ def pseudo_label(
     with LazyProgress("crop") as bar:
         res = run(ckpts, source, out, min_prob, tta, crops, device, batch_size, workers, vote, on_progress=bar.update)
     for w in res.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        warning(w)
     names = class_names()
     table = Table(title=f"{res.kept} of {res.total} photos at p >= {min_prob}")
     table.add_column("class")
@@ -413,7 +424,7 @@ def pseudo_label(
     for y, n in res.by_class.items():
         table.add_row(names[y], str(n))
     console.print(table)
-    console.print(f"pseudo-labelled crops: {res.out} (train with --extra {res.out})")
+    console.print(f"pseudo-labelled crops: {escape(str(res.out))} (train with --extra {escape(str(res.out))})", highlight=False)
 
 
 @app.command()
@@ -437,7 +448,7 @@ def evaluate(
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        confusion_png=confusion, vote=vote)
     sc = res["scores"]
-    t = Table(title=f"{res['n']} labelled photos of {crops_dir}")
+    t = Table(title=f"{res['n']} labelled photos of {escape(str(crops_dir))}")
     for c in ("", "accuracy", "macro F1"):
         t.add_column(c, justify="right" if c else "left")
     t.add_row("18 classes", f"{sc['acc']:.4f}", f"{sc['f1']:.4f}")
@@ -454,7 +465,7 @@ def evaluate(
         pc.add_row(name, "absent" if n == 0 and p == 0 else f"{f1:.3f}", str(n))
     console.print(pc)
     if confusion:
-        console.print(f"confusion matrix: {confusion}")
+        console.print(f"confusion matrix: {escape(str(confusion))}", highlight=False)
 
 
 @app.command()
@@ -470,7 +481,7 @@ def report(
     from classify.report import report as run_report
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
-    console.print(f"report: {index}")
+    console.print(f"report: {escape(str(index))}", highlight=False)
 
 
 @app.command(name="compare")
@@ -494,7 +505,7 @@ def compare_runs(
         t.add_row(r.name + (f" ({r.folds} folds)" if r.folds else ""), *(str(r.config.get(k)) for k in keys),
                   *(cell(r, k) for k in SCORES), f"{r.oof_f1:.4f}" if r.oof_f1 is not None else "")
     console.print(t)
-    console.print(f"compare: {index}")
+    console.print(f"compare: {escape(str(index))}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
     if folds and folds > 1:
         if not 0 <= fold < folds:
             raise ConfigError(f"--fold must be in 0..{folds - 1}, got {fold}")
+        if folds > len(seen):
+            raise ConfigError(f"--folds {folds}: more folds than the {len(seen)} people with a usable labelled photo; "
+                              f"use --folds {len(seen)} or fewer")
         offset = 0
         for key in sorted(strata):
             people = sorted(strata[key])

@@ -47,7 +47,7 @@ from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_phot
 from .journal import JOURNAL, fingerprint, read_journal, remove_stale_temp_files
 from .journal import compact as compact_journal
 from .layouts import LayoutError, Photo, discover
-from .manifest import STATUSES, pack_crops, write_manifest
+from .manifest import STATUSES, pack_crops, read_meta, write_manifest
 from .runtime import OptionError, check_device
 from .subject import DEFAULT_PRIOR, Candidate, Choice, Prior, choose_for_person, choose_lone, iou
 
@@ -98,7 +98,7 @@ class CropResult:
 def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detector: FaceDetector | None = None,
                  on_progress: Callable[[int, int], None] | None = None, rank: int = 0, world: int = 1,
                  barrier: Callable[[], None] | None = None, prior: Prior | None = None,
-                 broadcast: Callable[[object], object] | None = None) -> CropResult:
+                 broadcast: Callable[[object], object] | None = None, overwrite: bool = False) -> CropResult:
     """Crop every photo of `raw` into `out` and write `out/manifest.csv`.
 
     >>> res = crop_dataset(Path("data_samples/train"), Path("/tmp/crops"))
@@ -112,10 +112,17 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     system that a faster rank is already writing; each rank crops its share of the persons and rank 0
     writes the one manifest (same rows, same order) and returns the whole result; the other ranks
     return their share (no counts). A single process holds `out/.lock` while it works: two crops into
-    one folder (two predicts sharing a cache) take turns instead of clashing.
+    one folder (two predicts sharing a cache) take turns instead of clashing. A folder holding the crops
+    of another RAW is refused unless `overwrite`: runs trained on it would silently point at other data.
     """
     config.check()
     raw, out = Path(raw).resolve(), Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise LayoutError(f"--out {out} is a file, not a folder: give a folder for the crops")
+    made_from = read_meta(out).get("raw") if out.is_dir() else None
+    if made_from and Path(made_from) != raw and not overwrite:
+        raise LayoutError(f"{out} holds the crops of {made_from}, not of {raw}: give another --out, or --overwrite "
+                          "to replace them (runs trained on those crops would then point at other photos)")
     found = discover(raw)
     if config.strict:
         bad = [f"{p.source}: {p.reason}" for p in found.photos if p.status]

@@ -36,6 +36,16 @@ def world(tmp_path_factory):
     (w / "model.json").write_text('{"format": "maskcls-checkpoint"}')
     (w / "model.txt").write_text("101\n")
     (w / "out").mkdir()
+    (w / "bad.toml").write_text('epochs = "10"\n')
+    (w / "fix.csv").write_text("image_id,field,value\n0000/mask1,mask,7\n")
+    from preprocess import CropConfig, crop_dataset
+    from tests.conftest import FakeDetector
+
+    crop_dataset(w / "raw", w / "rawcrops", CropConfig(size=48), detector=FakeDetector())
+    make_person(w / "raw2" / "images", "000002_male_Asian_30")
+    (w / "x[").mkdir()
+    (w / "x[" / "y[/]").mkdir()
+    (w / "br[red]x").mkdir()
     return w
 
 
@@ -93,6 +103,15 @@ MISTAKES = [
     ("compare {w}/run {w}/crops --out {w}/out/cmp", "crops is not a `maskcls train` run folder (no config.json)"),
     ("report {w}/crops {w}/run --out {w}/out/rep --per-class 0", "--per-class 0: must be in 1..50"),
     ("report {w}/crops {w}/run --out {w}/out/rep --per-class -3", "--per-class -3: must be in 1..50"),
+    ("train {w}/crops --out {w}/out/r --config {w}/bad.toml", "bad.toml: epochs = '10': must be an integer"),
+    ("train {w}/crops --out {w}/out/r --label-fixes {w}/fix.csv --img-size 32", "line 2: mask '7' is outside 0..2"),
+    ("train {w}/crops --out {w}/out/r --folds 20 --fold all", "--folds 20: more folds than the 12 people"),
+    ("train {w}/crops --out {w}/out/r --folds 20 --fold 3", "--folds 20: more folds than the 12 people"),
+    ("crop {w}/raw2 --out {w}/rawcrops", "rawcrops holds the crops of"),
+    ("crop {w}/raw --out {w}/model.txt", "model.txt is a file, not a folder"),
+    ("predict {w}/run {w}/crops --out {w}/out", "--out {w}/out is a folder: give a file name"),
+    ("crop {w}/x[/y[/] --out {w}/out/c", "x[/y[/]"),
+    ("crop {w}/br[red]x --out {w}/out/c", "br[red]x"),
 ]
 
 
@@ -111,7 +130,7 @@ def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, args, word
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-2000:]
-    assert lines[0].startswith("error: ") and words in " ".join(lines[0].split()), lines[0]
+    assert lines[0].startswith("error: ") and words.format(w=world) in " ".join(lines[0].split()), lines[0]
     assert _snapshot(world) == before  # nothing written, removed or changed anywhere it was pointed at
 
 
