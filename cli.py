@@ -29,7 +29,7 @@ console = Console(stderr=True)
 # The options predict, evaluate and pseudo-label share, declared once.
 TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
                            "--tta alone is not valid: give a number.")
-CROP_CACHE = typer.Option(None, help="Where raw photos are cropped [~/.cache/maskcls/crops/<photos + crop settings>].")
+CROP_CACHE = typer.Option(None, help="Where raw photos are cropped (default: ~/.cache/maskcls/crops/<photos + crop settings>).")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
 BATCH = typer.Option(64, help="Images per forward pass.")
 WORKERS = typer.Option(2, help="DataLoader worker processes.")
@@ -53,6 +53,11 @@ def user_errors(fn):
         from classify.errors import USER_ERRORS
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: `maskcls {fn.__name__.replace('_runs', '').replace('_', '-')}` stopped. What it had written is whole "
+                          "(files are written under temporary names and renamed); rerun the same command to continue "
+                          "(crop resumes from its journal; train: add --resume)", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except USER_ERRORS as e:
             if isinstance(e, OSError) and e.filename:  # name the file the user knows, not a temporary one
                 e = f"{_user_path(e.filename)}: {e.strerror or e}"
@@ -135,7 +140,7 @@ def load_prior(path: Path):
 @app.command()
 @user_errors
 def crop(
-    raw: Path = typer.Argument(..., help="Raw data set: competition train/eval folder, or a folder with labels.csv."),
+    raw: Path = typer.Argument(..., metavar="RAW", help="Raw data set: competition train/eval folder, or a folder with labels.csv."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for crops/, manifest.csv, crops.npy."),
     size: int = typer.Option(256, help="Side of the square crop, pixels."),
     margin: float = typer.Option(0.3, help="Fraction of the face box side added on each side."),
@@ -145,9 +150,9 @@ def crop(
     min_face: float = typer.Option(0.3, help="Smallest face searched, fraction of the photo's shorter side."),
     workers: int = typer.Option(2, help="Threads that decode photos and write crops."),
     old: int = typer.Option(60, help="Age-group threshold for the manifest's age_group/label (>= old is group 2)."),
-    pack: bool = typer.Option(True, help="Also write crops.npy, the uint8 array training memory-maps."),
-    strict: bool = typer.Option(False, help="Stop before any work if a photo is missing or badly named."),
-    overwrite: bool = typer.Option(False, help="Replace the crops in --out even if they were made from another RAW."),
+    pack: bool = typer.Option(True, metavar="", help="Also write crops.npy, the uint8 array training memory-maps."),
+    strict: bool = typer.Option(False, "--strict", metavar="", help="Stop before any work if a photo is missing or badly named."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the crops in --out even if they were made from another RAW."),
     prior: Optional[Path] = typer.Option(None, help="Training crops folder or checkpoint whose face prior chooses "
                                                     "the face of lone photos (eval): crop eval photos as training's."),
 ):
@@ -184,7 +189,8 @@ def crop(
     if rank != 0:
         return
     secs = time.perf_counter() - t0
-    table = Table(title=f"{len(res.rows)} photos, {res.layout} layout, {secs:.1f}s")
+    console.print(f"{len(res.rows)} photos, {res.layout} layout, {secs:.1f}s", highlight=False)
+    table = Table()
     table.add_column("status")
     table.add_column("photos", justify="right")
     for status, n in res.counts.items():
@@ -207,60 +213,60 @@ def crop(
 @user_errors
 def train(
     ctx: typer.Context,
-    crops: Optional[Path] = typer.Argument(None, help="Crops folder written by `maskcls crop`."),
+    crops: Optional[Path] = typer.Argument(None, metavar="CROPS", help="Crops folder written by `maskcls crop`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, split, metrics, checkpoints)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options (the command line wins)."),
     model: Optional[str] = typer.Option(None, help="Any torchvision classification model (resnet18, mobilenet_v2, "
-                                                   "efficientnet_b4, convnext_tiny, ...), timm/<name>, or attention [resnet18]."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model (same names) [resnet18]."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout before the head(s) [0.2]."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size per process [32]."),
-    accum: Optional[int] = typer.Option(None, help="Gradient accumulation: batches per optimizer step [1]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the head(s) [1e-3]."),
+                                                   "efficientnet_b4, convnext_tiny, ...), timm/<name>, or attention (default: resnet18)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone of the attention model (same names) (default: resnet18)."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout before the head(s) (default: 0.2)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: 10)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per process (default: 32)."),
+    accum: Optional[int] = typer.Option(None, help="Gradient accumulation: batches per optimizer step (default: 1)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the head(s) (default: 1e-3)."),
     backbone_lr: Optional[float] = typer.Option(None, help="A pretrained backbone's learning rate, as a fraction "
-                                                           "of --lr [0.1]."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [1e-4]."),
-    optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd [adamw]."),
-    scheduler: Optional[str] = typer.Option(None, help="none | cosine | onecycle [cosine]."),
-    warmup: Optional[float] = typer.Option(None, help="Epochs of linear warmup before the cosine [1]."),
-    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradients' norm to this (0: off) [0]."),
+                                                           "of --lr (default: 0.1)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default: 1e-4)."),
+    optimizer: Optional[str] = typer.Option(None, help="adam | adamw | sgd (default: adamw)."),
+    scheduler: Optional[str] = typer.Option(None, help="none | cosine | onecycle (default: cosine)."),
+    warmup: Optional[float] = typer.Option(None, help="Epochs of linear warmup before the cosine (default: 1)."),
+    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradients' norm to this (0: off) (default: 0)."),
     ema: Optional[float] = typer.Option(None, help="Decay of an EMA of the weights, validated each epoch and kept "
-                                                   "when better (0: off) [0]."),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val F1 (0: off) [0]."),
-    img_size: Optional[int] = typer.Option(None, help="Model input side, pixels [224]."),
-    preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none [base]."),
+                                                   "when better (0: off) (default: 0)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val F1 (0: off) (default: 0)."),
+    img_size: Optional[int] = typer.Option(None, help="Model input side, pixels (default: 224)."),
+    preset: Optional[str] = typer.Option(None, help="Augmentation: base | strong | none (default: base)."),
     mix: Optional[str] = typer.Option(None, help="Batch mixing: none | cutmix | mixup | vcutmix (left/right halves of "
-                                                 "two photos of the same mask status) | vcutmix-class (same class) [none]."),
-    mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio [1.0]."),
+                                                 "two photos of the same mask status) | vcutmix-class (same class) (default: none)."),
+    mix_alpha: Optional[float] = typer.Option(None, help="Beta(alpha, alpha) of the mixing ratio (default: 1.0)."),
     synth_mask: Optional[float] = typer.Option(None, help="Chance that an unmasked training crop gets a mask drawn "
-                                                          "from its landmarks (label: wear or incorrect) [0]."),
+                                                          "from its landmarks (label: wear or incorrect) (default: 0)."),
     extra: Optional[List[Path]] = typer.Option(None, metavar="CROPS", help="Crops folder added to training only, never validation "
                                                           "(e.g. `maskcls pseudo-label`'s); repeatable."),
-    loss: Optional[str] = typer.Option(None, help="wce (class-weighted CE) | ce | smooth | focal | f1 [wce]."),
-    smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth [0.1]."),
-    gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal [2.0]."),
-    task_weighting: Optional[str] = typer.Option(None, help="Attention model: fixed | uncertainty [uncertainty]."),
-    val_ratio: Optional[float] = typer.Option(None, help="Share of people held out for validation [0.2]."),
-    folds: Optional[int] = typer.Option(None, help="K-fold by person: K (0: use --val-ratio) [0]."),
-    fold: Optional[str] = typer.Option(None, help="Which fold validates, 0..K-1, or all: every fold into RUN/fold<k> [0]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the split, order, augmentation [42]."),
-    old: Optional[int] = typer.Option(None, help="Training labels' age boundary: age >= old is group 2 [60]."),
-    val_old: Optional[int] = typer.Option(None, help="The boundary validation and model selection score at [60]."),
+    loss: Optional[str] = typer.Option(None, help="wce (class-weighted CE) | ce | smooth | focal | f1 (default: wce)."),
+    smoothing: Optional[float] = typer.Option(None, help="Label smoothing of --loss smooth (default: 0.1)."),
+    gamma: Optional[float] = typer.Option(None, help="Focusing parameter of --loss focal (default: 2.0)."),
+    task_weighting: Optional[str] = typer.Option(None, help="Attention model: fixed | uncertainty (default: uncertainty)."),
+    val_ratio: Optional[float] = typer.Option(None, help="Share of people held out for validation (default: 0.2)."),
+    folds: Optional[int] = typer.Option(None, help="K-fold by person: K (0: use --val-ratio) (default: 0)."),
+    fold: Optional[str] = typer.Option(None, help="Which fold validates, 0..K-1, or all: every fold into RUN/fold<k> (default: 0)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the split, order, augmentation (default: 42)."),
+    old: Optional[int] = typer.Option(None, help="Training labels' age boundary: age >= old is group 2 (default: 60)."),
+    val_old: Optional[int] = typer.Option(None, help="The boundary validation and model selection score at (default: 60)."),
     drop_ages_near: Optional[int] = typer.Option(None, help="Leave out training people this many years or less "
-                                                            "from an age boundary (0: none) [0]."),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
-                                                   help="Train only the head [off]."),
-    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH [auto: imagenet when cached or "
-                                                     "downloadable, else random init with a warning]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [auto]."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers per process [the cores less one, <= 8]."),
-    amp: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | off: mixed precision on CUDA [auto]."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [off]."),
-    sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) [none]."),
+                                                            "from an age boundary (0: none) (default: 0)."),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone", metavar="",
+                                                   help="Train only the head (default: off)."),
+    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH (default: auto: imagenet when cached or "
+                                                     "downloadable, else random init with a warning)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: auto)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers per process (default: the cores less one, <= 8)."),
+    amp: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | off: mixed precision on CUDA (default: auto)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", metavar="", help="torch.compile the model (default: off)."),
+    sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) (default: none)."),
     label_fixes: Optional[Path] = typer.Option(None, help="CSV image_id,field,value of label corrections."),
-    resume: bool = typer.Option(False, help="Continue the run in --out (a k-fold run: fold by fold)."),
-    overwrite: bool = typer.Option(False, help="Replace the run already in --out."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the run in --out (a k-fold run: fold by fold)."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the run already in --out."),
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
     from classify.errors import ConfigError
@@ -348,14 +354,15 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
                       f"{left} ({summary['excluded_photos']} without a label or a usable crop, "
                       f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
         console.print(f"run: {escape(cfg.out)}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)", highlight=False)
-    for w in summary.get("warnings", []):
-        warning(w)
+    if summary.get("warnings"):  # said in full when they arose; the summary points back at them
+        console.print(f"[yellow]{len(summary['warnings'])} warning(s)[/] above (also in summary.json): "
+                      + escape("; ".join(w.split(":")[0] for w in summary["warnings"])), highlight=False, soft_wrap=True)
 
 
 @app.command()
 @user_errors
 def predict(
-    paths: list[Path] = typer.Argument(..., help="CKPT... then RAW_OR_CROPS: checkpoint(s), then an eval folder "
+    paths: list[Path] = typer.Argument(..., metavar="CKPT... RAW_OR_CROPS", help="Checkpoint(s) or run folders, then an eval folder "
                                                  "(info.csv + images/) or a crops folder."),
     out: Path = typer.Option(Path("submission.csv"), "--out", "-o", help="Submission CSV (ImageID,ans)."),
     probs: Optional[Path] = typer.Option(None, help="Also write the 18 probabilities per image here."),
@@ -386,15 +393,20 @@ def predict(
     counts = {}
     for y in pred.labels:
         counts[int(y)] = counts.get(int(y), 0) + 1
-    console.print(f"{len(pred.image_ids)} photos predicted with {len(ckpts)} checkpoint(s) or run(s), tta={tta}, "
+    console.print(_models_line(pred.models), highlight=False)
+    console.print(f"{len(pred.image_ids)} photos predicted with {len(pred.models)} model(s), tta={tta}, vote={vote}, "
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
     console.print(f"submission: {escape(str(out))}", highlight=False)
+
+
+def _models_line(models: list[str]) -> str:
+    return f"{len(models)} model(s): " + escape(", ".join(models))
 
 
 @app.command("pseudo-label")
 @user_errors
 def pseudo_label(
-    paths: list[Path] = typer.Argument(..., help="CKPT... then RAW_OR_CROPS: checkpoint(s) or run folders, then an "
+    paths: list[Path] = typer.Argument(..., metavar="CKPT... RAW_OR_CROPS", help="Checkpoint(s) or run folders, then an "
                                                  "eval folder (info.csv + images/) or a crops folder."),
     out: Path = typer.Option(..., "--out", "-o", help="The crops folder to write (for train --extra)."),
     min_prob: float = typer.Option(0.9, help="Keep photos whose top class probability is at least this."),
@@ -430,7 +442,7 @@ def pseudo_label(
 @app.command()
 @user_errors
 def evaluate(
-    paths: list[Path] = typer.Argument(..., help="CKPT... then CROPS: checkpoint(s), then a labelled crops folder."),
+    paths: list[Path] = typer.Argument(..., metavar="CKPT... CROPS", help="Checkpoint(s) or run folders, then a labelled crops folder."),
     tta: int = TTA,
     confusion: Optional[Path] = typer.Option(None, help="Write the confusion matrix PNG here."),
     device: str = DEVICE,
@@ -448,6 +460,7 @@ def evaluate(
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        confusion_png=confusion, vote=vote)
     sc = res["scores"]
+    console.print(_models_line(res["models"]), highlight=False)
     t = Table(title=f"{res['n']} labelled photos of {escape(str(crops_dir))}")
     for c in ("", "accuracy", "macro F1"):
         t.add_column(c, justify="right" if c else "left")
@@ -471,8 +484,8 @@ def evaluate(
 @app.command()
 @user_errors
 def report(
-    crops: Path = typer.Argument(..., help="Crops folder written by `maskcls crop`."),
-    run: Optional[Path] = typer.Argument(None, help="Optional run folder written by `maskcls train`."),
+    crops: Path = typer.Argument(..., metavar="CROPS", help="Crops folder written by `maskcls crop`."),
+    run: Optional[Path] = typer.Argument(None, metavar="RUN", help="Optional run folder written by `maskcls train`."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNG figures, their CSVs and index.html."),
     seed: int = typer.Option(0, help="Seed of the random crops shown per class."),
     per_class: int = typer.Option(6, help="Crops shown per class in the grid."),
@@ -487,23 +500,25 @@ def report(
 @app.command(name="compare")
 @user_errors
 def compare_runs(
-    runs: list[Path] = typer.Argument(..., help="Two or more run folders (a k-fold run folder: mean ± std over folds)."),
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Two or more run folders (a k-fold run folder: mean ± std over folds)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.csv, the figures and index.html."),
 ):
     """Runs side by side: the configuration keys that differ, best scores per task, curves and bars."""
-    from classify.compare import SCORES, cell, compare
+    from classify.compare import SCORES, cell, compare, config_cell
 
     results, keys, index = compare(runs, out)
-    t = Table(title=f"{len(results)} runs; configuration keys that differ: {', '.join(keys) or 'none'}",
+    names = [r.name + (f" ({r.folds} folds)" if r.folds else "") for r in results]
+    rows = [(k, [config_cell(r, k) for r in results]) for k in keys]
+    rows += [(label, [cell(r, k) for r in results]) for label, k in zip(("F1", "acc", "mask F1", "gender F1", "age F1"), SCORES)]
+    rows.append(("OOF F1", [f"{r.oof_f1:.4f}" if r.oof_f1 is not None else "" for r in results]))
+    # One column per run, one row per key: a few runs stay readable at 80 columns; cells wrap, never "…".
+    t = Table(title=f"{len(results)} runs; configuration keys that differ: {escape(', '.join(keys) or 'none')}",
               title_justify="left")
-    t.add_column("run")
-    for k in keys:
-        t.add_column(k, justify="right")
-    for c in ("F1", "acc", "mask F1", "gender F1", "age F1", "OOF F1"):
-        t.add_column(c, justify="right")
-    for r in results:
-        t.add_row(r.name + (f" ({r.folds} folds)" if r.folds else ""), *(str(r.config.get(k)) for k in keys),
-                  *(cell(r, k) for k in SCORES), f"{r.oof_f1:.4f}" if r.oof_f1 is not None else "")
+    t.add_column("", overflow="fold")
+    for n in names:
+        t.add_column(escape(n), justify="right", overflow="fold")
+    for label, cells in rows:
+        t.add_row(escape(label), *map(escape, cells))
     console.print(t)
     console.print(f"compare: {escape(str(index))}", highlight=False)
 

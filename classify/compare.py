@@ -4,7 +4,8 @@ training configuration".
 For each run folder: the configuration keys whose values differ between the runs, and the best
 validation scores (18-class macro F1 and accuracy, macro F1 per task) of its best epoch; a k-fold run
 folder (`--fold all`) gives the mean ± std over its folds (and its out-of-fold F1). Written as
-`compare.csv`, `curves.png` (validation macro F1 per epoch, every run overlaid; k-fold: fold 0),
+`compare.csv`, `curves.png` (validation macro F1 per epoch, every run overlaid; k-fold: the folds'
+mean with a band of ± one std),
 `task_f1.png` (per-task F1 bars, runs side by side), each with its CSV, and `index.html`.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ class RunScores:
     std: dict[str, float] | None    # k-fold runs only
     folds: int                      # 0: a single run
     oof_f1: float | None
-    curve: list[tuple[int, float]]  # (epoch, val_f1) of the run (k-fold: fold 0)
+    curve: list[tuple[int, float]]  # (epoch, val_f1) of the run (k-fold: the folds' mean)
+    band: list[float] | None = None  # k-fold: the folds' std per epoch of `curve`
 
 
 def _best(run: Path) -> dict[str, float]:
@@ -61,19 +63,57 @@ def load_run(path: Path) -> RunScores:
         config = rundir.read_config(folds[0]) | {"fold": config.get("fold", "all")}
     per = np.array([[_best(f)[k] for k in SCORES] for f in folds])
     oof = rundir.read_summary(path).get("oof", {}).get("f1")
+    curves = [dict(_curve(f)) for f in folds]
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))  # the epochs every fold reached
+    values = np.array([[c[e] for e in epochs] for c in curves])
     return RunScores(path.name, path, config, dict(zip(SCORES, per.mean(0).tolist())),
-                     dict(zip(SCORES, per.std(0).tolist())), len(folds), oof, _curve(folds[0]))
+                     dict(zip(SCORES, per.std(0).tolist())), len(folds), oof,
+                     list(zip(epochs, values.mean(0).tolist())), values.std(0).tolist())
 
 
 def _curve(run: Path) -> list[tuple[int, float]]:
     return [(int(r["epoch"]), float(r["val_f1"])) for r in rundir.read_metrics(run)]
 
 
+# Options that mean something only with another option's value: left out where they do nothing.
+APPLIES = {"backbone": lambda c: c.get("model") == "attention",
+           "task_weighting": lambda c: c.get("model") == "attention",
+           "mix_alpha": lambda c: c.get("mix") in ("cutmix", "mixup"),
+           "smoothing": lambda c: c.get("loss") == "smooth", "gamma": lambda c: c.get("loss") == "focal"}
+
+
+def effective_config(config: dict) -> dict:
+    """What a run was trained with: `weights` as resolved (auto → imagenet or none), and without the
+    options its other options make idle (a backbone for a model that has none)."""
+    c = dict(config)
+    if "weights_resolved" in c:
+        c["weights"] = c.pop("weights_resolved")
+    return {k: v for k, v in c.items() if k not in APPLIES or APPLIES[k](config)}
+
+
 def differing_keys(runs: list[RunScores]) -> list[str]:
-    """Configuration keys whose values are not the same in every run (where a run lacks a key, its
-    value counts as missing)."""
-    keys = sorted({k for r in runs for k in r.config} - IGNORED)
-    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+    """Configuration keys whose values (as used) are not the same in every run (where a run lacks a
+    key, its value counts as missing)."""
+    configs = [effective_config(r.config) for r in runs]
+    keys = sorted({k for c in configs for k in c} - IGNORED)
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def value_text(v) -> str:
+    """A configuration value as a person writes it: resnet18, 0.001, true, a, b; '' where unset."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(value_text(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {value_text(x)}" for k, x in v.items())
+    return str(v)
+
+
+def config_cell(r: RunScores, k: str) -> str:
+    return value_text(effective_config(r.config).get(k))
 
 
 def _unique_names(runs: list[RunScores]) -> None:
@@ -99,7 +139,7 @@ def compare(paths: list[Path], out: Path) -> tuple[list[RunScores], list[str], P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = ["run", "folds"] + keys + [f"{k}_mean" for k in SCORES] + [f"{k}_std" for k in SCORES] + ["oof_f1"]
-    lines = [header] + [[r.name, r.folds] + [json.dumps(r.config.get(k)) for k in keys]
+    lines = [header] + [[r.name, r.folds] + [config_cell(r, k) for k in keys]
                         + [f"{r.mean[k]:.6f}" for k in SCORES]
                         + [f"{r.std[k]:.6f}" if r.std else "" for k in SCORES]
                         + [f"{r.oof_f1:.6f}" if r.oof_f1 is not None else ""] for r in runs]
@@ -119,12 +159,18 @@ def _write_csv(path: Path, rows) -> None:
 
 
 def _curves(out: Path, runs: list[RunScores]) -> None:
-    _write_csv(out / "curves.csv", [["run", "epoch", "val_f1"]] + [[r.name, e, f"{v:.6f}"] for r in runs for e, v in r.curve])
+    _write_csv(out / "curves.csv", [["run", "epoch", "val_f1", "val_f1_std"]]
+               + [[r.name, e, f"{v:.6f}", f"{r.band[i]:.6f}" if r.band is not None else ""]
+                  for r in runs for i, (e, v) in enumerate(r.curve)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     styles = ["-", "--", "-.", ":"]
     for i, r in enumerate(runs):
-        ax.plot(*zip(*r.curve), styles[i % 4], marker="os^dv"[i % 5], label=r.name + (" (fold 0)" if r.folds else ""))
+        line, = ax.plot(*zip(*r.curve), styles[i % 4], marker="os^dv"[i % 5],
+                        label=r.name + (f" (mean of {r.folds} folds ± std)" if r.folds else ""))
+        if r.band is not None:
+            e, m = np.array(r.curve).T
+            ax.fill_between(e, m - np.array(r.band), m + np.array(r.band), color=line.get_color(), alpha=0.15)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,7 +211,7 @@ def _index(out: Path, runs: list[RunScores], keys: list[str]) -> Path:
                                                                            "age F1", "out-of-fold F1"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in
                                     [r.name + (f" ({r.folds} folds)" if r.folds else "")]
-                                    + [json.dumps(r.config.get(k)) for k in keys]
+                                    + [config_cell(r, k) for k in keys]
                                     + [cell(r, k) for k in SCORES]
                                     + [f"{r.oof_f1:.4f}" if r.oof_f1 is not None else ""]) + "</tr>" for r in runs)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>maskcls compare</title><style>"
@@ -175,7 +221,8 @@ def _index(out: Path, runs: list[RunScores], keys: list[str]) -> Path:
             f"<p>{len(runs)} runs; configuration keys that differ: {html.escape(', '.join(keys) or 'none')}.</p>"
             f"<table><tr>{head}</tr>{body}</table><p>Numbers: <a href='compare.csv'>compare.csv</a>.</p>"
             "<figure><img src='curves.png' alt='validation F1 per epoch'><figcaption>Validation macro F1 per "
-            "epoch. Numbers: <a href='curves.csv'>curves.csv</a>.</figcaption></figure>"
+            "epoch (a k-fold run: the folds' mean, the band ± one std). Numbers: <a href='curves.csv'>curves.csv</a>."
+            "</figcaption></figure>"
             "<figure><img src='task_f1.png' alt='F1 per task'><figcaption>Macro F1 per task. Numbers: "
             "<a href='task_f1.csv'>task_f1.csv</a>.</figcaption></figure></body></html>")
     atomic_write_bytes(out / "index.html", page.encode("utf-8"))

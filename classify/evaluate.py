@@ -15,7 +15,7 @@ from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
 from .engine import check_infer_options
-from .predict import check_ensemble, checkpoint_paths, ensemble_probs
+from .predict import check_ensemble, checkpoint_paths, describe_models, ensemble_probs
 from .plots import plot_confusion
 from preprocess.runtime import check_device, resolve_device
 
@@ -28,7 +28,8 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     `old` they were trained with: the score is the competition's."""
     check_infer_options(tta, batch_size, workers)
     check_device(device)
-    ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
+    paths = checkpoint_paths(checkpoints)
+    ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
     old = ModelSpec.of(ckpts[0]).val_old
     _, rows = load_rows(Path(crops), old)
@@ -37,9 +38,9 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     _, p = ensemble_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers, vote)
     y = np.array([r["label"] for r in rows])
     cm = confusion(y, p, L.NUM_CLASSES)
+    models = describe_models(paths, ckpts)
     if confusion_png:
-        models = ", ".join(f"{Path(c).parent.name}/{Path(c).name}" for c in checkpoint_paths(checkpoints))
         plot_confusion(Path(confusion_png), cm, L.class_names(old),
-                       f"{Path(crops).name}, {len(rows)} photos\n{models}; tta {tta}, vote {vote}", blocks=6)
+                       f"{Path(crops).name}, {len(rows)} photos\n{', '.join(models)}; tta {tta}, vote {vote}", blocks=6)
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
-            "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old)}
+            "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": models}

@@ -47,6 +47,7 @@ class Prediction:
     warnings: list[str]
     labels: np.ndarray         # N predicted classes (the vote's)
     old: int = L.DEFAULT_OLD   # the checkpoints' training age boundary (one for all: check_ensemble)
+    models: list[str] = None   # each checkpoint, as "path (model)"
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
@@ -196,7 +197,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     check_device(device)
     if vote not in VOTES:
         raise ConfigError(f"--vote {vote!r}: choose soft or hard")
-    ckpts = [load_checkpoint(p) for p in checkpoint_paths(checkpoints)]
+    paths = checkpoint_paths(checkpoints)
+    ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
     keys = {ModelSpec.of(c).crop.get("key") for c in ckpts}
     dev = resolve_device(device)
@@ -215,12 +217,18 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     for r in rows:
         if r["status"] in NO_PIXELS:
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, ModelSpec.of(ckpts[0]).old)
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, ModelSpec.of(ckpts[0]).old,
+                      describe_models(paths, ckpts))
     if out is not None:
         write_submission(Path(out), pred)
     if probs_out is not None:
         write_probs(Path(probs_out), pred)
     return pred
+
+
+def describe_models(paths: list[Path], ckpts: list[dict]) -> list[str]:
+    """Each checkpoint as "run/fold0/best.pt (resnet18)": what predict and evaluate say they used."""
+    return [f"{Path(p).parent.name}/{Path(p).name} ({ModelSpec.of(c).label})" for p, c in zip(paths, ckpts)]
 
 
 def write_submission(path: Path, pred: Prediction) -> None:

@@ -29,6 +29,17 @@ from .metrics import confusion, per_class_f1
 from .plots import plot_confusion, pyplot, save_figure
 
 GALLERY_PAGE = 24
+MASK_COLOURS = ("#4c72b0", "#dd8452", "#55a868")  # wear, incorrect, not wear: every per-class figure
+ABSENT = "#cccccc"
+
+
+def _mask_legend(ax, absent: bool = False) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=n) for c, n in zip(MASK_COLOURS, ("mask worn", "worn incorrectly", "no mask"))]
+    if absent:
+        handles.append(Patch(color=ABSENT, label="absent"))
+    ax.legend(handles=handles, fontsize=8, loc="upper right", ncol=len(handles), frameon=False)
 
 
 def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_class: int = 6) -> Path:
@@ -55,8 +66,7 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     out.mkdir(parents=True, exist_ok=True)
     names = L.class_names(old)
     sections: list[tuple[str, list[tuple[str, str]]]] = []
-    data = [_class_counts(out, rows, names), _task_counts(out, rows, old), _ages(out, rows, old),
-            _crop_grid(out, crops, rows, names, seed, per_class)]
+    data = _data_figures(out, crops, rows, names, old, seed, per_class)
     data += _gallery(out, crops, rows)
     preview = _synth_preview(out, crops, rows, names, seed)
     if preview:
@@ -72,6 +82,40 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
 
 # -- data figures -------------------------------------------------------------------------------------
 
+def _data_figures(out: Path, crops: Path, rows, names, old: int, seed: int, per_class: int) -> list:
+    """The figures the data has labels for; a line saying which need labels it lacks (an eval set has none)."""
+    if not any(r["label"] >= 0 for r in rows):
+        return [(None, "This crops folder has no labels (an eval set?): the figures of classes, tasks, ages and "
+                       "crops per class need labels, so they are not drawn. Below: a sample of its crops."),
+                _sample_grid(out, crops, rows, seed)]
+    figs = [_class_counts(out, rows, names), _task_counts(out, rows, old)]
+    if any(r["age"] >= 0 for r in rows):
+        figs.append(_ages(out, rows, old))
+    else:
+        figs.append((None, "No photo has a known age, so the age histogram is not drawn."))
+    return figs + [_crop_grid(out, crops, rows, names, seed, per_class)]
+
+
+def _sample_grid(out: Path, crops: Path, rows, seed: int, cols: int = 8, max_rows: int = 6):
+    """Random crops of an unlabelled folder, each titled with its image id."""
+    rng = np.random.default_rng(seed)
+    picked = [rows[i] for i in rng.permutation(len(rows))[:cols * max_rows]]
+    n_rows = max(1, -(-len(picked) // cols))
+    _write_csv(out / "sample_grid.csv", ["row", "column", "image_id", "status"],
+               [[i // cols, i % cols, r["image_id"], r["status"]] for i, r in enumerate(picked)])
+    plt = pyplot()
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 1.6, n_rows * 1.85), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(picked):
+            ax.imshow(read_crop(crops / picked[i]["crop"]))
+            ax.set_title(_short(picked[i]["image_id"], 18), fontsize=7)
+    fig.suptitle(f"A random sample of the crops ({len(picked)} of {len(rows)}; seed {seed})")
+    fig.tight_layout()
+    save_figure(fig, out / "sample_grid.png")
+    return "sample_grid.png", "Random crops of this unlabelled folder, titled with their image ids."
+
+
 def _class_counts(out: Path, rows, names):
     counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=L.NUM_CLASSES)
     people = [len({_person(r) for r in rows if r["label"] == k}) for k in range(L.NUM_CLASSES)]
@@ -79,12 +123,13 @@ def _class_counts(out: Path, rows, names):
                [[k, names[k], int(c), people[k]] for k, c in enumerate(counts)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 5.5), dpi=100)
-    colours = [("#4c72b0", "#dd8452", "#55a868")[L.decode(k)[0]] for k in range(L.NUM_CLASSES)]
+    colours = [MASK_COLOURS[L.decode(k)[0]] for k in range(L.NUM_CLASSES)]
     bars = ax.bar(range(L.NUM_CLASSES), counts, color=colours)
+    _mask_legend(ax)
     ax.bar_label(bars, labels=[f"{int(c)}\n({p} p.)" for c, p in zip(counts, people)], fontsize=7, padding=2)
     ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("photos")
-    ax.set_ylim(0, max(int(counts.max()), 1) * 1.18)
+    ax.set_ylim(0, max(int(counts.max()), 1) * 1.3)
     ax.set_title(f"Photos (and people, p.) per class ({int(counts.sum())} labelled photos; colour = mask status)")
     fig.tight_layout()
     save_figure(fig, out / "class_counts.png")
@@ -123,51 +168,59 @@ def _ages(out: Path, rows, old: int):
     _write_csv(out / "ages.csv", ["from", "to_excl", "photos", "people"],
                [[int(a), int(b), int(h), int(p)] for a, b, h, p in zip(edges[:-1], edges[1:], hist, people)])
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
-    ax.bar(edges[:-1], hist, width=2, align="edge", color="#4c72b0", edgecolor="white", label="photos")
-    ax2 = ax.twinx()
-    ax2.step(edges[:-1] + 1, people, where="mid", color="#dd8452", label="people")
-    ax2.set_ylabel("people", color="#dd8452")
-    ax2.set_ylim(0, max(int(people.max()) if len(people) else 0, 1) * 1.1)
-    for t, label in ((L.YOUNG, f"{L.YOUNG}: group 1 starts"), (old, f"{old}: group 2 starts")):
-        ax.axvline(t, color="#c44e52", linestyle="--")
-        ax.text(t + 0.5, ax.get_ylim()[1] * 0.92, label, color="#c44e52", fontsize=9,
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
-    ax.set_xlabel("age (years, 2-year bins)")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 5.2), dpi=100, sharex=True, height_ratios=(3, 2))
+    ax.bar(edges[:-1], hist, width=2, align="edge", color="#4c72b0", edgecolor="white")
+    ax2.bar(edges[:-1], people, width=2, align="edge", color="#dd8452", edgecolor="white")
     ax.set_ylabel("photos")
+    ax2.set_ylabel("people")
+    for a in (ax, ax2):
+        a.set_ylim(0, max(int(a.get_ylim()[1]), 1) * 1.2)
+        for t in (L.YOUNG, old):
+            a.axvline(t, color="#c44e52", linestyle="--")
+    for t, label in ((L.YOUNG, f"{L.YOUNG}: group 1 starts"), (old, f"{old}: group 2 starts")):
+        ax.text(t - 0.6, 0.97, label, color="#c44e52", fontsize=9, ha="right", va="top",
+                transform=ax.get_xaxis_transform())  # left of its line, at the top: clear of the bars' tops
+    ax2.set_xlabel("age (years, 2-year bins)")
     ax.set_title(f"Ages of the photographed people ({len(ages)} photos, {len(person_age)} people)")
     fig.tight_layout()
     save_figure(fig, out / "ages.png")
-    return "ages.png", (f"Age histogram of photos (bars) and of people (line); dashed lines are the age-group "
+    return "ages.png", (f"Age histogram of photos (top) and of people (bottom), same bins; dashed lines are the age-group "
                         f"thresholds (30 and {old}).")
 
 
 def _crop_grid(out: Path, crops: Path, rows, names, seed: int, per_class: int):
     rng = np.random.default_rng(seed)
     tile = 96
-    grid = np.full((L.NUM_CLASSES * tile, per_class * tile, 3), 255, np.uint8)
+    members = [[r for r in rows if r["label"] == k] for k in range(L.NUM_CLASSES)]
+    cols = max(1, min(per_class, max(len(m) for m in members)))  # no columns that no class fills
+    grid = np.full((L.NUM_CLASSES * tile, cols * tile, 3), 255, np.uint8)
     table = []
     for k in range(L.NUM_CLASSES):
-        members = [r for r in rows if r["label"] == k]
-        picked = [members[i] for i in rng.permutation(len(members))[:per_class]]
+        picked = [members[k][i] for i in rng.permutation(len(members[k]))[:cols]]
         for j, r in enumerate(picked):
             grid[k * tile:(k + 1) * tile, j * tile:(j + 1) * tile] = cv2.resize(read_crop(crops / r["crop"]), (tile, tile),
                                                                                   interpolation=cv2.INTER_AREA)
             table.append([k, names[k], j, r["image_id"], r["status"]])
     _write_csv(out / "crops_grid.csv", ["label", "class", "column", "image_id", "status"], table)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(per_class * 1.2 + 2.2, L.NUM_CLASSES * 1.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(cols * 1.25 + 2.4, L.NUM_CLASSES * 1.25), dpi=100)
     ax.imshow(grid)
-    for k, name, j, image_id, _ in table:  # which photo each tile is (the person folder)
-        ax.text(j * tile + 2, (k + 1) * tile - 3, _short(image_id.split("/")[0], 14), fontsize=4.5, color="white",
-                bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.5, "edgecolor": "none"})
+    for k, name, j, image_id, _ in table:  # which person each tile is: the id, the start of the folder name
+        ax.text(j * tile + 3, (k + 1) * tile - 4, _person_label(image_id), fontsize=7, color="white",
+                bbox={"facecolor": "black", "alpha": 0.65, "pad": 1, "edgecolor": "none"})
     ax.set_yticks([k * tile + tile / 2 for k in range(L.NUM_CLASSES)], names, fontsize=8)
     ax.set_xticks([])
-    ax.set_title(f"Random crops per class (up to {per_class}; seed {seed})")
+    ax.set_title(f"Random crops per class (up to {cols}; seed {seed})")
     fig.tight_layout()
     save_figure(fig, out / "crops_grid.png")
     return "crops_grid.png", ("Random crops of each class, one row per class: what the model is trained on; each "
-                              "tile names its person folder (image ids in crops_grid.csv).")
+                              "tile names its person id (image ids in crops_grid.csv).")
+
+
+def _person_label(image_id: str) -> str:
+    """The person id of a competition image id (`000123_female_Asian_45/mask1` → 000123), else its start."""
+    folder = image_id.split("/")[0]
+    return folder.split("_")[0][:12] if "/" in image_id else folder[:12]
 
 
 def _synth_preview(out: Path, crops: Path, rows, names, seed: int, n: int = 8):
@@ -232,7 +285,7 @@ def _gallery(out: Path, crops: Path, rows):
             a_crop.set_title("crop used", fontsize=7)
         fig.suptitle(f"Photos without a plain first-pass face: original with the box used (red), and the crop "
                      f"(page {p} of {len(pages)})", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (nrows * 2.4)))  # 0.45 in for the title, whatever the rows
         name = f"fallbacks_{p}.png"
         save_figure(fig, out / name)
         figures.append((name, f"Fallback gallery, page {p}/{len(pages)}: {len(bad)} photos in all. "
@@ -327,16 +380,19 @@ def _per_class(out: Path, val, names):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
     shown = np.where(absent, 0.0, f1)
-    bars = ax.bar(range(L.NUM_CLASSES), shown, color=["#cccccc" if a else "#55a868" for a in absent])
+    bars = ax.bar(range(L.NUM_CLASSES), shown,
+                  color=[ABSENT if a else MASK_COLOURS[L.decode(k)[0]] for k, a in enumerate(absent)])
+    _mask_legend(ax, absent=bool(absent.any()))
     ax.bar_label(bars, labels=["absent" if a else f"{v:.2f}\n(n={n})" for v, n, a in zip(f1, support, absent)],
                  fontsize=7, padding=2, color="#333333")
     ax.set_xticks(range(L.NUM_CLASSES), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, 1.3)
     ax.set_ylabel("F1")
     ax.set_title("Validation F1 per class (n = validation photos of the class; absent = no photo and no prediction)")
     fig.tight_layout()
     save_figure(fig, out / "per_class_f1.png")
-    return "per_class_f1.png", ("Validation F1 of each class; n is the number of validation photos of that class. "
+    return "per_class_f1.png", ("Validation F1 of each class (colour = mask status, as in class_counts.png); n is "
+                                "the number of validation photos of that class. "
                                 "A class with no validation photo that was never predicted is marked absent, not 0.")
 
 
@@ -351,7 +407,8 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
     plt = pyplot()
     cols = 4
     nrows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3.2, nrows * 3.9), dpi=100, squeeze=False,
+    height = nrows * 3.9 + 0.7  # 0.7 in for the title, whatever the rows
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3.2, height), dpi=100, squeeze=False,
                              gridspec_kw={"hspace": 0.55})
     for ax in axes.flat:
         ax.axis("off")
@@ -363,7 +420,7 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
         ax.set_title(f"{_short(vrows[i]['image_id'], 34)}\ntrue {names[y[i]]}\npredicted {names[pred[i]]} "
                      f"({conf[i]:.0%})", fontsize=7.5)
     fig.suptitle(f"Validation photos most confidently wrong ({len(wrong)} shown)")
-    fig.subplots_adjust(top=0.88 if nrows == 1 else 0.93, bottom=0.02, left=0.02, right=0.98)
+    fig.subplots_adjust(top=1 - 1.25 / height, bottom=0.02, left=0.02, right=0.98)  # title + captions fit above
     save_figure(fig, out / "most_confidently_wrong.png")
     return "most_confidently_wrong.png", "The validation photos the model got wrong with the highest confidence: " \
                                          "look here for label errors and crop failures."

@@ -190,5 +190,10 @@ class ModelSpec:
                    ckpt.get("crop") or {})
 
     @property
+    def label(self) -> str:
+        """The model as a person names it: resnet18, attention(resnet18), timm/convnext_tiny."""
+        return f"{self.name}({self.kwargs['backbone']})" if self.kwargs.get("backbone") else self.name
+
+    @property
     def norm(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}

@@ -166,6 +166,13 @@ def _mark_missing(raw: Path, d: Discovery) -> None:
 
 def _train(raw: Path, images: Path) -> Discovery:
     folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders and any(p.suffix.lower() in IMAGE_EXTS for p in images.iterdir()):
+        where = next((d for d in (raw.parent, raw.parent.parent) if (d / "info.csv").is_file()), None)
+        if where is not None:
+            raise LayoutError(f"{raw} holds the photos of an eval folder: give its parent {where} (it holds info.csv)")
+        raise LayoutError(f"{raw} holds loose photos without labels: list them in RAW/labels.csv (path,mask,gender,age) "
+                          "or RAW/info.csv (ImageID) beside RAW/images/, or put each person's photos in a folder "
+                          "<id>_<gender>_<race>_<age>")
     if not folders:
         raise LayoutError(
             f"{raw} matches no known layout. Expected one of: RAW/images/<id>_<gender>_<race>_<age>/"

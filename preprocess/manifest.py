@@ -77,6 +77,9 @@ def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
     if not path.is_file():
         crops = Path(crops)
         raw_like = any((crops / n).exists() for n in ("images", "info.csv", "labels.csv", "train.csv", "train"))
+        if not raw_like and crops.is_dir() and _holds_person_folders(crops):
+            raise LayoutError(f"{crops} holds raw photos (person folders), not crops: crop them first with "
+                              f"`maskcls crop {crops} --out CROPS` and give CROPS")
         if raw_like:
             raise LayoutError(f"{crops} holds raw photos, not crops (it has no {MANIFEST}): crop them first with "
                               f"`maskcls crop {crops} --out CROPS` and give CROPS")
@@ -105,6 +108,17 @@ def read_manifest(crops: Path, old: int | None = None) -> list[dict]:
                 r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
             rows.append(r)
     return rows
+
+
+def _holds_person_folders(folder: Path) -> bool:
+    """Whether `folder` holds folders of photos (the competition's person folders, or any folder of
+    .jpg/.jpeg/.png files): raw photos, not a crops folder."""
+    from .layouts import IMAGE_EXTS
+
+    for d in folder.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir()):
+            return True
+    return False
 
 
 def read_meta(crops: Path) -> dict:

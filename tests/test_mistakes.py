@@ -43,9 +43,11 @@ def world(tmp_path_factory):
 
     crop_dataset(w / "raw", w / "rawcrops", CropConfig(size=48), detector=FakeDetector())
     make_person(w / "raw2" / "images", "000002_male_Asian_30")
-    (w / "x[").mkdir()
-    (w / "x[" / "y[/]").mkdir()
+    (w / "x[" / "y[" / "]").mkdir(parents=True)  # the path x[/y[/] : a MarkupError traceback before
     (w / "br[red]x").mkdir()
+    (w / "evalraw" / "images").mkdir(parents=True)
+    (w / "evalraw" / "info.csv").write_text("ImageID,ans\na.jpg,0\n")
+    (w / "evalraw" / "images" / "a.jpg").write_bytes((w / "raw" / "images" / "000001_female_Asian_45" / "mask1.jpg").read_bytes())
     return w
 
 
@@ -112,6 +114,10 @@ MISTAKES = [
     ("predict {w}/run {w}/crops --out {w}/out", "--out {w}/out is a folder: give a file name"),
     ("crop {w}/x[/y[/] --out {w}/out/c", "x[/y[/]"),
     ("crop {w}/br[red]x --out {w}/out/c", "br[red]x"),
+    ("train {w}/raw/images --out {w}/out/r", "holds raw photos (person folders), not crops: crop them first with "
+                                             "`maskcls crop {w}/raw/images --out CROPS`"),
+    ("predict {w}/run {w}/evalraw/images --out {w}/out/s.csv", "holds the photos of an eval folder: give its parent "
+                                                               "{w}/evalraw (it holds info.csv)"),
 ]
 
 
