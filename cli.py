@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -495,6 +496,68 @@ def report(
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
     console.print(f"report: {escape(str(index))}", highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def tune(
+    ctx: typer.Context,
+    crops: Path = typer.Argument(..., metavar="CROPS", help="Crops folder written by `maskcls crop`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: trial-<k>/ run folders, study.db, results."),
+    trials: int = typer.Option(20, help="Finished trials wanted in the study, all processes together."),
+    storage: Optional[str] = typer.Option(None, help="An RDB URL Optuna accepts (postgresql://...) to share the "
+                                                     "study between machines (default: sqlite STUDY/study.db)."),
+    space: Optional[Path] = typer.Option(None, help="TOML search space replacing the default (README)."),
+    timeout: Optional[float] = typer.Option(None, help="Stop starting trials after this many seconds."),
+    sampler_seed: int = typer.Option(0, help="Seed of the TPE sampler."),
+    prune_startup: int = typer.Option(5, help="Trials finished before MedianPruner prunes."),
+    prune_warmup: int = typer.Option(1, help="Epochs a trial trains before it can be pruned."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of fixed train options."),
+):
+    """Search the training recipe with Optuna; any `train` option given here is fixed for every trial."""
+    import dataclasses
+
+    from classify.config import load_config
+    from classify.errors import ConfigError
+    from classify.tune import tune as run_tune
+
+    train_cmd = typer.main.get_command(app).get_command(ctx, "train")
+    try:
+        given = train_cmd.make_context("train", list(ctx.args), resilient_parsing=False).params
+    except click.UsageError as e:
+        raise ConfigError(f"{e.format_message()} (tune takes every `maskcls train` option as a fixed value)") from None
+    given = {k: v for k, v in given.items() if k not in ("crops", "out", "config", "resume", "overwrite")}
+    cfg = load_config(given | {"crops": crops, "out": out / "trial-0"}, config)
+    explicit = {k for k, v in given.items() if v is not None and not (k == "extra" and not v)}
+    if config:  # load_config has read it already: it is valid TOML
+        import tomllib
+        values = tomllib.loads(config.read_text())
+        explicit |= set(values.get("train", values))
+    fixed = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+
+    def show(rec):
+        value = f"F1 {rec['value']:.4f}" if rec["value"] is not None else rec["state"].lower()
+        console.print(f"trial {rec['number']}: {value}  " + escape(", ".join(f"{k} {v}" for k, v in rec["params"].items())),
+                      highlight=False)
+
+    res = run_tune(fixed, out, trials, storage, space, timeout, sampler_seed, prune_startup, prune_warmup,
+                   on_trial=show, warn=warning, fixed_names=explicit)
+    _tune_table(res)
+
+
+def _tune_table(res) -> None:
+    optuna_trials = [t for t in res.study.get_trials(deepcopy=False) if t.value is not None]
+    best = sorted(optuna_trials, key=lambda t: -t.value)[:10]
+    t = Table(title=f"{res.finished} finished trials ({res.mine} by this process); best first", title_justify="left")
+    for c in ("trial", "F1", "parameters"):
+        t.add_column(c, overflow="fold")
+    for tr in best:
+        t.add_row(str(tr.number), f"{tr.value:.4f}", escape(", ".join(f"{k} {v}" for k, v in tr.params.items())))
+    console.print(t)
+    if res.best:
+        console.print(f"best: trial {res.best['number']} (F1 {res.best['value']:.4f}); train it with "
+                      f"`maskcls train --config {escape(str(res.out / 'best.toml'))} --out RUN`", highlight=False)
+    console.print(f"study: {escape(str(res.out / 'index.html'))}", highlight=False)
 
 
 @app.command(name="compare")

@@ -45,6 +45,9 @@ def world(tmp_path_factory):
     make_person(w / "raw2" / "images", "000002_male_Asian_30")
     (w / "x[" / "y[" / "]").mkdir(parents=True)  # the path x[/y[/] : a MarkupError traceback before
     (w / "br[red]x").mkdir()
+    (w / "badspace.toml").write_text("[lrr]\nlow = 0.1\nhigh = 0.2\n")
+    (w / "badrange.toml").write_text("[lr]\nlow = 0.1\nhigh = 0.01\n")
+    (w / "badchoice.toml").write_text('[loss]\nchoices = ["wce", "hinge"]\n')
     (w / "evalraw" / "images").mkdir(parents=True)
     (w / "evalraw" / "info.csv").write_text("ImageID,ans\na.jpg,0\n")
     (w / "evalraw" / "images" / "a.jpg").write_bytes((w / "raw" / "images" / "000001_female_Asian_45" / "mask1.jpg").read_bytes())
@@ -114,6 +117,11 @@ MISTAKES = [
     ("predict {w}/run {w}/crops --out {w}/out", "--out {w}/out is a folder: give a file name"),
     ("crop {w}/x[/y[/] --out {w}/out/c", "x[/y[/]"),
     ("crop {w}/br[red]x --out {w}/out/c", "br[red]x"),
+    ("tune {w}/crops --out {w}/out/t --space {w}/badspace.toml", "--space {w}/badspace.toml: 'lrr' is not a train option"),
+    ("tune {w}/crops --out {w}/out/t --space {w}/badrange.toml", "[lr] needs numbers low < high, got low = 0.1, high = 0.01"),
+    ("tune {w}/crops --out {w}/out/t --space {w}/badchoice.toml", "loss = 'hinge' cannot train: --loss 'hinge': choose one of"),
+    ("tune {w}/crops --out {w}/out/t --trials 0", "--trials 0: must be >= 1"),
+    ("tune {w}/crops --out {w}/out/t --lr -1", "--lr -1.0: must be > 0"),
     ("train {w}/raw/images --out {w}/out/r", "holds raw photos (person folders), not crops: crop them first with "
                                              "`maskcls crop {w}/raw/images --out CROPS`"),
     ("predict {w}/run {w}/evalraw/images --out {w}/out/s.csv", "holds the photos of an eval folder: give its parent "

@@ -1,0 +1,109 @@
+"""maskcls tune (Optuna): processes share one study, a killed tune resumes without losing or doubling
+trials, the best trial's config reproduces its score, pruning is recorded, a bad space is one line."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, make_crops
+
+pytest.importorskip("optuna")
+pytestmark = pytest.mark.slow
+
+TINY = ["--epochs", "2", "--img-size", "32", "--workers", "0", "--weights", "none", "--device", "cpu", "--preset", "none"]
+SPACE = '[lr]\nlow = 1e-4\nhigh = 3e-3\nlog = true\n[loss]\nchoices = ["wce", "ce"]\n'
+
+
+def _tune(crops, out, *args):
+    return [sys.executable, str(REPO / "cli.py"), "tune", str(crops), "--out", str(out), *map(str, args), *TINY]
+
+
+def _trials(out):
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _study(out):
+    import optuna
+
+    return optuna.load_study(study_name="maskcls", storage=f"sqlite:///{out / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    return make_crops(tmp_path_factory.mktemp("crops"), people=12)
+
+
+def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    cmd = _tune(crops, tmp_path / "s", "--trials", 5, "--space", tmp_path / "space.toml")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    finished = [t for t in _study(tmp_path / "s").get_trials() if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 5 and len({t.number for t in finished}) == 5
+    assert len({t.user_attrs["pid"] for t in finished}) == 2  # both processes ran trials
+    for t in finished:
+        assert (tmp_path / "s" / f"trial-{t.number}" / "metrics.csv").is_file()
+
+
+def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(crops, tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    cmd = _tune(crops, tmp_path / "s", "--trials", 3, "--space", tmp_path / "space.toml")
+    cmd[cmd.index("--epochs") + 1] = "4"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 300
+    while not (tmp_path / "s" / "trial-1" / "metrics.csv").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-trial: trial 1 has trained an epoch of four
+    proc.wait()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    states = {int(r["number"]): r["state"] for r in _trials(tmp_path / "s")}
+    assert states[1] == "FAIL" and sum(s == "COMPLETE" for s in states.values()) == 3
+    assert sorted(states) == list(range(len(states)))  # one row per trial number
+    folders = sorted(p.name for p in (tmp_path / "s").glob("trial-*"))
+    assert folders == sorted(f"trial-{n}" for n in states)  # one folder per trial, none doubled
+    assert "its process was gone" in next(r["note"] for r in _trials(tmp_path / "s") if r["number"] == "1")
+
+
+def test_the_best_trials_config_reproduces_its_validation_f1(crops, tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    res = subprocess.run(_tune(crops, tmp_path / "s", "--trials", 2, "--space", tmp_path / "space.toml"),
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    best = _study(tmp_path / "s").best_trial
+    again = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--config", str(tmp_path / "s" / "best.toml"),
+                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["best"]["val_f1"] == best.value  # exactly: the CPU run is deterministic
+    for name in ("index.html", "history.png", "trials.csv", "compare/index.html"):
+        assert (tmp_path / "s" / name).is_file(), name
+
+
+def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_folder(crops, tmp_path):
+    """A learning rate that learns nothing is pruned after its first epoch, against the median of the
+    trials before it (one start-up trial, no warm-up)."""
+    from classify.tune import tune
+
+    (tmp_path / "space.toml").write_text('[lr]\nchoices = [3e-3, 1e-9]\n')
+    fixed = dict(crops=str(crops), epochs=3, img_size=32, workers=0, weights="none", device="cpu", preset="none",
+                 model="resnet18")
+    res = tune(fixed, tmp_path / "s", trials=6, space=tmp_path / "space.toml", prune_startup=1, prune_warmup=0,
+               warn=lambda m: None)
+    rows = _trials(tmp_path / "s")
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    assert pruned and res.finished == 6
+    for r in pruned:
+        folder = tmp_path / "s" / f"trial-{r['number']}"
+        assert "below the median" in json.loads((folder / "pruned.json").read_text())["why"]
+        assert (folder / "metrics.csv").is_file() and not (folder / "summary.json").exists()
+    assert all(float(r["lr"]) == 1e-9 for r in pruned)
