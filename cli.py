@@ -35,6 +35,8 @@ DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
 BATCH = typer.Option(64, help="Images per forward pass.")
 WORKERS = typer.Option(2, help="DataLoader worker processes.")
 VOTE = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes).")
+CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
+                         help="Apply each checkpoint's fitted temperature to its probabilities.")
 
 
 @app.callback()
@@ -266,6 +268,9 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", metavar="", help="torch.compile the model (default: off)."),
     sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) (default: none)."),
     label_fixes: Optional[Path] = typer.Option(None, help="CSV image_id,field,value of label corrections."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", metavar="",
+                                             help="Fit a temperature on the validation predictions after training, "
+                                                  "stored in best.pt (default: on)."),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the run in --out (a k-fold run: fold by fold)."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the run already in --out."),
 ):
@@ -325,6 +330,12 @@ def train(
         _train_summary(cfg, summary, time.perf_counter() - t0)
 
 
+def _calibration_line(c: dict | None) -> None:
+    if c:
+        console.print(f"calibration: temperature {c['temperature']:.3g} fitted on {c['photos']} validation photos; "
+                      f"expected calibration error {c['ece_before']:.4f} before, {c['ece_after']:.4f} after", highlight=False)
+
+
 def _train_summary(cfg, summary: dict, secs: float) -> None:
     if "oof" in summary:
         o = summary["oof"]
@@ -355,6 +366,7 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
                       f"{left} ({summary['excluded_photos']} without a label or a usable crop, "
                       f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
         console.print(f"run: {escape(cfg.out)}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)", highlight=False)
+    _calibration_line(summary.get("calibration"))
     if summary.get("warnings"):  # said in full when they arose; the summary points back at them
         console.print(f"[yellow]{len(summary['warnings'])} warning(s)[/] above (also in summary.json): "
                       + escape("; ".join(w.split(":")[0] for w in summary["warnings"])), highlight=False, soft_wrap=True)
@@ -373,6 +385,10 @@ def predict(
     batch_size: int = BATCH,
     workers: int = WORKERS,
     vote: str = VOTE,
+    calibrate: bool = CALIBRATE,
+    review: Optional[Path] = typer.Option(None, help="Also write the photos the model is unsure of (top calibrated "
+                                                     "probability below --below), with their top 3 classes, here."),
+    below: float = typer.Option(0.5, help="The --review threshold: a top probability below this is listed."),
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     from classify.errors import ConfigError
@@ -387,7 +403,8 @@ def predict(
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                           batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote)
+                           batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote,
+                           calibrate=calibrate, review=review, below=below)
     secs = time.perf_counter() - t0
     for w in pred.warnings:
         warning(w)
@@ -398,6 +415,10 @@ def predict(
     console.print(f"{len(pred.image_ids)} photos predicted with {len(pred.models)} model(s), tta={tta}, vote={vote}, "
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
     console.print(f"submission: {escape(str(out))}", highlight=False)
+    if review is not None:
+        unsure = int((pred.probs.max(1) < below).sum())
+        console.print(f"review: {escape(str(review))} ({unsure} photos with a top probability below {below})",
+                      highlight=False)
 
 
 def _models_line(models: list[str]) -> str:
@@ -417,6 +438,7 @@ def pseudo_label(
     batch_size: int = BATCH,
     workers: int = WORKERS,
     vote: str = VOTE,
+    calibrate: bool = CALIBRATE,
 ):
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
     from classify.errors import ConfigError
@@ -427,7 +449,8 @@ def pseudo_label(
         raise ConfigError("give at least one checkpoint and then the folder to pseudo-label")
     *ckpts, source = paths
     with LazyProgress("crop") as bar:
-        res = run(ckpts, source, out, min_prob, tta, crops, device, batch_size, workers, vote, on_progress=bar.update)
+        res = run(ckpts, source, out, min_prob, tta, crops, device, batch_size, workers, vote, on_progress=bar.update,
+                  calibrate=calibrate)
     for w in res.warnings:
         warning(w)
     names = class_names()
@@ -450,6 +473,7 @@ def evaluate(
     batch_size: int = BATCH,
     workers: int = WORKERS,
     vote: str = VOTE,
+    calibrate: bool = CALIBRATE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
     from classify.errors import ConfigError
@@ -459,7 +483,7 @@ def evaluate(
         raise ConfigError("give at least one checkpoint and then the crops folder")
     *ckpts, crops_dir = paths
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
-                       confusion_png=confusion, vote=vote)
+                       confusion_png=confusion, vote=vote, calibrate=calibrate)
     sc = res["scores"]
     console.print(_models_line(res["models"]), highlight=False)
     t = Table(title=f"{res['n']} labelled photos of {escape(str(crops_dir))}")
@@ -478,6 +502,9 @@ def evaluate(
     for name, f1, n, p in zip(res["class_names"], res["per_class_f1"], support, predicted):
         pc.add_row(name, "absent" if n == 0 and p == 0 else f"{f1:.3f}", str(n))
     console.print(pc)
+    temps = ", ".join(f"{t:.3g}" for t in res["temperatures"])
+    console.print(f"calibration: expected calibration error {res['ece_before']:.4f} before, {res['ece_after']:.4f} after "
+                  f"temperature scaling (T = {temps}; 15 bins, top class)", highlight=False)
     if confusion:
         console.print(f"confusion matrix: {escape(str(confusion))}", highlight=False)
 
@@ -496,6 +523,48 @@ def report(
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
     console.print(f"report: {escape(str(index))}", highlight=False)
+
+
+@app.command()
+@user_errors
+def explain(
+    paths: list[Path] = typer.Argument(..., metavar="CKPT PHOTO...", help="A checkpoint or run folder, then photos."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for gradcam.png and gradcam.csv."),
+    crops: Optional[Path] = CROP_CACHE,
+    device: str = DEVICE,
+):
+    """Grad-CAM per task for any photos, cropped as predict crops them: where the model looks."""
+    import shutil
+    import tempfile
+
+    from classify.checkpoint import load_checkpoint
+    from classify.errors import ConfigError
+    from classify.explain import explain_crops
+    from classify.predict import checkpoint_paths, crops_for
+    from preprocess.manifest import read_manifest
+
+    if len(paths) < 2:
+        raise ConfigError("give a checkpoint (or run folder) and then one or more photos")
+    ckpt_path, *photos = paths
+    ckpt = load_checkpoint(checkpoint_paths([ckpt_path])[0])
+    for p in photos:
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such photo")
+    with tempfile.TemporaryDirectory(prefix="maskcls-explain-") as tmp:  # the photos as an eval folder
+        raw = Path(tmp) / "raw"
+        (raw / "images").mkdir(parents=True)
+        names = [f"{k:04d}_{p.name}" for k, p in enumerate(photos)]
+        for p, n in zip(photos, names):
+            shutil.copyfile(p, raw / "images" / n)
+        (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
+        folder, warnings = crops_for(raw, ckpt, crops or Path(tmp) / "crops", device)
+        rows = read_manifest(folder)
+        for r, p in zip(rows, photos):
+            r["image_id"] = p.name
+        png, table = explain_crops(ckpt, folder, rows, out, f"Grad-CAM per task ({len(rows)} photos)", truth=False)
+    for w in warnings:
+        warning(w)
+    console.print(f"explain: {escape(str(png))}, {escape(str(table))}", highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

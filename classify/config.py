@@ -70,6 +70,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model
     sampler: str = "none"             # none | weighted (inverse class frequency)
     label_fixes: str | None = None
+    calibrate: bool = True            # fit a temperature on the validation predictions after training
 
     def check(self) -> None:
         """Every value that cannot work is refused here, before any work, naming its option."""

@@ -15,13 +15,14 @@ from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
 from .engine import check_infer_options
-from .predict import check_ensemble, checkpoint_paths, describe_models, ensemble_probs
+from .calibration import apply_temperature, ece
+from .predict import check_ensemble, checkpoint_paths, combine, describe_models, model_probs
 from .plots import plot_confusion
 from preprocess.runtime import check_device, resolve_device
 
 
 def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "auto", batch_size: int = 64,
-             workers: int = 2, confusion_png: Path | None = None, vote: str = "soft") -> dict:
+             workers: int = 2, confusion_png: Path | None = None, vote: str = "soft", calibrate: bool = True) -> dict:
     """{'scores': {...}, 'per_class_f1': [...], 'confusion': 18x18, 'n': photos} for the labelled
     photos of `crops` (the trainable statuses, `manifest.TRAINABLE`). Labels are taken at the
     checkpoints' `val_old` (60, the competition's boundary, unless training said otherwise), whatever
@@ -35,12 +36,17 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     _, rows = load_rows(Path(crops), old)
     if not rows:
         raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
-    _, p = ensemble_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers, vote)
+    raw = model_probs(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers, calibrate=False)
+    calibrated = np.stack([apply_temperature(m, ModelSpec.of(c).temperature) for m, c in zip(raw, ckpts)])
+    _, p = combine(calibrated if calibrate else raw, vote)
     y = np.array([r["label"] for r in rows])
+    before, after = combine(raw, "soft")[0], combine(calibrated, "soft")[0]
     cm = confusion(y, p, L.NUM_CLASSES)
     models = describe_models(paths, ckpts)
     if confusion_png:
         plot_confusion(Path(confusion_png), cm, L.class_names(old),
                        f"{Path(crops).name}, {len(rows)} photos\n{', '.join(models)}; tta {tta}, vote {vote}", blocks=6)
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
-            "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": models}
+            "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": models,
+            "ece_before": ece(before, y), "ece_after": ece(after, y),
+            "temperatures": [ModelSpec.of(c).temperature for c in ckpts]}

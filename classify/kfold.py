@@ -15,6 +15,7 @@ import numpy as np
 from . import rundir
 from .config import RESUMABLE, TrainConfig, resume_config
 from .distributed import Dist
+from .calibration import calibrate
 from .metrics import scores
 
 
@@ -38,7 +39,7 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) 
             again = resume and (Path(sub.out) / rundir.LAST).is_file()
             if again:
                 sub = resume_config(sub.out, {k2: getattr(cfg, k2) for k2 in RESUMABLE})
-            done = fit_one(sub, d, again, tag, on_step, warn)
+            done = fit_one(sub, d, again, tag, on_step, warn, calibrate=False)
         folds.append(done)
         d.barrier()
     return write_out_of_fold(out, cfg, folds) if d.main else {}
@@ -58,13 +59,21 @@ def _oof(out: Path, folds: int, name: str) -> tuple[list[list], np.ndarray, np.n
 
 def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict]) -> dict:
     rows, y, p = _oof(out, cfg.folds, rundir.VAL_PREDICTIONS)
+    calibration = None
+    if cfg.calibrate:  # one temperature for every fold, fitted on the out-of-fold predictions
+        probs = np.concatenate([rundir.read_val_predictions(out / f"fold{k}" / rundir.VAL_PREDICTIONS)[1]
+                                for k in range(cfg.folds)])
+        calibration = calibrate(probs, y)
+        for k in range(cfg.folds):
+            rundir.set_temperature(out / f"fold{k}", calibration)
     rundir.write_csv(out / rundir.OOF_PREDICTIONS, ["fold", "image_id", "label", "pred"] + [f"p{k}" for k in range(18)],
                      rows)
     have_last = all((out / f"fold{k}" / rundir.VAL_PREDICTIONS_LAST).is_file() for k in range(cfg.folds))
     last = scores(*_oof(out, cfg.folds, rundir.VAL_PREDICTIONS_LAST)[1:]) if have_last else None
     keys = [k for k in folds[0]["best"] if k.startswith("val_") and k != "val_loss"]
     per_fold = np.array([[f["best"][k] for k in keys] for f in folds])
-    return _write_summary(out, cfg, folds, {"oof": scores(y, p), "oof_last": last, "oof_photos": len(y)}, keys, per_fold)
+    oof = {"oof": scores(y, p), "oof_last": last, "oof_photos": len(y)} | ({"calibration": calibration} if calibration else {})
+    return _write_summary(out, cfg, folds, oof, keys, per_fold)
 
 
 def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, keys, per_fold) -> dict:

@@ -33,6 +33,7 @@ from .checkpoint import load_checkpoint
 from .data import CropDataset
 from .engine import check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
+from .calibration import apply_temperature
 from .models import create_model, upgrade_state
 from .rundir import ModelSpec, fold_dirs
 from .transforms import build_transform
@@ -86,9 +87,9 @@ def checkpoint_paths(paths: list[Path]) -> list[Path]:
 
 
 def model_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
-                batch_size: int = 64, workers: int = 2) -> np.ndarray:
+                batch_size: int = 64, workers: int = 2, calibrate: bool = True) -> np.ndarray:
     """Each checkpoint's (TTA-averaged) probabilities for `rows` of `crops`: M x N x 18, each model with
-    its own eval transform and normalisation (from the checkpoint)."""
+    its own eval transform and normalisation, and (`calibrate`) its temperature (calibration.py)."""
     out = np.zeros((len(ckpts), len(rows), L.NUM_CLASSES))
     pos = {r["index"]: k for k, r in enumerate(rows)}
     for m, ckpt in enumerate(ckpts):
@@ -99,7 +100,7 @@ def model_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.
         amp = resolve_amp(spec.amp, device)
         idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
                            mean=list(spec.mean), std=list(spec.std))
-        out[m, [pos[i] for i in idx]] = probs
+        out[m, [pos[i] for i in idx]] = apply_temperature(probs, spec.temperature) if calibrate else probs
     return out
 
 
@@ -121,9 +122,10 @@ def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarr
 
 
 def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
-                   batch_size: int = 64, workers: int = 2, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 64, workers: int = 2, vote: str = "soft",
+                   calibrate: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble's (scores N x 18, labels N) for `rows` of `crops` (see `combine`)."""
-    return combine(model_probs(ckpts, crops, rows, device, tta, batch_size, workers), vote)
+    return combine(model_probs(ckpts, crops, rows, device, tta, batch_size, workers, calibrate), vote)
 
 
 def check_ensemble(ckpts: list[dict]) -> None:
@@ -182,7 +184,8 @@ def default_cache(source: Path, crop_meta: dict, detector: FaceDetector) -> Path
 
 def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
             cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
-            detector: FaceDetector | None = None, on_progress=None, vote: str = "soft") -> Prediction:
+            detector: FaceDetector | None = None, on_progress=None, vote: str = "soft", calibrate: bool = True,
+            review: Path | None = None, below: float = 0.5) -> Prediction:
     """Predict every photo of `source` (an eval folder with info.csv, or a crops folder) and write the
     submission `ImageID,ans` in info.csv's (or the manifest's) order. `checkpoints` may name run
     folders: a k-fold run folder stands for every fold's best.pt. Several models are combined by
@@ -195,6 +198,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         raise CheckpointError("give at least one checkpoint")
     check_infer_options(tta, batch_size, workers)
     check_device(device)
+    if not 0 < below <= 1:
+        raise ConfigError(f"--below {below}: must be in (0, 1] (a probability)")
     if vote not in VOTES:
         raise ConfigError(f"--vote {vote!r}: choose soft or hard")
     paths = checkpoint_paths(checkpoints)
@@ -213,7 +218,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         r["index"] = i
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
-    probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote)
+    probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote, calibrate)
     for r in rows:
         if r["status"] in NO_PIXELS:
             warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
@@ -223,6 +228,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         write_submission(Path(out), pred)
     if probs_out is not None:
         write_probs(Path(probs_out), pred)
+    if review is not None:
+        write_review(Path(review), pred, below)
     return pred
 
 
@@ -238,6 +245,23 @@ def write_submission(path: Path, pred: Prediction) -> None:
     for iid, y in zip(pred.image_ids, pred.labels):
         w.writerow([iid, int(y)])
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_review(path: Path, pred: Prediction, below: float) -> int:
+    """The photos whose top (calibrated) probability is below `below`, least sure first, with their top
+    three classes: the list a person looks at. Returns how many."""
+    names = L.class_names(pred.old)
+    top = np.argsort(-pred.probs, axis=1)[:, :3]
+    sure = pred.probs.max(1)
+    picked = [i for i in np.argsort(sure, kind="stable") if sure[i] < below]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ImageID", "status", "p_top", *[f"{k}{n}" for n in (1, 2, 3) for k in ("class", "name", "p")]])
+    for i in picked:
+        w.writerow([pred.image_ids[i], pred.rows[i]["status"], f"{sure[i]:.4f}",
+                    *[v for c in top[i] for v in (int(c), names[c], f"{pred.probs[i, c]:.4f}")]])
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return len(picked)
 
 
 def write_probs(path: Path, pred: Prediction) -> None:

@@ -39,7 +39,7 @@ def representative_age(group: int, old: int) -> int:
 
 def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: float = 0.9, tta: int = 1,
                  cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
-                 vote: str = "soft", detector=None, on_progress=None) -> PseudoResult:
+                 vote: str = "soft", detector=None, on_progress=None, calibrate: bool = True) -> PseudoResult:
     """Predict `source` (an eval folder or a crops folder) and write the photos whose top probability is
     at least `min_prob` into `out` as a crops folder with their predicted labels."""
     if not 0 < min_prob <= 1:
@@ -49,7 +49,7 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
     ckpt_paths = checkpoint_paths(checkpoints)
     pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,
-                   workers=workers, detector=detector, on_progress=on_progress, vote=vote)
+                   workers=workers, detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
     old = pred.old
     top = pred.probs.max(1)
     rows, by_class = [], {}

@@ -76,7 +76,8 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
         val = _val(run)  # read once, used by three figures
         val_names = L.class_names(val_old)
         sections.append(("Model", [_curves(out, run), *_confusions(out, val, val_names), _per_class(out, val, val_names),
-                                   _wrong(out, crops, val, rows, val_names)]))
+                                   _calibration(out, run, val), _wrong(out, crops, val, rows, val_names),
+                                   _gradcam(out, crops, run, val, rows)]))
     return _index(out, crops, run, rows, sections)
 
 
@@ -424,6 +425,74 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
     save_figure(fig, out / "most_confidently_wrong.png")
     return "most_confidently_wrong.png", "The validation photos the model got wrong with the highest confidence: " \
                                          "look here for label errors and crop failures."
+
+
+def _calibration(out: Path, run: Path, val):
+    """Reliability diagram of the best epoch's validation predictions, before and after the run's
+    temperature (summary.json; a fold of a k-fold run: its parent's, fitted out-of-fold)."""
+    from .calibration import ECE_BINS, apply_temperature, ece, reliability
+
+    _, y, probs = val
+    fitted = rundir.read_summary(run).get("calibration") or rundir.read_summary(run.parent).get("calibration") or {}
+    t = float(fitted.get("temperature", 1.0))
+    before, after = reliability(probs, y), reliability(apply_temperature(probs, t), y)
+    _write_csv(out / "calibration.csv", ["bin", "from", "to", "photos_before", "confidence_before", "accuracy_before",
+                                         "photos_after", "confidence_after", "accuracy_after"],
+               [[b["bin"], f"{b['from']:.4f}", f"{b['to']:.4f}", b["photos"], _opt(b["confidence"]), _opt(b["accuracy"]),
+                 a["photos"], _opt(a["confidence"]), _opt(a["accuracy"])] for b, a in zip(before, after)])
+    e0, e1 = ece(probs, y), ece(apply_temperature(probs, t), y)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100, sharey=True)
+    for ax, bins, title in ((axes[0], before, f"before (ECE {e0:.3f})"), (axes[1], after, f"after T = {t:.3g} (ECE {e1:.3f})")):
+        ax.plot([0, 1], [0, 1], "--", color="#999999", label="perfectly calibrated")
+        shown = [b for b in bins if b["photos"]]
+        ax.bar([b["from"] for b in shown], [b["accuracy"] for b in shown], width=1 / ECE_BINS, align="edge",
+               color="#4c72b0", edgecolor="white", label="accuracy of the bin")
+        ax.plot([b["from"] + 0.5 / ECE_BINS for b in shown], [b["confidence"] for b in shown], "_", color="#dd8452",
+                ms=14, mew=2.5, label="mean confidence of the bin")
+        for b in shown:
+            ax.text(b["from"] + 0.5 / ECE_BINS, 0.02, str(b["photos"]), ha="center", fontsize=6, color="white")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("top-class probability")
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Reliability of the validation probabilities (15 bins; photos per bin at the bottom)")
+    fig.tight_layout()
+    save_figure(fig, out / "calibration.png")
+    return "calibration.png", ("Reliability diagram: per confidence bin, how often the top class was right, before "
+                               "and after temperature scaling; the expected calibration error (ECE) is the photo-"
+                               "weighted gap to the diagonal.")
+
+
+def _gradcam(out: Path, crops: Path, run: Path, val, rows, per_status: int = 2):
+    """Grad-CAM of a few validation photos per mask status (explain.py), when the explain extra is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_grad_cam") is None:
+        return None, "Grad-CAM figures need the explain extra: pip install 'maskcls[explain]'."
+    if not (run / rundir.BEST).is_file():
+        return None, f"Grad-CAM: {run} has no best.pt."
+    from .checkpoint import load_checkpoint
+    from .explain import explain_crops
+
+    vrows, _, _ = val
+    by_id = {r["image_id"]: r for r in rows}
+    picked = []
+    for status in range(3):
+        picked += [by_id[v["image_id"]] for v in vrows
+                   if v["image_id"] in by_id and by_id[v["image_id"]]["mask"] == status][:per_status]
+    if not picked:
+        return None, "Grad-CAM: no validation photo with a known mask status."
+    explain_crops(load_checkpoint(run / rundir.BEST), crops, picked, out,
+                  f"Grad-CAM per task: where {run.name}/best.pt looks ({per_status} validation photos per mask status)")
+    return "gradcam.png", ("Each photo's crop and, per task, where the model looked for its prediction (Grad-CAM, "
+                           "red: more); gradcam.csv gives each map's share below the nose and in the face.")
+
+
+def _opt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
 
 
 # -- outputs ------------------------------------------------------------------------------------------

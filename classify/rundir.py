@@ -15,7 +15,8 @@ RUN/ (one run, or one fold of a k-fold run in RUN/fold<k>/):
 
 The best epoch is the first epoch with the highest validation macro F1 (`best_record`). A checkpoint's
 payload is built by `checkpoint_payload` and read through `ModelSpec.of`; format version 2 adds
-`best_epoch`, `stopped_early` and `steps_done`; version-1 checkpoints still read.
+`best_epoch`, `stopped_early`, `steps_done` and best.pt's `temperature` (calibration.py); version-1
+checkpoints still read (temperature 1).
 """
 from __future__ import annotations
 
@@ -131,6 +132,14 @@ def read_val_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]
     return [r["image_id"] for r in rows], probs, np.array([int(r["label"]) for r in rows], dtype=int)
 
 
+def set_temperature(run: Path, calibration: dict) -> None:
+    """Store a fitted temperature (and the calibration it came from) in the run's best.pt."""
+    from .checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(Path(run) / BEST)
+    save_checkpoint(Path(run) / BEST, ckpt | {"temperature": calibration["temperature"], "calibration": calibration})
+
+
 # -- k-fold -----------------------------------------------------------------------------------------
 
 def fold_dirs(run: Path) -> list[Path]:
@@ -179,6 +188,7 @@ class ModelSpec:
     val_old: int
     amp: str
     crop: dict
+    temperature: float = 1.0  # calibration (checkpoints before it: 1, i.e. none)
 
     @classmethod
     def of(cls, ckpt: dict) -> "ModelSpec":
@@ -187,7 +197,7 @@ class ModelSpec:
                    ckpt.get("preset", "base"), tuple(ckpt.get("mean", IMAGENET_MEAN)), tuple(ckpt.get("std", IMAGENET_STD)),
                    ckpt.get("interpolation", "bilinear"),
                    cfg.get("old", L.DEFAULT_OLD), cfg.get("val_old", L.DEFAULT_OLD), cfg.get("amp", "off"),
-                   ckpt.get("crop") or {})
+                   ckpt.get("crop") or {}, float(ckpt.get("temperature", 1.0)))
 
     @property
     def label(self) -> str:

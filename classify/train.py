@@ -31,6 +31,7 @@ from preprocess.manifest import read_meta
 
 from . import rundir
 from . import weights as W
+from .calibration import calibrate as calibrate_probs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, changed_keys, config_from
 from .data import CropDataset, Data, expected_class_counts, person_key, prepare_data
@@ -108,8 +109,9 @@ class Progress:
     stopped_early: bool = False
 
 
-def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> dict:
-    """Train one run (one fold of a k-fold run) into cfg.out."""
+def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, calibrate: bool = True) -> dict:
+    """Train one run (one fold of a k-fold run) into cfg.out. `calibrate`: fit the temperature on this
+    run's validation predictions (a k-fold run fits one on the out-of-fold predictions instead)."""
     out = Path(cfg.out)
     state = _resume_state(cfg, out) if resume else None
     data = prepare_data(cfg)
@@ -140,7 +142,7 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) ->
     else:
         _train_epochs(t, data, train_ds, val_ds, workers, progress, describe, log, on_epoch, on_step)
     log.close()
-    return _finish(out, cfg, data, progress, weights, note, d) if d.main else {}
+    return _finish(out, cfg, data, progress, weights, note, d, calibrate and cfg.calibrate) if d.main else {}
 
 
 def _should_stop(cfg: TrainConfig, p: Progress) -> bool:
@@ -341,7 +343,7 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, p: Progress, record: dict
     rundir.write_metrics(out, p.history)
 
 
-def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note, d: Dist) -> dict:
+def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note, d: Dist, calibrate: bool) -> dict:
     best = rundir.best_record(p.history)
     if p.best_val is None:  # resumed after the best epoch: its predictions are already on disk
         _, probs, y = rundir.read_val_predictions(out / rundir.VAL_PREDICTIONS)
@@ -359,5 +361,8 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
                "weights": weights, "warnings": ([note] if note else []) + data.warnings, "device": str(d.device),
                "world_size": d.world}
+    if calibrate:
+        summary["calibration"] = calibrate_probs(probs, y)
+        rundir.set_temperature(out, summary["calibration"])
     rundir.write_summary(out, summary)
     return summary
