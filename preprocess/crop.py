@@ -342,6 +342,19 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, 
         for d, digest in zip(ud, udig):
             if digest and "error" not in d:
                 d["sha256"] = digest
+    chosen = _detect_and_choose(chunk, images, dets, detector, prior)
+    recs, writes = [], []
+    for ui, (unit, _, _) in enumerate(chunk):
+        choices = chosen[ui]
+        for p, img, c in zip(unit, images[ui], choices):
+            writes.append(pool.submit(_write_crop, out, paths[p.source], config, img, c))
+        recs.append({"det": dets[ui], "crop_boxes": [None if c is None else [float(v) for v in c.box] for c in choices]})
+    return recs, writes, chosen
+
+
+def _detect_and_choose(chunk, images, dets, detector: FaceDetector, prior: Prior) -> list[list[Choice | None]]:
+    """Detect the photos without a cached detection, choose each unit's subject, and run the relaxed
+    pass where the subject was not found; per unit, its photos' choices."""
     fresh = [(ui, pi) for ui, (_, _, cached) in enumerate(chunk) for pi, im in enumerate(images[ui])
              if cached[pi] is None and isinstance(im, np.ndarray)]
     _add_faces(detector, images, dets, fresh, relaxed=False)
@@ -352,13 +365,25 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, 
     _add_faces(detector, images, dets, again, relaxed=True)
     for ui in {ui for ui, _ in again}:  # the units whose candidates the relaxed pass changed
         chosen[ui] = _choose(chunk[ui][0], dets[ui], prior)
-    recs, writes = [], []
-    for ui, (unit, _, _) in enumerate(chunk):
-        choices = chosen[ui]
-        for p, img, c in zip(unit, images[ui], choices):
-            writes.append(pool.submit(_write_crop, out, paths[p.source], config, img, c))
-        recs.append({"det": dets[ui], "crop_boxes": [None if c is None else [float(v) for v in c.box] for c in choices]})
-    return recs, writes, chosen
+    return chosen
+
+
+def crop_lone_photos(images: list[np.ndarray], config: CropConfig, detector: FaceDetector,
+                     prior: Prior) -> list[tuple[np.ndarray, Choice, dict]]:
+    """Lone photos (as the eval set's) cropped in memory exactly as `crop_dataset` crops them into a
+    folder: the same detection passes, face choice, geometry, and JPEG encoding (decoded back), so a
+    model sees the pixels `predict` gives it. Per photo: (RGB crop, choice, detection)."""
+    from .imageio import decode_jpeg
+
+    chunk = [([None], None, [None]) for _ in images]
+    units = [[im] for im in images]
+    dets = [[{"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False}] for im in images]
+    chosen = _detect_and_choose(chunk, units, dets, detector, prior)
+    out = []
+    for im, (c,), (d,) in zip(images, chosen, dets):
+        crop = crop_square(im, *square_around(c.box, config.margin), config.size)
+        out.append((decode_jpeg(encode_jpeg(crop)), c, d))
+    return out
 
 
 def _add_faces(detector: FaceDetector, images, dets, where: list[tuple[int, int]], relaxed: bool) -> None:

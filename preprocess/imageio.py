@@ -113,6 +113,14 @@ def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return buf.tobytes()
 
 
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """RGB uint8 pixels of JPEG bytes, decoded as `read_crop` decodes a crop file."""
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("corrupt JPEG data")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def read_crop(path: str | os.PathLike) -> np.ndarray:
     """Decode a crop written by the crop stage (RGB uint8). Raises FileNotFoundError/ValueError if missing or corrupt."""
     data = np.fromfile(str(path), dtype=np.uint8)

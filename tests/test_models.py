@@ -146,6 +146,7 @@ def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_off_on_the_c
     from classify.engine import resolve_amp
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))  # an A100 (tests/test_trust: V100, T4)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_amp("auto", cuda) == "bf16" and resolve_amp("fp16", cuda) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

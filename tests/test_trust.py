@@ -285,7 +285,7 @@ def test_a_photo_rewritten_in_place_with_the_same_byte_size_is_detected_again(tm
 def test_predicts_default_crop_cache_is_keyed_by_the_crop_settings_and_shared_safely(tmp_path, monkeypatch):
     """Two checkpoints trained on crops of another size must not share (and overwrite) one cache
     folder; two crops into one folder at once take turns and both end with the full manifest."""
-    from classify.predict import default_cache
+    from classify.cropping import default_cache
     from preprocess import CropConfig, crop_dataset
     from preprocess.manifest import read_manifest
 

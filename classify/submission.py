@@ -1,0 +1,61 @@
+"""What prediction returns and writes: the `Prediction`, the submission (`ImageID,ans`), the 18
+probabilities, and the review list of unsure photos. Numpy only (no torch), for every model kind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import labels as L
+from preprocess.imageio import atomic_write_bytes
+
+
+@dataclass
+class Prediction:
+    image_ids: list[str]
+    probs: np.ndarray          # N x 18: mean probabilities (--vote hard: the share of models voting each class)
+    rows: list[dict]           # the manifest rows predicted, same order
+    crops: Path
+    warnings: list[str]
+    labels: np.ndarray         # N predicted classes (the vote's)
+    old: int = L.DEFAULT_OLD   # the checkpoints' training age boundary (one for all: check_ensemble)
+    models: list[str] = None   # each checkpoint, as "path (model)"
+
+
+def write_submission(path: Path, pred: Prediction) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ImageID", "ans"])
+    for iid, y in zip(pred.image_ids, pred.labels):
+        w.writerow([iid, int(y)])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_review(path: Path, pred: Prediction, below: float) -> int:
+    """The photos whose top (calibrated) probability is below `below`, least sure first, with their top
+    three classes: the list a person looks at. Returns how many."""
+    names = L.class_names(pred.old)
+    top = np.argsort(-pred.probs, axis=1)[:, :3]
+    sure = pred.probs.max(1)
+    picked = [i for i in np.argsort(sure, kind="stable") if sure[i] < below]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ImageID", "status", "p_top", *[f"{k}{n}" for n in (1, 2, 3) for k in ("class", "name", "p")]])
+    for i in picked:
+        w.writerow([pred.image_ids[i], pred.rows[i]["status"], f"{sure[i]:.4f}",
+                    *[v for c in top[i] for v in (int(c), names[c], f"{pred.probs[i, c]:.4f}")]])
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return len(picked)
+
+
+def write_probs(path: Path, pred: Prediction) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ImageID"] + [f"p{k}" for k in range(L.NUM_CLASSES)])
+    for iid, p in zip(pred.image_ids, pred.probs):
+        w.writerow([iid] + [f"{v:.8f}" for v in p])
+    atomic_write_bytes(path, buf.getvalue().encode())
