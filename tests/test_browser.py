@@ -14,7 +14,8 @@ from classify.compare import compare
 from classify.report import report
 from classify.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
-from tests.conftest import make_person
+from tests.conftest import SAMPLES, make_person
+from tests.test_deploy import sample_model, server  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -87,3 +88,43 @@ def test_the_check_sees_a_missing_image(pages, tmp_path):
     broken, errors = _render(copy / "index.html", tmp_path / "shot.png", tmp_path / "profile")
     assert [Path(b).name for b in broken] == ["curves.png"]
     assert any("curves.png" in e for e in errors)
+
+
+def test_the_serve_page_shows_a_photos_box_and_class(sample_model, server, tmp_path):
+    """The page of `maskcls serve` in the browser: choose a sample photo, the box is drawn on it, its
+    crop and class appear (the class the API gives), no console error; screenshot."""
+    pytest.importorskip("fastapi")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, want = server
+    photo = sorted((SAMPLES / "eval" / "images").iterdir())[0]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "files").send_keys(str(photo))
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result h3.class"))
+        title = driver.find_element(By.CSS_SELECTOR, ".result h3.class").text
+        y = int(want.labels[want.image_ids.index(photo.name)])
+        assert f"(class {y})" in title
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script(
+            "const c = document.querySelector('.result canvas.photo'); return c && c.width > 0"))
+        red = driver.execute_script(  # the face box is drawn: red pixels on the photo canvas
+            "const c = document.querySelector('.result canvas.photo'); const d = c.getContext('2d')"
+            ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+            "for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i+1] < 100 && d[i+2] < 100) n++; return n;")
+        assert red > 50
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SHOTS / "serve.png"))
+    finally:
+        driver.quit()

@@ -1,0 +1,185 @@
+"""Put a model to work (issue 22): `maskcls export` gives the checkpoint's answers, an exported model
+predicts without torch, and `maskcls serve` answers as `maskcls predict` does, to concurrent clients,
+and turns every bad request into a 4xx line while staying up."""
+from __future__ import annotations
+
+import csv
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from classify.config import TrainConfig
+from classify.predict import predict
+from classify.train import fit
+from tests.conftest import REPO, SAMPLES, make_crops
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.slow
+FAST = dict(img_size=32, batch_size=32, workers=0, weights="none", device="cpu", preset="none", val_ratio=0.25)
+
+
+def _export(run, out, *args):
+    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "export", str(run), "--out", str(out), *map(str, args)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+@pytest.mark.parametrize("model", ["resnet18", "attention", "kfold"])
+def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model):
+    from classify.deploy import predict_onnx
+
+    crops = make_crops(tmp_path / "c", people=12)
+    kw = dict(folds=2, fold="all", model="resnet18") if model == "kfold" else dict(model=model)
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "r"), epochs=1, **FAST, **kw), warn=lambda m: None)
+    res = _export(tmp_path / "r", tmp_path / "m.onnx")
+    assert "max probability difference" in res.stderr
+    want = predict([tmp_path / "r"], crops, None, device="cpu", workers=0)
+    got = predict_onnx(tmp_path / "m.onnx", crops)
+    assert (got.labels == want.labels).all() and np.abs(got.probs - want.probs).max() < 1e-4
+    from classify.onnx_model import OnnxModel
+
+    meta = OnnxModel(tmp_path / "m.onnx").meta
+    assert meta["img_size"] == 32 and len(meta["checkpoints"]) == (2 if model == "kfold" else 1)
+    assert len(meta["classes"]) == 18 and all(len(c["sha256"]) == 64 for c in meta["checkpoints"])
+
+
+def test_a_foreign_or_damaged_onnx_file_is_one_error_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 20)
+    for name, words in (("other.onnx", "not one `maskcls export` wrote"), ("bad.onnx", "not an ONNX model onnxruntime can run")):
+        res = subprocess.run([sys.executable, str(REPO / "cli.py"), "predict", str(tmp_path / name), str(SAMPLES / "eval"),
+                              "--out", str(tmp_path / "s.csv")], capture_output=True, text=True, timeout=120, cwd=REPO)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 1 and len(lines) == 1 and words in " ".join(lines[0].split()), res.stderr
+
+
+@pytest.fixture(scope="module")
+def sample_model(sample_crops, tmp_path_factory):
+    """A model trained on data_samples' real crops (real MTCNN settings and face prior), and its export."""
+    base = tmp_path_factory.mktemp("deploy")
+    fit(TrainConfig(crops=str(sample_crops), out=str(base / "r"), model="resnet18", epochs=1, **FAST), warn=lambda m: None)
+    _export(base / "r", base / "m.onnx")
+    want = predict([base / "r"], SAMPLES / "eval", base / "want.csv", device="cpu", workers=0, cache=base / "cache")
+    return base, want
+
+
+def test_predict_with_an_exported_model_runs_where_torch_cannot_be_imported(sample_model):
+    base, want = sample_model
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+            f"sys.argv = ['maskcls', 'predict', {str(base / 'm.onnx')!r}, {str(SAMPLES / 'eval')!r}, '--out', "
+            f"{str(base / 'onnx.csv')!r}, '--probs', {str(base / 'onnx_probs.csv')!r}, '--crops', {str(base / 'cache2')!r}]\n"
+            f"sys.path.insert(0, {str(REPO)!r}); import cli; cli.app()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (base / "onnx.csv").read_text() == (base / "want.csv").read_text()
+    with open(base / "onnx_probs.csv", newline="") as f:
+        probs = np.array([[float(r[f"p{k}"]) for k in range(18)] for r in csv.DictReader(f)])
+    assert np.abs(probs - want.probs).max() < 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(sample_model):
+    base, want = sample_model
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", str(base / "m.onnx"), "--port", str(port),
+                             "--max-bytes", "3000000", "--max-files", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("maskcls serve did not come up: " + proc.communicate()[1][-2000:])
+    yield url, want
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_served_answers_equal_predict_for_concurrent_clients(server):
+    import httpx
+
+    url, want = server
+    photos = sorted((SAMPLES / "eval" / "images").iterdir())
+    by_id = {iid: (int(y), p) for iid, y, p in zip(want.image_ids, want.labels, want.probs)}
+    answers, errors = {}, []
+
+    def client(k):
+        try:
+            with httpx.Client(timeout=120) as c:
+                for p in photos[k::4]:
+                    r = c.post(url + "/predict", files=[("file", (p.name, p.read_bytes(), "image/jpeg"))])
+                    assert r.status_code == 200, r.text
+                    answers[p.name] = r.json()["predictions"][0]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert set(answers) == {p.name for p in photos}
+    for name, a in answers.items():
+        y, p = by_id[name]
+        assert a["class"] == y and np.abs(np.array(a["probs"]) - p).max() < 1e-5, name
+        assert a["filename"] == name and len(a["box"]) == 4 and set(a["tasks"]) == {"mask", "gender", "age"}
+    several = httpx.post(url + "/predict", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:3]],
+                         timeout=120).json()["predictions"]
+    assert [a["filename"] for a in several] == [p.name for p in photos[:3]]  # upload order
+
+
+def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_path):
+    import httpx
+
+    from tests.test_imageio import _png_header_only
+
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    url, _ = server
+    jpeg = sorted((SAMPLES / "eval" / "images").iterdir())[0].read_bytes()
+    one = lambda name, data: [("file", (name, data, "image/jpeg"))]  # noqa: E731
+    cases = [
+        ("not an image", dict(files=one("notes.jpg", b"hello, world" * 10)), 400, "not a readable image"),
+        ("empty", dict(files=one("empty.jpg", b"")), 400, "empty file"),
+        ("truncated", dict(files=one("cut.jpg", jpeg[: len(jpeg) // 3])), 400, "cut.jpg"),
+        ("bomb", dict(files=one("bomb.png", (tmp_path / "bomb.png").read_bytes())), 400, "400 MP, over the 40 MP limit"),
+        ("too big", dict(files=one("big.jpg", b"\xff" * 3_100_000)), 413, "over the 3000000-byte limit"),
+        ("too many", dict(files=one("a.jpg", jpeg) * 5), 400, "at most 4 a request"),
+        ("wrong field", dict(files=[("photo", ("a.jpg", jpeg, "image/jpeg"))]), 400, "no field 'file'"),
+        ("not multipart", dict(content=b"{}", headers={"content-type": "application/json"}), 415, "multipart/form-data"),
+    ]
+    for what, kw, status, words in cases:
+        r = httpx.post(url + "/predict", timeout=60, **kw)
+        assert r.status_code == status and words in r.json()["error"], (what, r.status_code, r.text)
+        assert "\n" not in r.json()["error"], what
+    r = httpx.get(url + "/predict", timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    page = httpx.get(url + "/", timeout=10).text
+    assert "<script" in page and "http://" not in page and "https://" not in page  # nothing from the internet
