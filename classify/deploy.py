@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.layouts import LayoutError
-from preprocess.manifest import NO_PIXELS, read_manifest, read_meta
+from preprocess.manifest import read_manifest, read_meta
 
 from .cropping import crops_for
 from .errors import ConfigError
 from .onnx_model import OnnxModel, batches
-from .submission import Prediction, write_probs, write_review, write_submission
+from .submission import Prediction, conclude
 
 
 def onnx_probs(model: OnnxModel, crops: Path, rows: list[dict], batch_size: int = 64) -> np.ndarray:
@@ -46,15 +46,5 @@ def predict_onnx(path: Path, source: Path, out: Path | None = None, tta: int = 1
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
     probs = onnx_probs(model, crops, rows, batch_size)
-    for r in rows:
-        if r["status"] in NO_PIXELS:
-            warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, probs.argmax(1), model.old,
-                      [f"{Path(path).name} ({', '.join(model.meta.get('models', []))})"])
-    if out is not None:
-        write_submission(Path(out), pred)
-    if probs_out is not None:
-        write_probs(Path(probs_out), pred)
-    if review is not None:
-        write_review(Path(review), pred, below)
-    return pred
+    return conclude(rows, probs, probs.argmax(1), crops, warnings, model.old,
+                    [f"{Path(path).name} ({', '.join(model.meta.get('models', []))})"], out, probs_out, review, below)

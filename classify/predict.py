@@ -16,7 +16,7 @@ import torch
 from preprocess import labels as L
 from preprocess.detector import FaceDetector
 from preprocess.layouts import LayoutError
-from preprocess.manifest import NO_PIXELS, read_manifest, read_meta
+from preprocess.manifest import read_manifest, read_meta
 from preprocess.runtime import check_device, resolve_device
 
 from .checkpoint import load_checkpoint
@@ -27,7 +27,7 @@ from .calibration import apply_temperature
 from .models import create_model, upgrade_state
 from .cropping import crops_for
 from .rundir import ModelSpec, fold_dirs
-from .submission import Prediction, write_probs, write_review, write_submission  # noqa: F401 (the API)
+from .submission import Prediction, conclude  # noqa: F401 (Prediction: what predict returns)
 from .transforms import build_transform
 
 
@@ -160,18 +160,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
     probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote, calibrate)
-    for r in rows:
-        if r["status"] in NO_PIXELS:
-            warnings.append(f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop")
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, ModelSpec.of(ckpts[0]).old,
-                      describe_models(paths, ckpts))
-    if out is not None:
-        write_submission(Path(out), pred)
-    if probs_out is not None:
-        write_probs(Path(probs_out), pred)
-    if review is not None:
-        write_review(Path(review), pred, below)
-    return pred
+    return conclude(rows, probs, labels, crops, warnings, ModelSpec.of(ckpts[0]).old, describe_models(paths, ckpts),
+                    out, probs_out, review, below)
 
 
 

@@ -26,6 +26,25 @@ class Prediction:
     models: list[str] = None   # each checkpoint, as "path (model)"
 
 
+def conclude(rows: list[dict], probs: np.ndarray, labels: np.ndarray, crops: Path, warnings: list[str], old: int,
+             models: list[str], out: Path | None, probs_out: Path | None, review: Path | None,
+             below: float) -> Prediction:
+    """The Prediction of a model (or ensemble) over `rows`, with a warning per photo that had no pixels,
+    and the files asked for: the submission, the probabilities, the review list."""
+    from preprocess.manifest import NO_PIXELS
+
+    warnings += [f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop"
+                 for r in rows if r["status"] in NO_PIXELS]
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, old, models)
+    if out is not None:
+        write_submission(Path(out), pred)
+    if probs_out is not None:
+        write_probs(Path(probs_out), pred)
+    if review is not None:
+        write_review(Path(review), pred, below)
+    return pred
+
+
 def write_submission(path: Path, pred: Prediction) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
