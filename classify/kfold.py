@@ -19,11 +19,10 @@ from .calibration import calibrate
 from .metrics import scores
 
 
-def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn) -> dict:
-    """Every fold into RUN/fold<k>, then the out-of-fold score. Resumable fold by fold: finished folds
-    are kept, the interrupted one continues from its last.pt, the rest start."""
+def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, fit_one) -> dict:
+    """Every fold into RUN/fold<k> (`fit_one`: train.fit_one), then the out-of-fold score. Resumable
+    fold by fold: finished folds are kept, the interrupted one continues from its last.pt, the rest start."""
     from .data import prepare_data
-    from .train import fit_one
 
     out = Path(cfg.out)
     prepare_data(dataclasses.replace(cfg, fold=0))  # refuses what cannot work (--folds K > people) before any fold

@@ -45,3 +45,22 @@ def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str, blo
     ax.set_title(f"Confusion matrix: {title}")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+MASK_COLOURS = ("#4c72b0", "#dd8452", "#55a868")  # wear, incorrect, not wear: every per-class figure
+ABSENT = "#cccccc"
+
+
+def mask_legend(ax, absent: bool = False) -> None:
+    """The legend of a per-class figure coloured by mask status (and grey for absent classes)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=n) for c, n in zip(MASK_COLOURS, ("mask worn", "worn incorrectly", "no mask"))]
+    if absent:
+        handles.append(Patch(color=ABSENT, label="absent"))
+    ax.legend(handles=handles, fontsize=8, loc="upper right", ncol=len(handles), frameon=False)
+
+
+def short(s: str, n: int = 28) -> str:
+    """`s` cut to its last n - 1 characters after an ellipsis."""
+    return s if len(s) <= n else "…" + s[-(n - 1):]

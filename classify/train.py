@@ -38,6 +38,7 @@ from .data import CropDataset, Data, expected_class_counts, person_key, prepare_
 from .distributed import Dist, init_distributed
 from .engine import EpochOrder, default_workers, make_loader, resolve_amp
 from .epoch import train_one_epoch, validate_epoch
+from .kfold import fit_folds
 from .errors import ConfigError
 from .losses import MultiTaskLoss, make_loss
 from .metrics import confusion
@@ -67,9 +68,7 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                                   "it, --overwrite to replace it, or choose another --out")
         d.barrier()  # every rank has looked before rank 0 writes
         if cfg.fold == "all":
-            from .kfold import fit_folds
-
-            summary = fit_folds(cfg, d, resume, on_epoch, on_step, warn)
+            summary = fit_folds(cfg, d, resume, on_epoch, on_step, warn, fit_one)
         else:
             summary = fit_one(cfg, d, resume, on_epoch, on_step, warn)
     except BaseException:
