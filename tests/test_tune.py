@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -52,6 +51,20 @@ def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_pa
     assert len({t.user_attrs["pid"] for t in finished}) == 2  # both processes ran trials
     for t in finished:
         assert (tmp_path / "s" / f"trial-{t.number}" / "metrics.csv").is_file()
+    _reproduce_the_best_trial(tmp_path)
+
+
+def _reproduce_the_best_trial(tmp_path):
+    """`maskcls train --config STUDY/best.toml` gives the best trial's validation F1 exactly (CPU runs are
+    deterministic), and the study's pages are there."""
+    best = _study(tmp_path / "s").best_trial
+    again = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--config", str(tmp_path / "s" / "best.toml"),
+                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["best"]["val_f1"] == best.value  # exactly
+    for name in ("index.html", "history.png", "trials.csv", "compare/index.html"):
+        assert (tmp_path / "s" / name).is_file(), name
 
 
 def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(crops, tmp_path):
@@ -74,34 +87,19 @@ def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(
     assert "its process was gone" in next(r["note"] for r in _trials(tmp_path / "s") if r["number"] == "1")
 
 
-def test_the_best_trials_config_reproduces_its_validation_f1(crops, tmp_path):
-    (tmp_path / "space.toml").write_text(SPACE)
-    res = subprocess.run(_tune(crops, tmp_path / "s", "--trials", 2, "--space", tmp_path / "space.toml"),
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-2000:]
-    best = _study(tmp_path / "s").best_trial
-    again = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--config", str(tmp_path / "s" / "best.toml"),
-                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert again.returncode == 0, again.stderr[-2000:]
-    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
-    assert summary["best"]["val_f1"] == best.value  # exactly: the CPU run is deterministic
-    for name in ("index.html", "history.png", "trials.csv", "compare/index.html"):
-        assert (tmp_path / "s" / name).is_file(), name
-
-
 def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_folder(crops, tmp_path):
     """A learning rate that learns nothing is pruned after its first epoch, against the median of the
     trials before it (one start-up trial, no warm-up)."""
     from classify.tune import tune
 
     (tmp_path / "space.toml").write_text('[lr]\nchoices = [3e-3, 1e-9]\n')
-    fixed = dict(crops=str(crops), epochs=3, img_size=32, workers=0, weights="none", device="cpu", preset="none",
+    fixed = dict(crops=str(crops), epochs=2, img_size=32, workers=0, weights="none", device="cpu", preset="none",
                  model="resnet18")
-    res = tune(fixed, tmp_path / "s", trials=6, space=tmp_path / "space.toml", prune_startup=1, prune_warmup=0,
+    res = tune(fixed, tmp_path / "s", trials=5, space=tmp_path / "space.toml", prune_startup=1, prune_warmup=0,
                warn=lambda m: None)
     rows = _trials(tmp_path / "s")
     pruned = [r for r in rows if r["state"] == "PRUNED"]
-    assert pruned and res.finished == 6
+    assert pruned and res.finished == 5
     for r in pruned:
         folder = tmp_path / "s" / f"trial-{r['number']}"
         assert "below the median" in json.loads((folder / "pruned.json").read_text())["why"]
