@@ -86,7 +86,7 @@ def test_ema_is_validated_each_epoch_and_best_pt_holds_the_weights_that_scored(c
         assert r["weights_from"] == ("ema" if float(r["ema_val_f1"]) > float(r["model_val_f1"]) else "model")
     # best.pt's weights reproduce the best epoch's validation predictions, whichever weights won
     val = _csv(tmp_path / "r" / "val_predictions.csv")
-    pred = predict([tmp_path / "r" / "best.pt"], crops, None, device="cpu", workers=0)
+    pred = predict([tmp_path / "r" / "best.pt"], crops, None, device="cpu", workers=0, calibrate=False)  # raw, as validated
     by_id = dict(zip(pred.image_ids, pred.probs))
     got = np.array([by_id[v["image_id"]] for v in val])
     want = np.array([[float(v[f"p{k}"]) for k in range(18)] for v in val])
@@ -202,9 +202,13 @@ def test_kfold_resumed_in_the_middle_of_fold_2_ends_like_an_uninterrupted_run(cr
     with pytest.raises(Killed):
         fit(TrainConfig(crops=str(crops), out=str(tmp_path / "cut"), **(FAST | KFOLD)), on_epoch=die, warn=lambda m: None)
     assert (tmp_path / "cut" / "fold0" / "summary.json").is_file() and not (tmp_path / "cut" / "fold2").exists()
-    fold0 = (tmp_path / "cut" / "fold0" / "best.pt").read_bytes()
+    fold0 = load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")["model_state"]
     fit(resume_config(tmp_path / "cut", {"workers": 0}), resume=True, warn=lambda m: None)
-    assert (tmp_path / "cut" / "fold0" / "best.pt").read_bytes() == fold0  # the finished fold was not retrained
+    again = load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")["model_state"]
+    assert all(torch.equal(fold0[k], again[k]) for k in fold0)  # the finished fold was not retrained
+    # (its best.pt was rewritten once, to carry the temperature fitted on every fold's predictions)
+    assert load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")["temperature"] == \
+        load_checkpoint(tmp_path / "full" / "fold0" / "best.pt")["temperature"]
     for k in range(3):
         assert _drop_seconds(tmp_path / "full" / f"fold{k}" / "metrics.csv") == _drop_seconds(tmp_path / "cut" / f"fold{k}" / "metrics.csv")
     assert (tmp_path / "full" / "oof_predictions.csv").read_text() == (tmp_path / "cut" / "oof_predictions.csv").read_text()
@@ -231,7 +235,7 @@ def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path
     _fit(crops, tmp_path / "r", model="timm/test_convnext.r160_in1k", epochs=1, img_size=56)  # enlarged: interpolation matters
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
     assert ckpt["mean"] == [0.5] * 3 and ckpt["std"] == [0.5] * 3 and ckpt["interpolation"] == "bicubic"
-    pred = predict([tmp_path / "r" / "best.pt"], crops, None, device="cpu", workers=0)
+    pred = predict([tmp_path / "r" / "best.pt"], crops, None, device="cpu", workers=0, calibrate=False)
     rows = load_rows(crops)[0]
     model = load_model(ckpt, torch.device("cpu"))
 
