@@ -29,6 +29,8 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     `old` they were trained with: the score is the competition's."""
     check_infer_options(tta, batch_size, workers)
     check_device(device)
+    if any(str(c).lower().endswith(".onnx") for c in checkpoints):
+        return _evaluate_onnx(checkpoints, Path(crops), tta, batch_size, confusion_png)
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
@@ -50,3 +52,26 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": models,
             "ece_before": ece(before, y), "ece_after": ece(after, y),
             "temperatures": [ModelSpec.of(c).temperature for c in ckpts]}
+
+
+def _evaluate_onnx(models: list[Path], crops: Path, tta: int, batch_size: int, confusion_png: Path | None) -> dict:
+    """`evaluate` of one exported model (its graph holds the calibration: the ECE is of its output)."""
+    from .deploy import onnx_probs
+    from .onnx_model import OnnxModel
+
+    if len(models) != 1 or tta != 1:
+        raise ConfigError("an exported model is evaluated alone and with --tta 1 (its graph holds one view)")
+    model = OnnxModel(models[0])
+    old = int(model.meta.get("val_old", L.DEFAULT_OLD))
+    _, rows = load_rows(crops, old)
+    if not rows:
+        raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
+    probs = onnx_probs(model, crops, rows, batch_size)
+    y, p = np.array([r["label"] for r in rows]), probs.argmax(1)
+    cm = confusion(y, p, L.NUM_CLASSES)
+    name = [f"{Path(models[0]).name} ({', '.join(model.meta.get('models', []))})"]
+    if confusion_png:
+        plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{crops.name}, {len(rows)} photos\n{name[0]}", blocks=6)
+    return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(), "confusion": cm.tolist(),
+            "n": len(rows), "class_names": L.class_names(old), "models": name, "ece_before": ece(probs, y),
+            "ece_after": ece(probs, y), "temperatures": model.meta.get("temperatures", [1.0])}

@@ -47,9 +47,18 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     out = Path(out)
     if (out / "manifest.csv").exists():
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
-    ckpt_paths = checkpoint_paths(checkpoints)
-    pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,
-                   workers=workers, detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
+    if any(str(c).lower().endswith(".onnx") for c in checkpoints):  # an exported model (its graph is calibrated)
+        from .deploy import predict_onnx
+
+        if len(checkpoints) != 1:
+            raise ConfigError("give one exported .onnx model (export several checkpoints into one graph)")
+        ckpt_paths = list(checkpoints)
+        pred = predict_onnx(checkpoints[0], source, None, tta, cache=cache, device=device, batch_size=batch_size,
+                            detector=detector, on_progress=on_progress)
+    else:
+        ckpt_paths = checkpoint_paths(checkpoints)
+        pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,
+                       workers=workers, detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
     old = pred.old
     top = pred.probs.max(1)
     rows, by_class = [], {}

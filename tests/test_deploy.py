@@ -183,3 +183,19 @@ def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_pat
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     page = httpx.get(url + "/", timeout=10).text
     assert "<script" in page and "http://" not in page and "https://" not in page  # nothing from the internet
+
+
+def test_evaluate_and_pseudo_label_take_an_exported_model_as_they_take_its_checkpoint(sample_model, sample_crops, tmp_path):
+    from classify.evaluate import evaluate
+    from classify.pseudo import pseudo_label
+    from preprocess.manifest import read_manifest
+
+    base, _ = sample_model
+    a, b = evaluate([base / "m.onnx"], sample_crops), evaluate([base / "r"], sample_crops, device="cpu", workers=0)
+    assert a["scores"] == b["scores"] and a["confusion"] == b["confusion"]
+    assert a["ece_after"] == pytest.approx(b["ece_after"], abs=1e-4)
+    for name, model in (("onnx", base / "m.onnx"), ("ckpt", base / "r")):
+        pseudo_label([model], SAMPLES / "eval", tmp_path / name, min_prob=0.01, cache=tmp_path / f"c_{name}",
+                     device="cpu", workers=0)
+    rows = {n: {r["image_id"]: r["label"] for r in read_manifest(tmp_path / n)} for n in ("onnx", "ckpt")}
+    assert rows["onnx"] == rows["ckpt"] and rows["onnx"]
