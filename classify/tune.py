@@ -159,7 +159,11 @@ def open_study(out: Path, storage: str | None, seed: int, startup: int, warmup: 
 
     with warnings.catch_warnings():  # heartbeats are "experimental since v2.9": stable, and what we need
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        store = optuna.storages.RDBStorage(storage_url(out, storage), heartbeat_interval=HEARTBEAT_S,
+        url = storage_url(out, storage)
+        # SQLite lets one writer at a time: wait up to a minute for the lock (sqlite3's default is 5 s, which
+        # a busy machine with two tune processes exceeds: "database is locked").
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        store = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                                            grace_period=GRACE_S)
     # Each process seeds its sampler with the seed and its pid: one process alone is reproducible, and two
     # processes joining one study do not propose the very same values.
