@@ -80,12 +80,3 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     meta.pop("counts", None)
     write_manifest(out, rows, meta)
     return PseudoResult(out, len(rows), len(pred.rows), dict(sorted(by_class.items())), pred.warnings)
-
-
-def check_extra(folder: Path, old: int) -> None:
-    """Refuse a pseudo-label folder made at another age boundary (its `age` holds the group's representative)."""
-    made = (read_meta(folder).get("pseudo") or {}).get("old")
-    if made is not None and made != old:
-        raise ConfigError(f"--extra {folder}: pseudo-labelled with --old {made}, but this run trains with --old {old}; "
-                          f"train with --old {made} or pseudo-label with a model trained at --old {old}")
-
