@@ -10,7 +10,6 @@ mean with a band of ± one std),
 """
 from __future__ import annotations
 
-import csv
 import html
 import json
 from dataclasses import dataclass
@@ -143,25 +142,17 @@ def compare(paths: list[Path], out: Path) -> tuple[list[RunScores], list[str], P
                         + [f"{r.mean[k]:.6f}" for k in SCORES]
                         + [f"{r.std[k]:.6f}" if r.std else "" for k in SCORES]
                         + [f"{r.oof_f1:.6f}" if r.oof_f1 is not None else ""] for r in runs]
-    _write_csv(out / "compare.csv", lines)
+    rundir.write_csv(out / "compare.csv", lines[0], lines[1:])
     _curves(out, runs)
     _task_bars(out, runs)
     index = _index(out, runs, keys)
     return runs, keys, index
 
 
-def _write_csv(path: Path, rows) -> None:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _curves(out: Path, runs: list[RunScores]) -> None:
-    _write_csv(out / "curves.csv", [["run", "epoch", "val_f1", "val_f1_std"]]
-               + [[r.name, e, f"{v:.6f}", f"{r.band[i]:.6f}" if r.band is not None else ""]
-                  for r in runs for i, (e, v) in enumerate(r.curve)])
+    rundir.write_csv(out / "curves.csv", ["run", "epoch", "val_f1", "val_f1_std"],
+                     [[r.name, e, f"{v:.6f}", f"{r.band[i]:.6f}" if r.band is not None else ""]
+                      for r in runs for i, (e, v) in enumerate(r.curve)])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     styles = ["-", "--", "-.", ":"]
@@ -185,8 +176,8 @@ def _curves(out: Path, runs: list[RunScores]) -> None:
 
 def _task_bars(out: Path, runs: list[RunScores]) -> None:
     tasks = [("val_f1", "18 classes"), ("val_mask_f1", "mask"), ("val_gender_f1", "gender"), ("val_age_f1", "age")]
-    _write_csv(out / "task_f1.csv", [["run", "task", "f1_mean", "f1_std"]]
-               + [[r.name, t, f"{r.mean[k]:.6f}", f"{r.std[k]:.6f}" if r.std else ""] for r in runs for k, t in tasks])
+    rundir.write_csv(out / "task_f1.csv", ["run", "task", "f1_mean", "f1_std"],
+                     [[r.name, t, f"{r.mean[k]:.6f}", f"{r.std[k]:.6f}" if r.std else ""] for r in runs for k, t in tasks])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     width = 0.8 / len(runs)
