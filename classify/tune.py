@@ -41,6 +41,7 @@ from .config import TrainConfig, check_types
 from .errors import ConfigError
 
 HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose process stopped beating for GRACE_S is failed (another machine)
+CREATE_TRIES = 5  # opening a fresh shared database: tries when another machine creates its tables at once
 STUDY_NAME = "maskcls"
 KINDS = ("float", "int", "categorical")
 
@@ -155,11 +156,26 @@ def open_study(out: Path, storage: str | None, seed: int, startup: int, warmup: 
     """The study (created, or joined when it exists) with its TPE sampler and MedianPruner."""
     optuna = _optuna()
     Path(out).mkdir(parents=True, exist_ok=True)
+    url = storage_url(out, storage)
+    # Creating the tables and the study is not atomic in Optuna: two processes that start together on a
+    # fresh database both run CREATE TABLE ("table ... already exists", "UNIQUE constraint failed:
+    # alembic_version"). Processes of one machine take turns (the folder lock); processes of other machines
+    # (a shared server database) retry, and the retry finds the tables the winner made.
+    with _lock(out):
+        for attempt in range(CREATE_TRIES):
+            try:
+                return _open(optuna, url, seed, startup, warmup)
+            except Exception as e:  # sqlalchemy's OperationalError / IntegrityError, whose module is optional
+                if attempt == CREATE_TRIES - 1 or type(e).__module__.split(".")[0] not in ("sqlalchemy", "sqlite3"):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+
+def _open(optuna, url: str, seed: int, startup: int, warmup: int):
     import warnings
 
     with warnings.catch_warnings():  # heartbeats are "experimental since v2.9": stable, and what we need
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        url = storage_url(out, storage)
         # SQLite lets one writer at a time: wait up to a minute for the lock (sqlite3's default is 5 s, which
         # a busy machine with two tune processes exceeds: "database is locked").
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None

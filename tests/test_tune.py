@@ -40,6 +40,37 @@ def crops(tmp_path_factory):
     return make_crops(tmp_path_factory.mktemp("crops"), people=12)
 
 
+@pytest.mark.parametrize("shared_folder", [True, False], ids=["one-folder", "one-database-many-folders"])
+def test_tunes_that_start_together_on_a_fresh_database_all_open_the_study(tmp_path, shared_folder):
+    """Optuna's table and study creation is not atomic: tunes started at once on a fresh database raced to
+    CREATE TABLE ("table ... already exists", "UNIQUE constraint failed: alembic_version"), which failed
+    CI's two-process test. One folder (this machine) and one database from many folders (as from other
+    machines) must both work. Threads stand in for processes: each opens its own connections and file lock."""
+    import threading
+
+    from classify.tune import open_study
+
+    for round_ in range(4):
+        db = tmp_path / f"r{round_}" / "shared.db"
+        db.parent.mkdir()
+        errors, go = [], threading.Barrier(8)
+
+        def open_one(k):
+            go.wait()
+            try:
+                open_study(db.parent / ("s" if shared_folder else f"s{k}"), None if shared_folder else f"sqlite:///{db}",
+                           0, 5, 1)
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+
+        threads = [threading.Thread(target=open_one, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+
+
 def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_path):
     (tmp_path / "space.toml").write_text(SPACE)
     cmd = _tune(crops, tmp_path / "s", "--trials", 5, "--space", tmp_path / "space.toml")
