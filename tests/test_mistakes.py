@@ -179,7 +179,7 @@ def test_an_unwritable_out_is_one_line_naming_the_file_not_its_temporary_name(wo
 
 
 def test_an_unwritable_file_is_named_as_the_user_knows_it_not_by_its_temporary_name():
-    import cli
+    from cli_commands import common as cli
 
     assert cli._user_path("/ro/out/.manifest.csv.ab12_cd.tmp") == "/ro/out/manifest.csv"
     assert cli._user_path("/ro/out/best.pt") == "/ro/out/best.pt"

@@ -41,7 +41,7 @@ def test_paths_and_library_text_are_printed_as_they_are_never_as_markup(tmp_path
         res = _cli("crop", folder, "--out", tmp_path / "c")
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-1500:]
         assert str(folder) in " ".join(res.stderr.split()), res.stderr
-    import cli
+    from cli_commands import common as cli
 
     out = []
     cli.console.print = lambda text, **k: out.append(text)  # what rich would be asked to render

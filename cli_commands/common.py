@@ -1,0 +1,103 @@
+"""What every maskcls command shares: the console, the one-line error, warnings, the progress bar and
+the options that predict, evaluate and pseudo-label declare alike."""
+from __future__ import annotations
+
+import errno
+import functools
+import re
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
+                           "--tta alone is not valid: give a number.")
+CROP_CACHE = typer.Option(None, help="Where raw photos are cropped (default: ~/.cache/maskcls/crops/<photos + crop settings>).")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
+BATCH = typer.Option(64, help="Images per forward pass.")
+WORKERS = typer.Option(2, help="DataLoader worker processes.")
+VOTE = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes).")
+CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
+                         help="Apply each checkpoint's fitted temperature to its probabilities.")
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def user_errors(fn):
+    """Turn the project's own errors (a user's mistake, not a bug) and the file system's refusals
+    (no space, read-only, no permission, no such file) into one line and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from classify.errors import USER_ERRORS
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: `maskcls {fn.__name__.replace('_runs', '').replace('_', '-')}` stopped. What it had written is whole "
+                          "(files are written under temporary names and renamed); rerun the same command to continue "
+                          "(crop resumes from its journal; train: add --resume)", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        except USER_ERRORS as e:
+            if isinstance(e, OSError) and e.filename:  # name the file the user knows, not a temporary one
+                e = f"{_user_path(e.filename)}: {e.strerror or e}"
+            line = f"{e}"
+        except OSError as e:
+            where = f" {_user_path(e.filename)}" if e.filename else ""
+            if e.errno in WRITE_ERRNOS:
+                line = (f"cannot write{where}: {e.strerror or e}. Files written before (manifest, checkpoints) are "
+                        "left as they were.")
+            elif e.errno in ACCESS_ERRNOS:
+                line = (f"cannot write or read{where}: {e.strerror or e} (check the folder's permissions). Files "
+                        "written before (manifest, checkpoints) are left as they were.")
+            else:
+                raise
+        console.print(f"[bold red]error:[/] {escape(str(line))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    return wrapper
+
+
+def _user_path(filename) -> str:
+    """The file a user asked for, not the temporary name it is written under ('.manifest.csv.x1y2.tmp')."""
+    p = Path(str(filename))
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", p.name)
+    return str(p.parent / m[1]) if m else str(p)
+
+
+def warning(message: str) -> None:
+    """One warning line; the message (paths, library text) is printed as it is, never read as markup."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+class LazyProgress:
+    """A rich progress bar that appears on the first update, so a command that fails before any
+    work prints only its error. `update(done, total)` shows photos/s and the ETA."""
+
+    def __init__(self, what: str, unit: str = "photos"):
+        self.what, self.unit, self.bar, self.task, self.t0 = what, unit, None, None, time.perf_counter()
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn(f"[bold]{self.what}"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                console=console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=total, rate="")
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f} {self.unit}/s")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def models_line(models: list[str]) -> str:
+    return f"{len(models)} model(s): " + escape(", ".join(models))
