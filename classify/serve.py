@@ -7,7 +7,7 @@
 - `GET /health`, and `GET /`: a page to drop or choose photos (or take one with the webcam) that shows
   the photo with the face box, the crop, and bars per task. It loads nothing from the internet.
 
-The same cropping as `predict` (the model's detector settings and face prior, `crop.crop_lone_photos`),
+The same cropping as `predict` (the model's detector settings and face prior, `faces.crop_lone_photos`),
 the same eval transform and model (`OnnxModel`): a served answer equals `maskcls predict`'s for the
 same photo. Requests are batched: photos that arrive within `wait_ms` of each other go through one
 detector call and one model call, off the event loop. Uploads are read into memory (at most
@@ -63,7 +63,7 @@ class Engine:
         self.names = L.class_names(model.old)
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
-        from preprocess.crop import crop_lone_photos
+        from preprocess.faces import crop_lone_photos
 
         cropped = crop_lone_photos(images, self.config, self.detector, self.prior)
         probs = self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped]))

@@ -3,7 +3,7 @@
 For every photo (see `layouts.discover` for what is read), in order:
 
 1. decode (EXIF-upright RGB) in worker threads, overlapping detection;
-2. detect every face with the fast settings; choose the subject among them (`subject.py`): within a
+2. detect every face with the fast settings; choose the subject among them (`faces.py`, `subject.py`): within a
    person, the face in the place the person's other photos agree on; for a lone photo, the face the
    prior finds likeliest. A photo whose subject was not found gets a second pass with relaxed
    thresholds and a finer pyramid (`relaxed`); then the person's box, scaled to this photo
@@ -49,7 +49,8 @@ from .journal import compact as compact_journal
 from .layouts import LayoutError, Photo, discover
 from .manifest import STATUSES, pack_crops, read_meta, write_manifest
 from .runtime import OptionError, check_device
-from .subject import DEFAULT_PRIOR, Candidate, Choice, Prior, choose_for_person, choose_lone, iou
+from .faces import choose_unit, detect_and_choose
+from .subject import DEFAULT_PRIOR, Choice, Prior
 
 CROP_VERSION = 2  # bump when the crop geometry, encoding or journal changes: it invalidates every cache
 MIN_PRIOR_PHOTOS = 10  # chosen faces needed to learn a folder's face prior
@@ -172,7 +173,7 @@ def _plan(raw: Path, out: Path, units, paths, key: str, params: dict, prior: Pri
         dets = [h["det"] if h and h["fp"] == fp else None for h, fp in zip(hits, fps)]
         boxes = [h["crop_box"] if h and h["fp"] == fp and h["crop"] == params else None for h, fp in zip(hits, fps)]
         if all(d is not None for d in dets):
-            choices = _choose(u, dets, prior)
+            choices = choose_unit(u, dets, prior)
             if _current(out, paths, u, dets, boxes, choices):
                 plan.done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
                 plan.chosen[tuple(p.source for p in u)] = choices
@@ -208,7 +209,7 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
     for u in units:
         k = tuple(p.source for p in u)
         if k in done:  # a unit another rank (torchrun) cropped was not chosen in this process yet
-            choices = chosen[k] if k in chosen else _choose(u, done[k]["det"], prior)
+            choices = chosen[k] if k in chosen else choose_unit(u, done[k]["det"], prior)
             rows_of.update(zip(k, _rows(u, done[k]["det"], choices, paths, config)))
     if rank != 0:
         return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of], {},
@@ -342,7 +343,7 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, 
         for d, digest in zip(ud, udig):
             if digest and "error" not in d:
                 d["sha256"] = digest
-    chosen = _detect_and_choose(chunk, images, dets, detector, prior)
+    chosen = detect_and_choose(chunk, images, dets, detector, prior)
     recs, writes = [], []
     for ui, (unit, _, _) in enumerate(chunk):
         choices = chosen[ui]
@@ -350,73 +351,6 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, 
             writes.append(pool.submit(_write_crop, out, paths[p.source], config, img, c))
         recs.append({"det": dets[ui], "crop_boxes": [None if c is None else [float(v) for v in c.box] for c in choices]})
     return recs, writes, chosen
-
-
-def _detect_and_choose(chunk, images, dets, detector: FaceDetector, prior: Prior) -> list[list[Choice | None]]:
-    """Detect the photos without a cached detection, choose each unit's subject, and run the relaxed
-    pass where the subject was not found; per unit, its photos' choices."""
-    fresh = [(ui, pi) for ui, (_, _, cached) in enumerate(chunk) for pi, im in enumerate(images[ui])
-             if cached[pi] is None and isinstance(im, np.ndarray)]
-    _add_faces(detector, images, dets, fresh, relaxed=False)
-    # The relaxed pass, for photos whose subject the fast pass did not find (a fallback box).
-    chosen = [_choose(unit, dets[ui], prior) for ui, (unit, _, _) in enumerate(chunk)]
-    again = [(ui, pi) for ui, choices in enumerate(chosen) for pi, c in enumerate(choices)
-             if c is not None and c.index is None and not dets[ui][pi]["relaxed"]]
-    _add_faces(detector, images, dets, again, relaxed=True)
-    for ui in {ui for ui, _ in again}:  # the units whose candidates the relaxed pass changed
-        chosen[ui] = _choose(chunk[ui][0], dets[ui], prior)
-    return chosen
-
-
-def crop_lone_photos(images: list[np.ndarray], config: CropConfig, detector: FaceDetector,
-                     prior: Prior) -> list[tuple[np.ndarray, Choice, dict]]:
-    """Lone photos (as the eval set's) cropped in memory exactly as `crop_dataset` crops them into a
-    folder: the same detection passes, face choice, geometry, and JPEG encoding (decoded back), so a
-    model sees the pixels `predict` gives it. Per photo: (RGB crop, choice, detection)."""
-    from .imageio import decode_jpeg
-
-    chunk = [([None], None, [None]) for _ in images]
-    units = [[im] for im in images]
-    dets = [[{"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False}] for im in images]
-    chosen = _detect_and_choose(chunk, units, dets, detector, prior)
-    out = []
-    for im, (c,), (d,) in zip(images, chosen, dets):
-        crop = crop_square(im, *square_around(c.box, config.margin), config.size)
-        out.append((decode_jpeg(encode_jpeg(crop)), c, d))
-    return out
-
-
-def _add_faces(detector: FaceDetector, images, dets, where: list[tuple[int, int]], relaxed: bool) -> None:
-    """Run one detector pass on the photos `where` (unit, photo) and add what it finds to their candidates."""
-    if not where:
-        return
-    for (ui, pi), faces in zip(where, detector.detect([images[ui][pi] for ui, pi in where], relaxed=relaxed)):
-        d = dets[ui][pi]
-        known = [c[:4] for c in d["cands"]]
-        for f in faces:
-            if relaxed and any(iou(f.box, b) > 0.7 for b in known):
-                continue  # the fast pass found this face already
-            d["cands"].append([*map(float, f.box), float(f.score), "relaxed" if relaxed else "ok",
-                               [float(v) for xy in f.landmarks for v in xy] if f.landmarks else None])
-        d["relaxed"] = d["relaxed"] or relaxed
-
-
-def _candidates(d: dict) -> list[Candidate]:
-    return [(tuple(c[:4]), c[4], c[5], c[6]) for c in d["cands"]]
-
-
-def _choose(unit: list[Photo], dets: list[dict], prior: Prior) -> list[Choice | None]:
-    """The subject's box in each photo of a unit (None for a photo without pixels)."""
-    have = [k for k, d in enumerate(dets) if "error" not in d]
-    photos = [(_candidates(dets[k]), dets[k]["w"], dets[k]["h"]) for k in have]
-    if len(unit) > 1:
-        picked = choose_for_person(photos, prior)
-    else:
-        picked = [choose_lone(*ph, prior) for ph in photos]
-    out: list[Choice | None] = [None] * len(dets)
-    for k, c in zip(have, picked):
-        out[k] = c
-    return out
 
 
 def _current(out: Path, paths, unit: list[Photo], dets: list[dict], crop_boxes: list, choices: list) -> bool:
