@@ -17,47 +17,29 @@ heartbeat after `GRACE_S` on another machine, and its budget goes to a new trial
 
 At the end (of every process): `best.toml` (the best trial's whole configuration, for
 `maskcls train --config`), `trials.csv`, `compare/` (the best five trials side by side), Optuna's
-history and parameter-importance figures, and `index.html`.
+history and parameter-importance figures, and `index.html` (`tune_results.py`). The search space:
+`tune_space.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import json
 import math
 import os
 import socket
 import time
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from preprocess.imageio import atomic_write_bytes
-
 from . import rundir
-from .config import TrainConfig, check_types
+from .config import TrainConfig
 from .errors import ConfigError
+from .tune_results import TuneResult, write_results
+from .tune_space import Param, load_space
 
 HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose process stopped beating for GRACE_S is failed (another machine)
 CREATE_TRIES = 5  # opening a fresh shared database: tries when another machine creates its tables at once
 STUDY_NAME = "maskcls"
-KINDS = ("float", "int", "categorical")
-
-# The default search space (README "Tune the recipe"): name → spec.
-DEFAULT_SPACE = {
-    "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
-    "backbone_lr": {"type": "float", "low": 0.03, "high": 1.0, "log": True},
-    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    "loss": {"type": "categorical", "choices": ["wce", "ce", "focal", "smooth"]},
-    "preset": {"type": "categorical", "choices": ["base", "strong"]},
-    "mix": {"type": "categorical", "choices": ["none", "cutmix", "mixup", "vcutmix"]},
-    "ema": {"type": "categorical", "choices": [0.0, 0.99, 0.999]},
-    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
-    "img_size": {"type": "categorical", "choices": [224, 256, 288]},
-    "old": {"type": "categorical", "choices": [58, 59, 60]},
-}
 
 
 def _optuna():
@@ -68,85 +50,7 @@ def _optuna():
     return optuna
 
 
-# -- the search space ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: str                 # float | int | categorical
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple = ()
-
-    def suggest(self, trial):
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
-
-
-def load_space(path: Path | None, fixed: dict) -> list[Param]:
-    """The search space (the default, or a TOML file of `[name]` tables with `type` float|int|categorical
-    and `low`/`high` (`log`) or `choices`), every parameter checked against TrainConfig before any trial:
-    an unknown name, an empty or inverted range, or a value the option refuses is one error."""
-    where = f"--space {path}" if path else "the default search space"
-    if path is None:
-        spec = DEFAULT_SPACE
-    else:
-        try:
-            spec = tomllib.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"--space {path}: {e}") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"crops", "out"}
-    params = []
-    for name, s in spec.items():
-        if name not in known:
-            raise ConfigError(f"{where}: {name!r} is not a train option (known: {', '.join(sorted(known))})")
-        if not isinstance(s, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table with type and low/high or choices")
-        params.append(_param(name, s, where))
-    for p in params:  # every value the search may take must be one train accepts
-        for v in (p.choices if p.kind == "categorical" else (p.low, p.high)):
-            value = int(v) if p.kind == "int" else v
-            try:
-                TrainConfig(**(fixed | {p.name: value})).check()
-            except (ConfigError, TypeError) as e:
-                raise ConfigError(f"{where}: {p.name} = {value!r} cannot train: {e}") from None
-    return params
-
-
-def _param(name: str, s: dict, where: str) -> Param:
-    kind = s.get("type", "categorical" if "choices" in s else "float")
-    extra = sorted(set(s) - {"type", "low", "high", "log", "choices"})
-    if kind not in KINDS or extra:
-        raise ConfigError(f"{where}: [{name}] type {kind!r} / keys {extra}: use type = float | int | categorical "
-                          "with low, high (log) or choices")
-    if kind == "categorical":
-        choices = s.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: [{name}] needs a non-empty list of choices")
-        check_types({name: choices[0]}, f"{where}: [{name}] ")
-        return Param(name, kind, choices=tuple(choices))
-    low, high, log = s.get("low"), s.get("high"), bool(s.get("log", False))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
-        raise ConfigError(f"{where}: [{name}] needs numbers low < high, got low = {low!r}, high = {high!r}")
-    if log and low <= 0:
-        raise ConfigError(f"{where}: [{name}] log = true needs low > 0, got {low}")
-    return Param(name, kind, float(low), float(high), log)
-
-
 # -- the study ------------------------------------------------------------------------------------------------
-
-@dataclass
-class TuneResult:
-    study: object
-    out: Path
-    best: dict | None         # {"number", "value", "params", "run"} of the best complete trial
-    finished: int
-    mine: int                 # trials this process ran
-
 
 def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(Path(out) / 'study.db').resolve()}"
@@ -351,113 +255,3 @@ def _run_trial(trial, params: list[Param], base: dict, out: Path, warn) -> dict:
     return record | {"state": "COMPLETE", "value": float(value)}
 
 
-# -- results -------------------------------------------------------------------------------------------------
-
-def write_results(study, out: Path, mine: int) -> TuneResult:
-    """best.toml, trials.csv, the best five trials compared, Optuna's figures, index.html."""
-    optuna = _optuna()
-    S = optuna.trial.TrialState
-    trials = study.get_trials(deepcopy=False)
-    complete = sorted((t for t in trials if t.state == S.COMPLETE), key=lambda t: -t.value)
-    names = sorted({k for t in trials for k in t.params})
-    rundir.write_csv(out / "trials.csv", ["number", "state", "value", *names, "seconds", "run", "note"],
-                     [[t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
-                       *[t.params.get(k, "") for k in names],
-                       f"{t.duration.total_seconds():.1f}" if t.duration else "", t.user_attrs.get("run", ""),
-                       t.user_attrs.get("stopped", "")] for t in sorted(trials, key=lambda t: t.number)])
-    best = None
-    if complete:
-        b = complete[0]
-        best = {"number": b.number, "value": b.value, "params": b.params, "run": b.user_attrs.get("run")}
-        _write_best_toml(out / "best.toml", Path(b.user_attrs["run"]))
-    figures = _figures(study, out)
-    compared = _compare_best(out, [Path(t.user_attrs["run"]) for t in complete[:5]])
-    _index(out, study, trials, best, figures, compared)
-    finished = sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
-    return TuneResult(study, out, best, finished, mine)
-
-
-def _write_best_toml(path: Path, run: Path) -> None:
-    """The best trial's whole configuration as `maskcls train --config` reads it (crops included; give
-    --out on the command line)."""
-    config = rundir.read_config(run)
-    keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
-    lines = [f"# maskcls tune: the best trial ({run.name}); train it with `maskcls train --config {path.name} --out RUN`",
-             "[train]"]
-    for k in sorted(keep & set(config)):
-        v = config[k]
-        if v is not None:
-            lines.append(f"{k} = {_toml(v)}")
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
-def _figures(study, out: Path) -> list[tuple[str, str]]:
-    """Optuna's own history and importance figures (matplotlib), where the study has enough for them."""
-    import warnings
-
-    from optuna.visualization import matplotlib as vm
-
-    from .plots import pyplot
-
-    pyplot()  # the Agg backend, set once for the process
-    made = []
-    for name, fn, caption in (("history.png", vm.plot_optimization_history, "Objective per trial and the best so far."),
-                              ("importance.png", vm.plot_param_importances, "How much each parameter mattered "
-                                                                           "(fANOVA over the complete trials).")):
-        try:
-            with warnings.catch_warnings():  # Optuna calls its matplotlib figures experimental
-                warnings.filterwarnings("ignore", category=_optuna().exceptions.ExperimentalWarning)
-                ax = fn(study)
-        except (ValueError, RuntimeError) as e:  # too few complete trials for importances, say
-            made.append((None, f"{name}: not drawn ({str(e).splitlines()[0][:120]})"))
-            continue
-        fig = ax.figure if hasattr(ax, "figure") else ax
-        fig.set_size_inches(9, 4.5)
-        fig.tight_layout()
-        from .plots import save_figure
-
-        save_figure(fig, out / name)
-        made.append((name, caption))
-    return made
-
-
-def _compare_best(out: Path, runs: list[Path]) -> bool:
-    if len(runs) < 2:
-        return False
-    from .compare import compare
-
-    compare(runs, out / "compare")
-    return True
-
-
-def _index(out: Path, study, trials, best, figures, compared: bool) -> None:
-    import html
-
-    rows = "".join(f"<tr><td>{t.number}</td><td>{t.state.name}</td><td>{'' if t.value is None else f'{t.value:.4f}'}</td>"
-                   f"<td>{html.escape(', '.join(f'{k} {v}' for k, v in t.params.items()))}</td></tr>"
-                   for t in sorted(trials, key=lambda t: t.number))
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>maskcls tune</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}td,th{border:1px solid #ccc;"
-             "padding:.3em .6em}table{border-collapse:collapse}img{max-width:100%}</style></head><body>",
-             f"<h1>maskcls tune</h1><p>{len(trials)} trials in the study; objective: validation macro F1 "
-             "(k-fold: out-of-fold F1). Numbers: <a href='trials.csv'>trials.csv</a>.</p>"]
-    if best:
-        parts.append(f"<p>Best: trial {best['number']}, F1 {best['value']:.4f}, <a href='best.toml'>best.toml</a> "
-                     f"(<code>maskcls train --config best.toml --out RUN</code>).</p>")
-    if compared:
-        parts.append("<p>The best five trials side by side: <a href='compare/index.html'>compare/index.html</a>.</p>")
-    for name, caption in figures:
-        parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}"
-                     "</figcaption></figure>" if name else f"<p>{html.escape(caption)}</p>")
-    parts.append(f"<table><tr><th>trial</th><th>state</th><th>F1</th><th>parameters</th></tr>{rows}</table></body></html>")
-    atomic_write_bytes(out / "index.html", "".join(parts).encode())
