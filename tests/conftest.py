@@ -163,3 +163,33 @@ def copy_tree():
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """`cli_run(*args, cwd=REPO, timeout=600)` runs `python cli.py ARGS` as its own process, forked from a
+    zygote that has imported maskcls's libraries once (tests/cli_zygote.py); returns a CompletedProcess
+    with returncode, stdout and stderr as `subprocess.run(..., capture_output=True, text=True)` gives."""
+    import json
+    import subprocess
+    import sys
+
+    zygote = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    folder = tmp_path_factory.mktemp("cli_run")
+
+    def run(*args, cwd=REPO, timeout=600):
+        argv = [str(a) for a in args]
+        out, err = folder / "stdout", folder / "stderr"
+        zygote.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                                       "timeout": timeout}) + "\n")
+        zygote.stdin.flush()
+        answer = zygote.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the cli zygote ended (exit {zygote.wait()}); run `python tests/cli_zygote.py` to see why")
+        return subprocess.CompletedProcess([sys.executable, str(REPO / "cli.py"), *argv], json.loads(answer)["rc"],
+                                           out.read_text(), err.read_text())
+
+    yield run
+    zygote.stdin.close()
+    zygote.wait(timeout=60)

@@ -3,8 +3,6 @@ predict and evaluate, the review list, and Grad-CAM maps per task."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from classify.config import TrainConfig
 from classify.metrics import scores
 from classify.predict import predict
 from classify.train import fit
-from tests.conftest import REPO, SAMPLES, make_crops
+from tests.conftest import SAMPLES, make_crops
 
 FAST = dict(img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu", preset="none", val_ratio=0.25)
 
@@ -119,14 +117,12 @@ def test_gradcam_maps_have_the_crops_shape_vary_and_differ_per_task(run):
 
 
 @pytest.mark.slow
-def test_explain_draws_each_photos_task_maps(sample_crops, tmp_path):
+def test_explain_draws_each_photos_task_maps(sample_crops, tmp_path, cli_run):
     pytest.importorskip("pytorch_grad_cam")
     fit(TrainConfig(crops=str(sample_crops), out=str(tmp_path / "r"), model="resnet18", epochs=1, **FAST),
         warn=lambda m: None)
     photos = sorted((SAMPLES / "eval" / "images").iterdir())[:2]
-    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "explain", str(tmp_path / "r"), *map(str, photos),
-                          "--out", str(tmp_path / "ex"), "--device", "cpu"], capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
+    res = cli_run("explain", tmp_path / "r", *photos, "--out", tmp_path / "ex", "--device", "cpu", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     with open(tmp_path / "ex" / "gradcam.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -1,16 +1,14 @@
 """The command line: the whole pipeline on data_samples, and one-line errors for a user's mistakes."""
 import csv
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, SAMPLES
+from tests.conftest import SAMPLES
 
 
-def run(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+@pytest.fixture
+def run(cli_run):
+    return cli_run
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -26,7 +24,7 @@ def run(*args, cwd=REPO):
     (["train", SAMPLES / "train", "--out", "/tmp/x", "--model", "resnet999"], "unknown model 'resnet999'"),
     (["train", SAMPLES / "train", "--out", "/tmp/x", "--model", "attention", "--backbone", "vgg0"], "unknown backbone 'vgg0'"),
 ])
-def test_user_mistakes_are_one_line_and_exit_1(args, needle):
+def test_user_mistakes_are_one_line_and_exit_1(run, args, needle):
     res = run(*args)
     assert res.returncode == 1
     assert needle in res.stderr and "Traceback" not in res.stderr
@@ -34,7 +32,7 @@ def test_user_mistakes_are_one_line_and_exit_1(args, needle):
 
 
 @pytest.mark.slow
-def test_crop_train_predict_on_data_samples(tmp_path):
+def test_crop_train_predict_on_data_samples(run, tmp_path):
     crops, eval_crops, runs = tmp_path / "c", tmp_path / "e", tmp_path / "r"
     res = run("crop", SAMPLES / "train", "--out", crops)
     assert res.returncode == 0, res.stderr
@@ -62,7 +60,7 @@ def synthetic_crops(tmp_path):
     return make_crops(tmp_path / "crops", people=12)
 
 
-def test_weights_file_and_existing_run_mistakes_are_one_line(synthetic_crops, tmp_path):
+def test_weights_file_and_existing_run_mistakes_are_one_line(run, synthetic_crops, tmp_path):
     (tmp_path / "w.json").write_text('{"a": 1}')
     res = run("train", synthetic_crops, "--out", tmp_path / "r", "--weights", tmp_path / "w.json", "--workers", "0",
               "--img-size", "32")
@@ -79,7 +77,7 @@ def test_weights_file_and_existing_run_mistakes_are_one_line(synthetic_crops, tm
     assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
 
-def test_kfold_in_one_command_then_predict_the_run_folder(synthetic_crops, tmp_path):
+def test_kfold_in_one_command_then_predict_the_run_folder(run, synthetic_crops, tmp_path):
     res = run("train", synthetic_crops, "--out", tmp_path / "kf", "--folds", "2", "--fold", "all", "--epochs", "1",
               "--workers", "0", "--img-size", "32", "--weights", "none")
     assert res.returncode == 0, res.stderr

@@ -24,21 +24,20 @@ pytestmark = pytest.mark.slow
 FAST = dict(img_size=32, batch_size=32, workers=0, weights="none", device="cpu", preset="none", val_ratio=0.25)
 
 
-def _export(run, out, *args):
-    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "export", str(run), "--out", str(out), *map(str, args)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+def _export(cli_run, run, out, *args):
+    res = cli_run("export", run, "--out", out, *args)
     assert res.returncode == 0, res.stderr[-2000:]
     return res
 
 
 @pytest.mark.parametrize("model", ["resnet18", "attention", "kfold"])
-def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model):
+def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model, cli_run):
     from classify.deploy import predict_onnx
 
     crops = make_crops(tmp_path / "c", people=12)
     kw = dict(folds=2, fold="all", model="resnet18") if model == "kfold" else dict(model=model)
     fit(TrainConfig(crops=str(crops), out=str(tmp_path / "r"), epochs=1, **FAST, **kw), warn=lambda m: None)
-    res = _export(tmp_path / "r", tmp_path / "m.onnx")
+    res = _export(cli_run, tmp_path / "r", tmp_path / "m.onnx")
     assert "max probability difference" in res.stderr
     want = predict([tmp_path / "r"], crops, None, device="cpu", workers=0)
     got = predict_onnx(tmp_path / "m.onnx", crops)
@@ -50,7 +49,7 @@ def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model)
     assert len(meta["classes"]) == 18 and all(len(c["sha256"]) == 64 for c in meta["checkpoints"])
 
 
-def test_a_foreign_or_damaged_onnx_file_is_one_error_line(tmp_path):
+def test_a_foreign_or_damaged_onnx_file_is_one_error_line(tmp_path, cli_run):
     import onnx
     from onnx import TensorProto, helper
 
@@ -60,18 +59,17 @@ def test_a_foreign_or_damaged_onnx_file_is_one_error_line(tmp_path):
     onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 20)
     for name, words in (("other.onnx", "not one `maskcls export` wrote"), ("bad.onnx", "not an ONNX model onnxruntime can run")):
-        res = subprocess.run([sys.executable, str(REPO / "cli.py"), "predict", str(tmp_path / name), str(SAMPLES / "eval"),
-                              "--out", str(tmp_path / "s.csv")], capture_output=True, text=True, timeout=120, cwd=REPO)
+        res = cli_run("predict", tmp_path / name, SAMPLES / "eval", "--out", tmp_path / "s.csv", timeout=120)
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.returncode == 1 and len(lines) == 1 and words in " ".join(lines[0].split()), res.stderr
 
 
 @pytest.fixture(scope="module")
-def sample_model(sample_crops, tmp_path_factory):
+def sample_model(sample_crops, tmp_path_factory, cli_run):
     """A model trained on data_samples' real crops (real MTCNN settings and face prior), and its export."""
     base = tmp_path_factory.mktemp("deploy")
     fit(TrainConfig(crops=str(sample_crops), out=str(base / "r"), model="resnet18", epochs=1, **FAST), warn=lambda m: None)
-    _export(base / "r", base / "m.onnx")
+    _export(cli_run, base / "r", base / "m.onnx")
     want = predict([base / "r"], SAMPLES / "eval", base / "want.csv", device="cpu", workers=0, cache=base / "cache")
     return base, want
 

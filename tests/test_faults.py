@@ -65,7 +65,7 @@ def test_crop_killed_at_random_points_finishes_with_exactly_one_row_per_photo(tm
     assert packed.shape == (70, 48, 48, 3)
 
 
-def test_train_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
+def test_train_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, cli_run):
     crops = make_crops(tmp_path / "crops", people=24)
     helper = [sys.executable, str(REPO / "tests" / "helpers" / "train_run.py"), str(crops)]
     subprocess.run(helper + [str(tmp_path / "full"), "3"], check=True, timeout=300)
@@ -81,8 +81,7 @@ def test_train_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(run / "last.pt")["epoch"] < 2
-    res = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", str(crops), "--out", str(run), "--resume",
-                          "--workers", "0"], capture_output=True, text=True, timeout=300)
+    res = cli_run("train", crops, "--out", run, "--resume", "--workers", "0", timeout=300)
     assert res.returncode == 0, res.stderr
     strip = lambda p: [",".join(v for k, v in zip(rows[0].split(","), line.split(",")) if k != "seconds")
                        for rows in [p.read_text().splitlines()] for line in rows]

@@ -1,5 +1,6 @@
 """Every user mistake the README lists: one `error:` line on stderr, exit code 1, no traceback, and
-no file changed in any folder the command was pointed at. Each runs as a real process."""
+no file changed in any folder the command was pointed at. Each runs as a real process (forked from
+the zygote of tests/cli_zygote.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -136,11 +137,9 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("args,words", MISTAKES, ids=[m[0].split(" --")[0].replace("{w}/", "") + " " +
                                                       " ".join(m[0].split(" --")[2:])[:30] for m in MISTAKES])
-def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, args, words):
+def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, cli_run, args, words):
     before = _snapshot(world)
-    argv = args.format(w=world).split()
-    res = subprocess.run([sys.executable, str(REPO / "cli.py"), *argv], capture_output=True, text=True, timeout=300,
-                         cwd=REPO)
+    res = cli_run(*args.format(w=world).split(), timeout=300)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-2000:]

@@ -71,7 +71,7 @@ def test_tunes_that_start_together_on_a_fresh_database_all_open_the_study(tmp_pa
         assert not errors, errors
 
 
-def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_path):
+def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_path, cli_run):
     (tmp_path / "space.toml").write_text(SPACE)
     cmd = _tune(crops, tmp_path / "s", "--trials", 5, "--space", tmp_path / "space.toml")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
@@ -82,15 +82,14 @@ def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_pa
     assert len({t.user_attrs["pid"] for t in finished}) == 2  # both processes ran trials
     for t in finished:
         assert (tmp_path / "s" / f"trial-{t.number}" / "metrics.csv").is_file()
-    _reproduce_the_best_trial(tmp_path)
+    _reproduce_the_best_trial(tmp_path, cli_run)
 
 
-def _reproduce_the_best_trial(tmp_path):
+def _reproduce_the_best_trial(tmp_path, cli_run):
     """`maskcls train --config STUDY/best.toml` gives the best trial's validation F1 exactly (CPU runs are
     deterministic), and the study's pages are there."""
     best = _study(tmp_path / "s").best_trial
-    again = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--config", str(tmp_path / "s" / "best.toml"),
-                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    again = cli_run("train", "--config", tmp_path / "s" / "best.toml", "--out", tmp_path / "again")
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert summary["best"]["val_f1"] == best.value  # exactly
@@ -98,7 +97,7 @@ def _reproduce_the_best_trial(tmp_path):
         assert (tmp_path / "s" / name).is_file(), name
 
 
-def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(crops, tmp_path):
+def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(crops, tmp_path, cli_run):
     (tmp_path / "space.toml").write_text(SPACE)
     cmd = _tune(crops, tmp_path / "s", "--trials", 3, "--space", tmp_path / "space.toml")
     cmd[cmd.index("--epochs") + 1] = "4"
@@ -108,7 +107,7 @@ def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # mid-trial: trial 1 has trained an epoch of four
     proc.wait()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    res = cli_run(*cmd[2:])  # the same command line, forked from the zygote
     assert res.returncode == 0, res.stderr[-2000:]
     states = {int(r["number"]): r["state"] for r in _trials(tmp_path / "s")}
     assert states[1] == "FAIL" and sum(s == "COMPLETE" for s in states.values()) == 3
