@@ -185,38 +185,13 @@ def _train(raw: Path, images: Path) -> Discovery:
     owner: dict[str, list[str]] = {}
     hidden = 0
     for folder in folders:
-        m = PERSON_RE.match(folder.name)
-        gender = L.gender_of(m["gender"]) if m else None
-        age = int(m["age"]) if m and m["age"].isdigit() else None
-        parsed = m is not None and gender is not None and age is not None
-        if parsed:
-            owner.setdefault(m["id"], []).append(folder.name)
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        stems_seen = set()
-        for f in files:
-            if f.name.startswith("."):
-                hidden += 1  # macOS '._mask1.jpg' resource forks and the like
-                continue
-            stem, ext = f.stem, f.suffix.lower()
-            image_id = f"{folder.name}/{stem}"
-            src = prefix + f"{folder.name}/{f.name}"
-            mask = L.mask_of_file(stem)
-            if not parsed:
-                photos.append(Photo(image_id, src, mask=mask if mask is not None else L.UNKNOWN, status="bad_name",
-                                    reason=f"folder name {folder.name!r} is not <id>_<male|female>_<race>_<age>"))
-            elif ext not in IMAGE_EXTS or mask is None:
-                photos.append(Photo(image_id, src, person_id=m["id"], gender=gender, race=m["race"], age=age,
-                                    status="bad_name",
-                                    reason=f"file name {f.name!r} is not one of mask1..mask5, incorrect_mask, normal "
-                                           "with .jpg/.jpeg/.png"))
-            else:
-                stems_seen.add(stem)
-                photos.append(Photo(image_id, src, person_id=m["id"], gender=gender, race=m["race"], age=age,
-                                    mask=mask))
-        if parsed:
-            missing = [s for s in L.MASK_FILES if s not in stems_seen]
-            if missing:
-                warnings.append(f"{folder.name} lacks {', '.join(missing)}")
+        found, person_id, missing, skipped = _person_folder(folder, prefix)
+        photos += found
+        hidden += skipped
+        if person_id is not None:
+            owner.setdefault(person_id, []).append(folder.name)
+        if missing:
+            warnings.append(f"{folder.name} lacks {', '.join(missing)}")
     clash = {pid: names for pid, names in owner.items() if len(names) > 1}
     if clash:
         raise LayoutError("person id(s) used by more than one folder, so their photos could land in both train and "
@@ -230,15 +205,52 @@ def _train(raw: Path, images: Path) -> Discovery:
     order = {s: i for i, s in enumerate(L.MASK_FILES)}
     # Stable order: person folder name (as a string), then the canonical file order, unknown names last.
     photos.sort(key=lambda p: (p.image_id.split("/")[0], order.get(p.image_id.split("/")[1], 99), p.source))
-    d = Discovery("train", photos, warnings)
+    return Discovery("train", photos, warnings + _train_csv_warnings(raw, folders))
+
+
+def _person_folder(folder: Path, prefix: str) -> tuple[list[Photo], str | None, list[str], int]:
+    """One person folder's photos (a badly named folder or file gives `bad_name` rows, never a lost
+    photo): (photos, the person id if the folder name parses, the mask files it lacks, hidden files skipped)."""
+    m = PERSON_RE.match(folder.name)
+    gender = L.gender_of(m["gender"]) if m else None
+    age = int(m["age"]) if m and m["age"].isdigit() else None
+    parsed = m is not None and gender is not None and age is not None
+    photos: list[Photo] = []
+    stems_seen, hidden = set(), 0
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        if f.name.startswith("."):
+            hidden += 1  # macOS '._mask1.jpg' resource forks and the like
+            continue
+        stem, ext = f.stem, f.suffix.lower()
+        image_id = f"{folder.name}/{stem}"
+        src = prefix + f"{folder.name}/{f.name}"
+        mask = L.mask_of_file(stem)
+        if not parsed:
+            photos.append(Photo(image_id, src, mask=mask if mask is not None else L.UNKNOWN, status="bad_name",
+                                reason=f"folder name {folder.name!r} is not <id>_<male|female>_<race>_<age>"))
+        elif ext not in IMAGE_EXTS or mask is None:
+            photos.append(Photo(image_id, src, person_id=m["id"], gender=gender, race=m["race"], age=age,
+                                status="bad_name",
+                                reason=f"file name {f.name!r} is not one of mask1..mask5, incorrect_mask, normal "
+                                       "with .jpg/.jpeg/.png"))
+        else:
+            stems_seen.add(stem)
+            photos.append(Photo(image_id, src, person_id=m["id"], gender=gender, race=m["race"], age=age, mask=mask))
+    missing = [s for s in L.MASK_FILES if s not in stems_seen] if parsed else []
+    return photos, m["id"] if parsed else None, missing, hidden
+
+
+def _train_csv_warnings(raw: Path, folders: list[Path]) -> list[str]:
+    """Where RAW/train.csv and the person folders on disk disagree (the folders are cropped anyway)."""
     csv_path = raw / "train.csv"
-    if csv_path.is_file():
-        listed = {r.get("path", "") for r in _read_csv(csv_path)}
-        on_disk = {f.name for f in folders}
-        if listed - on_disk:
-            d.warnings.append(f"train.csv lists {len(listed - on_disk)} folder(s) not on disk: "
-                              + ", ".join(sorted(listed - on_disk)[:10]))
-        if on_disk - listed:
-            d.warnings.append(f"{len(on_disk - listed)} folder(s) are not in train.csv (cropped anyway): "
-                              + ", ".join(sorted(on_disk - listed)[:10]))
-    return d
+    if not csv_path.is_file():
+        return []
+    listed = {r.get("path", "") for r in _read_csv(csv_path)}
+    on_disk = {f.name for f in folders}
+    out = []
+    if listed - on_disk:
+        out.append(f"train.csv lists {len(listed - on_disk)} folder(s) not on disk: " + ", ".join(sorted(listed - on_disk)[:10]))
+    if on_disk - listed:
+        out.append(f"{len(on_disk - listed)} folder(s) are not in train.csv (cropped anyway): "
+                   + ", ".join(sorted(on_disk - listed)[:10]))
+    return out
