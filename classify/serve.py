@@ -65,7 +65,7 @@ class Engine:
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         from preprocess.faces import crop_lone_photos
 
-        cropped = crop_lone_photos(images, self.config, self.detector, self.prior)
+        cropped = crop_lone_photos(images, self.config.size, self.config.margin, self.detector, self.prior)
         probs = self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped]))
         out = []
         for (_, choice, det), p in zip(cropped, probs):

@@ -3,11 +3,10 @@ among the faces found (`subject.py`), and a relaxed pass where the subject was n
 
 A detection record per photo (what `crop.py` journals) is `{"w", "h", "cands": [[x1, y1, x2, y2, score,
 pass, landmarks], ...], "relaxed": whether the relaxed pass ran}`, or `{"error": why}` for a photo
-without pixels. `crop_lone_photos` runs the same passes on photos in memory (serve, predict's lone photos).
+without pixels. `crop_lone_photos` runs the same passes on photos in memory (what `maskcls serve`
+answers with).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,9 +14,6 @@ from .detector import FaceDetector
 from .geometry import crop_square, square_around
 from .imageio import decode_jpeg, encode_jpeg
 from .subject import Candidate, Choice, Prior, choose_for_person, choose_lone, iou
-
-if TYPE_CHECKING:
-    from .crop import CropConfig
 
 
 def detect_and_choose(chunk, images, dets, detector: FaceDetector, prior: Prior) -> list[list[Choice | None]]:
@@ -36,18 +32,19 @@ def detect_and_choose(chunk, images, dets, detector: FaceDetector, prior: Prior)
     return chosen
 
 
-def crop_lone_photos(images: list[np.ndarray], config: CropConfig, detector: FaceDetector,
+def crop_lone_photos(images: list[np.ndarray], size: int, margin: float, detector: FaceDetector,
                      prior: Prior) -> list[tuple[np.ndarray, Choice, dict]]:
     """Lone photos (as the eval set's) cropped in memory exactly as `crop_dataset` crops them into a
     folder: the same detection passes, face choice, geometry, and JPEG encoding (decoded back), so a
-    model sees the pixels `predict` gives it. Per photo: (RGB crop, choice, detection)."""
+    model sees the pixels `predict` gives it. `size`, `margin`: the crop settings (`CropConfig`'s).
+    Per photo: (RGB crop, choice, detection)."""
     chunk = [([None], None, [None]) for _ in images]
     units = [[im] for im in images]
     dets = [[{"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False}] for im in images]
     chosen = detect_and_choose(chunk, units, dets, detector, prior)
     out = []
     for im, (c,), (d,) in zip(images, chosen, dets):
-        crop = crop_square(im, *square_around(c.box, config.margin), config.size)
+        crop = crop_square(im, *square_around(c.box, margin), size)
         out.append((decode_jpeg(encode_jpeg(crop)), c, d))
     return out
 
