@@ -14,6 +14,7 @@ from .rundir import ModelSpec
 from .data import load_rows
 from .errors import ConfigError
 from .metrics import confusion, per_class_f1, scores
+from .onnx_model import is_onnx
 from .engine import check_infer_options
 from .calibration import apply_temperature, ece
 from .predict import check_ensemble, checkpoint_paths, combine, describe_models, model_probs
@@ -29,7 +30,7 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     `old` they were trained with: the score is the competition's."""
     check_infer_options(tta, batch_size, workers)
     check_device(device)
-    if any(str(c).lower().endswith(".onnx") for c in checkpoints):
+    if any(is_onnx(c) for c in checkpoints):
         return _evaluate_onnx(checkpoints, Path(crops), tta, batch_size, confusion_png)
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
@@ -72,6 +73,7 @@ def _evaluate_onnx(models: list[Path], crops: Path, tta: int, batch_size: int, c
     name = [f"{Path(models[0]).name} ({', '.join(model.meta.get('models', []))})"]
     if confusion_png:
         plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{crops.name}, {len(rows)} photos\n{name[0]}", blocks=6)
+    calibrated = ece(probs, y)  # the graph's output is already calibrated: before and after are the same
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(), "confusion": cm.tolist(),
-            "n": len(rows), "class_names": L.class_names(old), "models": name, "ece_before": ece(probs, y),
-            "ece_after": ece(probs, y), "temperatures": model.meta.get("temperatures", [1.0])}
+            "n": len(rows), "class_names": L.class_names(old), "models": name, "ece_before": calibrated,
+            "ece_after": calibrated, "temperatures": model.meta.get("temperatures", [1.0])}

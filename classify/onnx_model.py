@@ -25,6 +25,14 @@ def is_onnx(path) -> bool:
     return str(path).lower().endswith(".onnx")
 
 
+def the_one_onnx(paths: list) -> Path:
+    """The exported model among `paths`, refused with one line when it is not given alone (one graph
+    holds a whole ensemble: `maskcls export` several checkpoints into one)."""
+    if len(paths) != 1:
+        raise ConfigError("give one exported .onnx model (export several checkpoints into one graph)")
+    return Path(paths[0])
+
+
 class OnnxModel:
     def __init__(self, path: Path, check: bool = True, threads: int = 0):
         try:

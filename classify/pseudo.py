@@ -20,6 +20,7 @@ from preprocess import labels as L
 from preprocess.manifest import TRAINABLE, read_meta, write_manifest
 
 from .errors import ConfigError
+from .onnx_model import is_onnx, the_one_onnx
 from .predict import checkpoint_paths, predict
 
 
@@ -47,13 +48,11 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     out = Path(out)
     if (out / "manifest.csv").exists():
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
-    if any(str(c).lower().endswith(".onnx") for c in checkpoints):  # an exported model (its graph is calibrated)
+    if any(is_onnx(c) for c in checkpoints):  # an exported model (its graph is calibrated)
         from .deploy import predict_onnx
 
-        if len(checkpoints) != 1:
-            raise ConfigError("give one exported .onnx model (export several checkpoints into one graph)")
-        ckpt_paths = list(checkpoints)
-        pred = predict_onnx(checkpoints[0], source, None, tta, cache=cache, device=device, batch_size=batch_size,
+        ckpt_paths = [the_one_onnx(checkpoints)]
+        pred = predict_onnx(ckpt_paths[0], source, None, tta, cache=cache, device=device, batch_size=batch_size,
                             detector=detector, on_progress=on_progress)
     else:
         ckpt_paths = checkpoint_paths(checkpoints)

@@ -32,7 +32,7 @@ def predict(
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     from classify.errors import ConfigError
-    from classify.onnx_model import is_onnx
+    from classify.onnx_model import is_onnx, the_one_onnx
 
     if len(paths) < 2:
         raise ConfigError("give at least one checkpoint and then the folder to predict")
@@ -43,10 +43,8 @@ def predict(
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
-            if len(ckpts) > 1:
-                raise ConfigError("give one exported .onnx model (export several checkpoints into one graph)")
             from classify.deploy import predict_onnx
-            pred = predict_onnx(ckpts[0], source, out, tta=tta, probs_out=probs, cache=crops, device=device,
+            pred = predict_onnx(the_one_onnx(ckpts), source, out, tta=tta, probs_out=probs, cache=crops, device=device,
                                 batch_size=batch_size, on_progress=bar.update, review=review, below=below)
         else:
             from classify.predict import predict as run_predict

@@ -36,6 +36,8 @@ def world(tmp_path_factory):
     (w / "weights.json").write_text('{"conv1.weight": [1, 2]}')
     (w / "model.json").write_text('{"format": "maskcls-checkpoint"}')
     (w / "model.txt").write_text("101\n")
+    (w / "a.onnx").write_bytes(b"")  # two exported models where one graph is expected
+    (w / "b.onnx").write_bytes(b"")
     (w / "out").mkdir()
     (w / "bad.toml").write_text('epochs = "10"\n')
     (w / "fix.csv").write_text("image_id,field,value\n0000/mask1,mask,7\n")
@@ -127,6 +129,9 @@ MISTAKES = [
                                              "`maskcls crop {w}/raw/images --out CROPS`"),
     ("predict {w}/run {w}/evalraw/images --out {w}/out/s.csv", "holds the photos of an eval folder: give its parent "
                                                                "{w}/evalraw (it holds info.csv)"),
+    ("predict {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/s.csv", "give one exported .onnx model"),
+    ("pseudo-label {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/p", "give one exported .onnx model"),
+    ("evaluate {w}/a.onnx {w}/b.onnx {w}/crops", "an exported model is evaluated alone and with --tta 1"),
 ]
 
 
