@@ -34,12 +34,10 @@ def predict(
     from classify.errors import ConfigError
     from classify.onnx_model import is_onnx, the_one_onnx
 
-    if len(paths) < 2:
-        raise ConfigError("give at least one checkpoint and then the folder to predict")
+    ckpts, source = _models_then(paths, "the folder to predict")
     for name, path in (("--out", out), ("--probs", probs)):
         if path is not None and path.is_dir():
             raise ConfigError(f"{name} {path} is a folder: give a file name (e.g. {path / 'submission.csv'})")
-    *ckpts, source = paths
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
@@ -67,6 +65,15 @@ def predict(
                       highlight=False)
 
 
+def _models_then(paths: list[Path], what: str) -> tuple[list[Path], Path]:
+    """The checkpoints (run folders, or one .onnx) given first, and the folder they apply to, given last."""
+    from classify.errors import ConfigError
+
+    if len(paths) < 2:
+        raise ConfigError(f"give at least one checkpoint and then {what}")
+    return paths[:-1], paths[-1]
+
+
 @user_errors
 def pseudo_label(
     paths: list[Path] = typer.Argument(..., metavar="CKPT... RAW_OR_CROPS", help="Checkpoint(s) or run folders, then an "
@@ -82,13 +89,10 @@ def pseudo_label(
     calibrate: bool = CALIBRATE,
 ):
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
-    from classify.errors import ConfigError
     from classify.pseudo import pseudo_label as run
     from preprocess.labels import class_names
 
-    if len(paths) < 2:
-        raise ConfigError("give at least one checkpoint and then the folder to pseudo-label")
-    *ckpts, source = paths
+    ckpts, source = _models_then(paths, "the folder to pseudo-label")
     with LazyProgress("crop") as bar:
         res = run(ckpts, source, out, min_prob, tta, crops, device, batch_size, workers, vote, on_progress=bar.update,
                   calibrate=calibrate)
@@ -116,12 +120,9 @@ def evaluate(
     calibrate: bool = CALIBRATE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
-    from classify.errors import ConfigError
     from classify.evaluate import evaluate as run_evaluate
 
-    if len(paths) < 2:
-        raise ConfigError("give at least one checkpoint and then the crops folder")
-    *ckpts, crops_dir = paths
+    ckpts, crops_dir = _models_then(paths, "the crops folder")
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        confusion_png=confusion, vote=vote, calibrate=calibrate)
     sc = res["scores"]
