@@ -14,6 +14,8 @@ if __package__ in (None, "") and str(Path(__file__).resolve().parent) not in sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python cli.py` from a checkout
 
 from cli_commands import crop, deploy, predict, study, train  # noqa: E402
+from cli_commands.common import Command  # noqa: E402
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Face crops, training and prediction for mask status x gender x age group.")
@@ -25,17 +27,17 @@ def main():
 
 
 # The pipeline, in the order a user runs it.
-app.command()(crop.crop)                      # raw photos → CROPS (face crops + manifest.csv)
-app.command()(train.train)                    # CROPS → RUN (best.pt, metrics, predictions)
-app.command()(predict.predict)                # RUN + eval photos → submission.csv
-app.command("pseudo-label")(predict.pseudo_label)  # RUN + eval photos → confident crops for train --extra
-app.command()(predict.evaluate)               # RUN + labelled CROPS → scores, per class
-app.command()(study.report)                   # CROPS (+ RUN) → figures and index.html
-app.command()(deploy.export)                  # RUN → model.onnx
-app.command()(deploy.serve)                   # model.onnx → HTTP with a page
-app.command()(predict.explain)                # RUN + photos → Grad-CAM per task
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(study.tune)  # CROPS → study
-app.command("compare")(study.compare_runs)    # RUNs → side by side
+app.command(cls=Command)(crop.crop)                      # raw photos → CROPS (face crops + manifest.csv)
+app.command(cls=Command)(train.train)                    # CROPS → RUN (best.pt, metrics, predictions)
+app.command(cls=Command)(predict.predict)                # RUN + eval photos → submission.csv
+app.command("pseudo-label", cls=Command)(predict.pseudo_label)  # RUN + eval photos → confident crops for train --extra
+app.command(cls=Command)(predict.evaluate)               # RUN + labelled CROPS → scores, per class
+app.command(cls=Command)(study.report)                   # CROPS (+ RUN) → figures and index.html
+app.command(cls=Command)(deploy.export)                  # RUN → model.onnx
+app.command(cls=Command)(deploy.serve)                   # model.onnx → HTTP with a page
+app.command(cls=Command)(predict.explain)                # RUN + photos → Grad-CAM per task
+app.command(cls=Command, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(study.tune)  # CROPS → study
+app.command("compare", cls=Command)(study.compare_runs)    # RUNs → side by side
 
 if __name__ == "__main__":
     app()

@@ -229,7 +229,7 @@ def load_state_file(path: Path, what: str | None = None) -> dict:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ConfigError(f"{what} is a safetensors file: pip install safetensors") from None
+            raise ConfigError(f"{what} is a safetensors file: pip install 'maskcls[timm]' (it brings safetensors)") from None
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors' own errors

@@ -9,11 +9,22 @@ import time
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its arguments as the help does (`crop [OPTIONS] RAW`): typer
+    writes a required one as `{RAW}`, which reads as a set or a placeholder to fill in."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [re.sub(r"\{([^{}]*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+        # 'CKPT... RAW_OR_CROPS' already says which part repeats: no '...' after the whole metavar
+        return [p[:-3] if p.endswith("...") and "..." in p[:-3] else p for p in pieces]
 
 TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
                            "--tta alone is not valid: give a number.")
@@ -24,6 +35,31 @@ WORKERS = typer.Option(2, help="DataLoader worker processes.")
 VOTE = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes).")
 CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
                          help="Apply each checkpoint's fitted temperature to its probabilities.")
+
+
+# What each optional part imports, and the extra (pyproject's optional-dependencies) that brings it.
+EXTRAS = {"export": ("onnx", "onnxscript", "onnxruntime"), "serve": ("onnxruntime", "fastapi", "starlette", "uvicorn"),
+          "tune": ("optuna",), "explain": ("pytorch_grad_cam",), "timm": ("timm",)}
+
+
+def require_extra(extra: str, what: str, modules: tuple[str, ...] | None = None) -> None:
+    """Refuse, before any work, a command whose extra (or `modules` of it) is not installed: one line
+    naming the extra to install."""
+    import importlib.util
+
+    from classify.errors import ConfigError
+
+    missing = [m for m in modules or EXTRAS[extra] if _find(importlib.util, m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs the {extra} extra ({', '.join(missing)} not installed): "
+                          f"pip install 'maskcls[{extra}]'")
+
+
+def _find(util, module: str):
+    try:
+        return util.find_spec(module)
+    except (ImportError, ValueError):  # a parent that is not a package; a module without a spec
+        return None
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}

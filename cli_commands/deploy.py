@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import console, user_errors
+from .common import console, require_extra, user_errors
 
 
 @user_errors
@@ -22,6 +22,8 @@ def export(
 ):
     """Export the classifier as one ONNX graph (uint8 crop in, probabilities out) for predict and serve without torch."""
     from classify.errors import ConfigError
+
+    require_extra("export", "maskcls export")
     from classify.export import export as run_export
 
     if out.is_dir():
@@ -54,6 +56,9 @@ def serve(
     from classify.errors import ConfigError
     from classify.onnx_model import is_onnx
 
+    require_extra("serve", "maskcls serve")
+    if not is_onnx(model):
+        require_extra("export", f"maskcls serve {model} (a checkpoint is exported to ONNX first)")
     for name, value, lo in (("--port", port, 1), ("--max-bytes", max_bytes, 1), ("--max-files", max_files, 1)):
         if value < lo or (name == "--port" and value > 65535):
             raise ConfigError(f"{name} {value}: must be {'in 1..65535' if name == '--port' else '>= 1'}")

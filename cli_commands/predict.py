@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .common import (BATCH, CALIBRATE, CROP_CACHE, DEVICE, TTA, VOTE, WORKERS, LazyProgress, console, models_line,
-                     user_errors, warning)
+                     require_extra, user_errors, warning)
 
 
 @user_errors
@@ -161,6 +161,7 @@ def explain(
     import shutil
     import tempfile
 
+    require_extra("explain", "maskcls explain")
     from classify.checkpoint import load_checkpoint
     from classify.errors import ConfigError
     from classify.explain import explain_crops

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, user_errors, warning
+from .common import console, require_extra, user_errors, warning
 
 
 @user_errors
@@ -71,6 +70,7 @@ def tune(
     """Search the training recipe with Optuna; any `train` option given here is fixed for every trial."""
     import dataclasses
 
+    require_extra("tune", "maskcls tune")
     from classify.config import load_config
     from classify.errors import ConfigError
     from classify.tune import tune as run_tune
@@ -79,7 +79,7 @@ def tune(
     train_cmd = root.command.get_command(root, "train")
     try:
         given = train_cmd.make_context("train", list(ctx.args), resilient_parsing=False).params
-    except click.UsageError as e:
+    except typer.TyperException as e:  # typer's usage errors (it carries its own click)
         raise ConfigError(f"{e.format_message()} (tune takes every `maskcls train` option as a fixed value)") from None
     given = {k: v for k, v in given.items() if k not in ("crops", "out", "config", "resume", "overwrite")}
     cfg = load_config(given | {"crops": crops, "out": out / "trial-0"}, config)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import LazyProgress, console, user_errors, warning
+from .common import LazyProgress, console, require_extra, user_errors, warning
 
 
 @user_errors
@@ -89,6 +89,8 @@ def train(
             raise ConfigError(f"--resume: {out} was trained on {cfg.crops}, not {crops}")
     else:
         cfg = load_config(opts, config)
+    if any(str(name).startswith("timm/") for name in (cfg.model, cfg.backbone)):
+        require_extra("timm", f"--model {cfg.model}" + (f" --backbone {cfg.backbone}" if cfg.model == "attention" else ""))
     rank = dist_env()[0]
     t0 = time.perf_counter()
     with EpochView(cfg.epochs, quiet=rank != 0) as view:

@@ -125,6 +125,7 @@ MISTAKES = [
     ("tune {w}/crops --out {w}/out/t --space {w}/badchoice.toml", "loss = 'hinge' cannot train: --loss 'hinge': choose one of"),
     ("tune {w}/crops --out {w}/out/t --trials 0", "--trials 0: must be >= 1"),
     ("tune {w}/crops --out {w}/out/t --lr -1", "--lr -1.0: must be > 0"),
+    ("tune {w}/crops --out {w}/out/t --epochs notanumber", "Invalid value for '--epochs'"),
     ("train {w}/raw/images --out {w}/out/r", "holds raw photos (person folders), not crops: crop them first with "
                                              "`maskcls crop {w}/raw/images --out CROPS`"),
     ("predict {w}/run {w}/evalraw/images --out {w}/out/s.csv", "holds the photos of an eval folder: give its parent "
