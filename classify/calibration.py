@@ -1,11 +1,15 @@
 """Calibrated probabilities: temperature scaling, fitted on validation predictions, and the expected
 calibration error (ECE) that says whether a probability of 0.9 is right nine times in ten.
 
-A model's probabilities p (after TTA averaging) are calibrated as softmax(log p / T): T > 1 softens an
-over-confident model, T < 1 sharpens an under-confident one, and the top class never changes. T is
-fitted after training on the best epoch's validation predictions (a k-fold run: on the out-of-fold
-predictions) by minimising their negative log-likelihood, stored in the checkpoint (`temperature`), and
-applied by predict, evaluate, pseudo-label (`--no-calibrate` skips it). Numpy only.
+A model's logits z are calibrated as softmax(z / T), in float64, view by view before TTA averages the
+views (`answer.model_probs`): T > 1 softens an over-confident model, T < 1 sharpens an under-confident one,
+and the top class of a view never changes. T is fitted after training on the best epoch's validation
+logits (a k-fold run: the out-of-fold logits, read from each fold's binary val_logits.npz, never from a
+rounded CSV) by minimising their negative log-likelihood, in the very form it is applied: the torch and
+the ONNX path both hand logits to `answer`, so their probabilities agree. T is stored in the checkpoint
+(`temperature`) and applied by predict, evaluate, pseudo-label and serve (`--no-calibrate` skips it).
+A fit that lands on the edge of T_RANGE, or that makes the ECE worse, is not trusted: T stays 1 and the
+calibration record says why (`kept`). Numpy only.
 """
 from __future__ import annotations
 
@@ -17,20 +21,26 @@ ECE_BINS = 15
 T_RANGE = (0.05, 20.0)
 
 
-def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
-    """softmax(log p / t) row-wise; t = 1 returns the probabilities (renormalised)."""
-    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) / t
-    z -= z.max(axis=-1, keepdims=True)
+def apply_temperature(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
+    """softmax(z / t) over the last axis, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / t
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def nll(probs: np.ndarray, y: np.ndarray, t: float) -> float:
-    p = apply_temperature(probs, t)
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+def log_softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / t
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+def nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
+    """The mean negative log-likelihood of labels `y` under softmax(logits / t) (exact: no clipping)."""
+    return float(-log_softmax(logits, t)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The T in T_RANGE minimising the validation NLL (golden-section search over log T; the NLL is
     convex in 1/T). 1.0 when there is nothing to fit."""
     y = np.asarray(y, dtype=int)
@@ -39,18 +49,18 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(probs, y, math.exp(a)), nll(probs, y, math.exp(b))
+    fa, fb = nll(logits, y, math.exp(a)), nll(logits, y, math.exp(b))
     for _ in range(80):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
-            fa = nll(probs, y, math.exp(a))
+            fa = nll(logits, y, math.exp(a))
         else:
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
-            fb = nll(probs, y, math.exp(b))
+            fb = nll(logits, y, math.exp(b))
     t = math.exp((lo + hi) / 2)
-    return t if nll(probs, y, t) < nll(probs, y, 1.0) else 1.0
+    return t if nll(logits, y, t) < nll(logits, y, 1.0) else 1.0
 
 
 def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
@@ -76,8 +86,22 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
                      for b in reliability(probs, y, bins) if b["photos"]))
 
 
-def calibrate(probs: np.ndarray, y: np.ndarray) -> dict:
-    """{'temperature', 'ece_before', 'ece_after', 'nll_before', 'nll_after'} of validation predictions."""
-    t = fit_temperature(probs, y)
-    return {"temperature": t, "ece_before": ece(probs, y), "ece_after": ece(apply_temperature(probs, t), y),
-            "nll_before": nll(probs, y, 1.0), "nll_after": nll(probs, y, t), "bins": ECE_BINS, "photos": int(len(y))}
+def calibrate(logits: np.ndarray, y: np.ndarray, fitted_on: str = "validation logits") -> dict:
+    """{'temperature', 'fitted', 'ece_before', 'ece_after', 'nll_before', 'nll_after', ...} of validation
+    logits N x 18. `fitted` is the NLL minimiser; `temperature` is what predict applies: `fitted`, or 1
+    when the fit is not to be trusted (on an edge of T_RANGE: too few or too easy photos; or a worse ECE),
+    with the reason in `kept`."""
+    logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=int)
+    fitted = fit_temperature(logits, y)
+    before, after = apply_temperature(logits), apply_temperature(logits, fitted)
+    e0, e1 = ece(before, y), ece(after, y)
+    kept = None
+    if min(abs(math.log(fitted / b)) for b in T_RANGE) < 0.01:
+        kept = f"the fit landed on the edge of {T_RANGE[0]}..{T_RANGE[1]} (T = {fitted:.3g}): too few or too easy photos"
+    elif e1 > e0:
+        kept = f"T = {fitted:.3g} made the ECE worse ({e0:.4f} -> {e1:.4f})"
+    t = 1.0 if kept else fitted
+    out = {"temperature": t, "fitted": fitted, "fitted_on": fitted_on, "space": "logits",
+           "ece_before": e0, "ece_after": ece(apply_temperature(logits, t), y),
+           "nll_before": nll(logits, y, 1.0), "nll_after": nll(logits, y, t), "bins": ECE_BINS, "photos": int(len(y))}
+    return out | ({"kept": f"T = 1 kept: {kept}"} if kept else {})

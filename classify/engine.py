@@ -1,5 +1,6 @@
 """The one inference function: validation during training, `evaluate` and `predict` all call it,
-on datasets built with the one eval transform, so their numbers cannot disagree."""
+on datasets built with the one eval transform, so their numbers cannot disagree. It returns logits:
+what becomes of them (temperature, TTA mean, vote) is `answer.answer`, for every backend."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from .errors import ConfigError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEFAULT_WORKERS = 2  # predict's and evaluate's DataLoader workers when --workers is not given
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -91,24 +93,23 @@ def autocast(device: torch.device, amp: str):
 @torch.no_grad()
 def infer(model: torch.nn.Module, loader: DataLoader, device: torch.device, tta: int = 1, amp: str = "off",
           mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(manifest indices, probabilities N x 18 as float64) of every item of `loader`.
+    """(manifest indices N, logits V x N x 18 as float64) of every item of `loader`.
 
-    tta = number of views averaged by probability: 1 the image; 2 + its horizontal mirror;
-    3 + a 90% centre zoom; 4 + the zoom's mirror."""
+    tta = number of views V: 1 the image; 2 + its horizontal mirror; 3 + a 90% centre zoom; 4 + the
+    zoom's mirror (`answer.model_probs` averages their probabilities)."""
     model.eval()
-    idx, probs = [], []
+    idx, logits = [], []
     for x, _, i in loader:
         x = normalize(x.to(device, non_blocking=True), mean, std, channels_last=device.type == "cuda")
-        views = tta_views(x, tta)
-        p = 0
-        for v in views:
+        views = []
+        for v in tta_views(x, tta):
             with autocast(device, amp):
-                p = p + model(v)["label"].float().softmax(-1)
-        probs.append((p / len(views)).double().cpu())
+                views.append(model(v)["label"].float())
+        logits.append(torch.stack(views).double().cpu())
         idx.append(torch.as_tensor(i))
-    if not probs:
-        return np.zeros(0, int), np.zeros((0, 18))
-    return torch.cat(idx).numpy(), torch.cat(probs).numpy()
+    if not logits:
+        return np.zeros(0, int), np.zeros((tta, 0, 18))
+    return torch.cat(idx).numpy(), torch.cat(logits, dim=1).numpy()
 
 
 def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:

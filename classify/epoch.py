@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import nll
 from .engine import autocast, infer
 from .errors import TrainingError
 from .metrics import scores
@@ -103,19 +104,19 @@ def _optimizer_step(t, params) -> None:
 
 
 def validate(model, data, loader, t):
-    """(manifest indices, probabilities, labels at --val-old, metrics) of every validation photo:
+    """(manifest indices, logits N x 18, labels at --val-old, metrics) of every validation photo:
     each rank infers its share, then all ranks gather all."""
-    idx, probs = infer(model, loader, t.d.device, tta=1, amp=t.amp, mean=t.norm["mean"], std=t.norm["std"])
-    parts = t.d.gather((idx, probs))
+    idx, logits = infer(model, loader, t.d.device, tta=1, amp=t.amp, mean=t.norm["mean"], std=t.norm["std"])
+    parts = t.d.gather((idx, logits[0]))
     idx = np.concatenate([p[0] for p in parts])
-    probs = np.concatenate([p[1] for p in parts])
+    logits = np.concatenate([p[1] for p in parts])
     order = np.argsort(idx, kind="stable")
-    idx, probs = idx[order], probs[order]
+    idx, logits = idx[order], logits[order]
     pos = {r["index"]: k for k, r in enumerate(data.val_rows)}
     y = data.val_labels[[pos[i] for i in idx]]
-    m = scores(y, probs.argmax(1))
-    m["loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
-    return idx, probs, y, m
+    m = scores(y, logits.argmax(1))
+    m["loss"] = nll(logits, y, 1.0) if len(y) else 0.0
+    return idx, logits, y, m
 
 
 def validate_epoch(t, data, loader):

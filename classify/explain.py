@@ -99,15 +99,18 @@ class TaskOutput(nn.Module):
 
 
 def task_maps(model: nn.Module, x: torch.Tensor, img_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({task: N x H x W maps in [0, 1]}, {task: N predicted values}) for a normalised batch `x`."""
+    """({task: N x H x W maps in [0, 1]}, {task: N predicted values}) for a normalised batch `x`. The
+    predicted values are the parts of predict's class (the 18-class argmax, which the temperature keeps),
+    never a task head's or marginal's own argmax, so explain names what predict answers."""
     GradCAM, Target = _gradcam()
     layer, reshape, _ = cam_layer(model, img_size)
-    maps, preds = {}, {}
     model.eval()
+    with torch.no_grad():
+        label = model(x)["label"].argmax(-1).numpy()
+    preds = dict(zip(TASKS, (np.asarray(p) for p in L.task_parts(label))))
+    maps = {}
     for task in TASKS:
         head = TaskOutput(model, task).eval()
-        with torch.no_grad():
-            preds[task] = head(x).argmax(-1).numpy()
         with GradCAM(model=head, target_layers=[layer], reshape_transform=reshape) as cam:
             maps[task] = cam(input_tensor=x, targets=[Target(int(v)) for v in preds[task]])
     return maps, preds

@@ -1,9 +1,10 @@
 """`maskcls export CKPT|RUN --out model.onnx`: the classifier as one ONNX graph that needs no torch.
 
 The graph takes the crop as the eval transform leaves it, uint8 N x 3 x S x S (S = the checkpoint's image
-size), and returns `probs` N x 18: normalisation (each model's own mean and std), the model, its
-calibration temperature, softmax and, for several checkpoints (a k-fold run), the mean of their
-probabilities are all inside, so a client cannot get them wrong. Exported with `torch.onnx.export`
+size), and returns `logits` N x M x 18, one row per model (M > 1: a k-fold run): normalisation (each model's
+own mean and std) and the models are inside. What comes after the logits (temperature, mean or vote,
+class, task values) is `answer.answer`, the very function predict runs on a checkpoint's logits, with the
+temperatures from the metadata: checkpoint and export cannot drift apart after the logits. Exported with `torch.onnx.export`
 (dynamo), batch dimension dynamic. The model file's metadata (`maskcls` key, JSON) carries what
 predict and serve need: classes, image size, preset and interpolation, crop settings and face prior,
 `--old`/`--val-old`, model names, the source checkpoints' SHA-256, the maskcls version.
@@ -34,7 +35,7 @@ from .rundir import ModelSpec
 
 
 class Deployable(nn.Module):
-    """uint8 crops → mean over the models of softmax(model(normalised crop) / temperature)."""
+    """uint8 crops N x 3 x S x S → each model's logits of its normalised crop, N x M x 18."""
 
     def __init__(self, models: list[nn.Module], specs: list[ModelSpec]):
         super().__init__()
@@ -42,21 +43,17 @@ class Deployable(nn.Module):
         k = len(models)
         self.register_buffer("mean", torch.tensor([s.mean for s in specs], dtype=torch.float32).view(k, 1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([s.std for s in specs], dtype=torch.float32).view(k, 1, 3, 1, 1))
-        self.register_buffer("temperature", torch.tensor([s.temperature for s in specs], dtype=torch.float32))
 
     def forward(self, crop: torch.Tensor) -> torch.Tensor:
         x = crop.to(torch.float32) / 255.0
-        p = 0
-        for k, model in enumerate(self.models):
-            p = p + (model((x - self.mean[k]) / self.std[k])["label"] / self.temperature[k]).softmax(-1)
-        return p / len(self.models)
+        return torch.stack([model((x - self.mean[k]) / self.std[k])["label"] for k, model in enumerate(self.models)], 1)
 
 
 @dataclass
 class ExportResult:
     path: Path
     models: int
-    parity: float              # max |onnxruntime - torch| probability on the check crops
+    parity: float              # max |onnxruntime - torch| probability on the check crops (calibrated, soft mean)
     checked: int               # crops the parity was checked on
     int8: dict | None          # {"fp32_f1", "int8_f1", "fp32_acc", "int8_acc", "agree", "photos"} with --int8
 
@@ -111,7 +108,7 @@ def _export_graph(deploy: nn.Module, size: int, out: Path, meta: dict) -> None:
     x = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(deploy, (x,), str(raw), dynamo=True, input_names=["crop"], output_names=["probs"],
+        torch.onnx.export(deploy, (x,), str(raw), dynamo=True, input_names=["crop"], output_names=["logits"],
                           dynamic_shapes={"crop": {0: torch.export.Dim("batch", min=1, max=65536)}},
                           optimize=True, verbose=False, external_data=False)
         model = onnx.load(str(raw))
@@ -142,7 +139,10 @@ def _check_rows(ckpt_path: Path, crops: Path | None) -> tuple[list[dict], Path |
 
 
 def _parity(deploy: nn.Module, path: Path, crops: Path | None, rows: list[dict]) -> tuple[float, int]:
-    """The largest difference between onnxruntime's and torch's probabilities on up to 64 crops."""
+    """The largest difference between the answers' probabilities on up to 64 crops, of onnxruntime's logits and
+    of torch's (both through `answer.answer` with the models' temperatures)."""
+    from .answer import answer
+
     model = OnnxModel(path)
     if crops is None:
         rng = np.random.default_rng(0)
@@ -150,8 +150,9 @@ def _parity(deploy: nn.Module, path: Path, crops: Path | None, rows: list[dict])
     else:
         x = np.concatenate([b for _, b in batches(crops, rows[:64], model, 64)])
     with torch.no_grad():
-        want = deploy(torch.from_numpy(x)).numpy()
-    return float(np.abs(model.run(x) - want).max()), len(x)
+        want = deploy(torch.from_numpy(x)).double().numpy().transpose(1, 0, 2)
+    got = answer(model.run(x), model.temperatures).scores
+    return float(np.abs(got - answer(list(want), model.temperatures).scores).max()), len(x)
 
 
 def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
@@ -159,6 +160,7 @@ def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from .answer import answer
     from .metrics import scores
 
     fp32 = OnnxModel(path)
@@ -179,7 +181,7 @@ def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
         int8 = OnnxModel(q, check=False)
         x = np.concatenate(data)
         y = np.array([r["label"] for r in rows])
-        p32, p8 = fp32.run(x).argmax(1), int8.run(x).argmax(1)
+        p32, p8 = (answer(m.run(x), fp32.temperatures).labels for m in (fp32, int8))
         s32, s8 = scores(y, p32), scores(y, p8)
         change = {"photos": len(y), "fp32_f1": s32["f1"], "int8_f1": s8["f1"], "fp32_acc": s32["acc"],
                   "int8_acc": s8["acc"], "agree": float((p32 == p8).mean())}

@@ -59,10 +59,10 @@ def _oof(out: Path, folds: int, name: str) -> tuple[list[list], np.ndarray, np.n
 def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict]) -> dict:
     rows, y, p = _oof(out, cfg.folds, rundir.VAL_PREDICTIONS)
     calibration = None
-    if cfg.calibrate:  # one temperature for every fold, fitted on the out-of-fold predictions
-        probs = np.concatenate([rundir.read_val_predictions(out / f"fold{k}" / rundir.VAL_PREDICTIONS)[1]
-                                for k in range(cfg.folds)])
-        calibration = calibrate(probs, y)
+    if cfg.calibrate:  # one temperature for every fold, fitted on the out-of-fold logits (binary, not the CSV)
+        parts = [rundir.read_val_logits(out / f"fold{k}") for k in range(cfg.folds)]
+        calibration = calibrate(np.concatenate([z for _, z, _ in parts]), np.concatenate([t for _, _, t in parts]),
+                                "out-of-fold logits")
         for k in range(cfg.folds):
             rundir.set_temperature(out / f"fold{k}", calibration)
     rundir.write_csv(out / rundir.OOF_PREDICTIONS, ["fold", "image_id", "label", "pred"] + [f"p{k}" for k in range(18)],

@@ -1,10 +1,11 @@
 """A model exported by `maskcls export`, run by onnxruntime: no torch, no GPU needed.
 
 `OnnxModel(path)` opens the file and reads its `maskcls` metadata (what predict and serve need: image
-size, eval preset and interpolation, crop settings and face prior, classes, `--old`); anything else
-(another tool's ONNX file, a damaged one, text) is refused with one line. `run(crops)` takes uint8
-N x 3 x S x S crops as the eval transform leaves them and returns the calibrated, ensembled
-probabilities N x 18. `batches` turns rows of a crops folder into such arrays with the eval transform.
+size, eval preset and interpolation, crop settings and face prior, classes, `--old`, each model's
+temperature); anything else (another tool's ONNX file, a damaged one, text) is refused with one line.
+`run(crops)` takes uint8 N x 3 x S x S crops as the eval transform leaves them and returns each model's
+logits (a list of M arrays, 1 view x N x 18), for `answer.answer` as a checkpoint's logits are.
+`batches` turns rows of a crops folder into such arrays with the eval transform.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from preprocess.imageio import read_crop
 from .errors import CheckpointError, ConfigError
 from .transforms import build_transform, channels_first
 
-FORMAT, VERSION = "maskcls-onnx", 1
+FORMAT, VERSION = "maskcls-onnx", 2  # 2: the graph returns each model's logits (1: calibrated mean probabilities)
 
 
 def is_onnx(path) -> bool:
@@ -77,8 +78,21 @@ class OnnxModel:
         """An RGB uint8 crop → the model's input, 3 x S x S uint8 (the eval transform, as predict's)."""
         return channels_first(self.transform(image=crop)["image"])
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(["probs"], {"crop": np.ascontiguousarray(x, dtype=np.uint8)})[0].astype(np.float64)
+    @property
+    def temperatures(self) -> list[float]:
+        """Each model's temperature (format 1: its graph applied them itself, so 1 here)."""
+        if self.meta.get("version", 1) < 2:
+            return [1.0]
+        return [float(t) for t in self.meta.get("temperatures", [1.0])]
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each model's logits of the crops: M arrays of 1 x N x 18, float64."""
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        if self.meta.get("version", 1) < 2:  # its output is probabilities: their log is logits up to a constant
+            p = self.session.run(["probs"], {"crop": x})[0].astype(np.float64)
+            return [np.log(np.clip(p, 1e-30, 1.0))[None]]
+        z = self.session.run(["logits"], {"crop": x})[0].astype(np.float64)
+        return [z[:, m][None] for m in range(z.shape[1])]
 
 
 def batches(crops: Path, rows: list[dict], model: OnnxModel, size: int = 64):

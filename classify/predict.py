@@ -21,9 +21,9 @@ from preprocess.runtime import check_device, resolve_device
 
 from .checkpoint import load_checkpoint
 from .data import CropDataset
-from .engine import check_infer_options, infer, make_loader, resolve_amp
+from .engine import DEFAULT_WORKERS, check_infer_options, infer, make_loader, resolve_amp
 from .errors import CheckpointError, ConfigError
-from .calibration import apply_temperature
+from .answer import Answer, answer, check_vote
 from .models import create_model, upgrade_state
 from .cropping import crops_for
 from .rundir import ModelSpec, fold_dirs
@@ -40,9 +40,6 @@ def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
         raise CheckpointError(f"checkpoint does not match its model description "
                               f"({(ckpt.get('model') or {}).get('name')}): {e}") from None
     return model.to(device).eval()
-
-
-VOTES = ("soft", "hard")
 
 
 def checkpoint_paths(paths: list[Path]) -> list[Path]:
@@ -66,46 +63,31 @@ def checkpoint_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def model_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
-                batch_size: int = 64, workers: int = 2, calibrate: bool = True) -> np.ndarray:
-    """Each checkpoint's (TTA-averaged) probabilities for `rows` of `crops`: M x N x 18, each model with
-    its own eval transform and normalisation, and (`calibrate`) its temperature (calibration.py)."""
-    out = np.zeros((len(ckpts), len(rows), L.NUM_CLASSES))
+def model_logits(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
+                 batch_size: int = 64, workers: int = 2) -> list[np.ndarray]:
+    """Each checkpoint's logits for `rows` of `crops`, V views x N x 18, each model with its own eval
+    transform and normalisation (`answer.answer` turns them into probabilities and classes)."""
+    out = []
     pos = {r["index"]: k for k, r in enumerate(rows)}
-    for m, ckpt in enumerate(ckpts):
+    for ckpt in ckpts:
         spec = ModelSpec.of(ckpt)
         tf = build_transform(spec.preset, spec.img_size, train=False, interpolation=spec.interpolation)
         ds = CropDataset(crops, rows, tf)
         model = load_model(ckpt, device)
         amp = resolve_amp(spec.amp, device)
-        idx, probs = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
-                           mean=list(spec.mean), std=list(spec.std))
-        out[m, [pos[i] for i in idx]] = apply_temperature(probs, spec.temperature) if calibrate else probs
+        idx, logits = infer(model, make_loader(ds, batch_size, workers, device), device, tta=tta, amp=amp,
+                            mean=list(spec.mean), std=list(spec.std))
+        z = np.zeros((tta, len(rows), L.NUM_CLASSES))
+        z[:, [pos[i] for i in idx]] = logits
+        out.append(z)
     return out
 
 
-def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
-    """M x N x 18 → (scores N x 18, labels N). soft: the mean probability and its top class. hard:
-    the share of models voting for each class, and the majority; a tie goes to the tied class with
-    the highest mean probability."""
-    if vote not in VOTES:
-        raise ConfigError(f"--vote {vote!r}: choose soft or hard")
-    mean = probs.mean(0)
-    if vote == "soft":
-        return mean, mean.argmax(1)
-    votes = np.zeros_like(mean)
-    for top in probs.argmax(2):
-        votes[np.arange(len(top)), top] += 1
-    tied = votes == votes.max(1, keepdims=True)
-    labels = np.where(tied, mean, -1.0).argmax(1)
-    return votes / len(probs), labels
-
-
-def ensemble_probs(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1,
-                   batch_size: int = 64, workers: int = 2, vote: str = "soft",
-                   calibrate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The ensemble's (scores N x 18, labels N) for `rows` of `crops` (see `combine`)."""
-    return combine(model_probs(ckpts, crops, rows, device, tta, batch_size, workers, calibrate), vote)
+def ensemble(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.device, tta: int = 1, batch_size: int = 64,
+             workers: int = 2, vote: str = "soft", calibrate: bool = True) -> Answer:
+    """The checkpoints' answer for `rows` of `crops` (`answer.answer`: temperature, TTA mean, vote)."""
+    return answer(model_logits(ckpts, crops, rows, device, tta, batch_size, workers),
+                  [ModelSpec.of(c).temperature for c in ckpts], calibrate, vote)
 
 
 def check_ensemble(ckpts: list[dict]) -> None:
@@ -124,7 +106,7 @@ def check_ensemble(ckpts: list[dict]) -> None:
 
 
 def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
-            cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
+            cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int | None = None,
             detector: FaceDetector | None = None, on_progress=None, vote: str = "soft", calibrate: bool = True,
             review: Path | None = None, below: float = 0.5) -> Prediction:
     """Predict every photo of `source` (an eval folder with info.csv, or a crops folder) and write the
@@ -137,12 +119,12 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     """
     if not checkpoints:
         raise CheckpointError("give at least one checkpoint")
+    workers = DEFAULT_WORKERS if workers is None else workers
     check_infer_options(tta, batch_size, workers)
     check_device(device)
     if not 0 < below <= 1:
         raise ConfigError(f"--below {below}: must be in (0, 1] (a probability)")
-    if vote not in VOTES:
-        raise ConfigError(f"--vote {vote!r}: choose soft or hard")
+    check_vote(vote)
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
@@ -159,8 +141,8 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
         r["index"] = i
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
-    probs, labels = ensemble_probs(ckpts, crops, rows, dev, tta, batch_size, workers, vote, calibrate)
-    return conclude(rows, probs, labels, crops, warnings, ModelSpec.of(ckpts[0]).old, describe_models(paths, ckpts),
+    ans = ensemble(ckpts, crops, rows, dev, tta, batch_size, workers, vote, calibrate)
+    return conclude(rows, ans.scores, ans.labels, crops, warnings, ModelSpec.of(ckpts[0]).old, describe_models(paths, ckpts),
                     out, probs_out, review, below)
 
 

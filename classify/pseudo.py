@@ -39,7 +39,7 @@ def representative_age(group: int, old: int) -> int:
 
 
 def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: float = 0.9, tta: int = 1,
-                 cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int = 2,
+                 cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int | None = None,
                  vote: str = "soft", detector=None, on_progress=None, calibrate: bool = True) -> PseudoResult:
     """Predict `source` (an eval folder or a crops folder) and write the photos whose top probability is
     at least `min_prob` into `out` as a crops folder with their predicted labels."""
@@ -48,12 +48,12 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     out = Path(out)
     if (out / "manifest.csv").exists():
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
-    if any(is_onnx(c) for c in checkpoints):  # an exported model (its graph is calibrated)
+    if any(is_onnx(c) for c in checkpoints):  # an exported model: its logits go through the same answer()
         from .deploy import predict_onnx
 
         ckpt_paths = [the_one_onnx(checkpoints)]
         pred = predict_onnx(ckpt_paths[0], source, None, tta, cache=cache, device=device, batch_size=batch_size,
-                            detector=detector, on_progress=on_progress)
+                            detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate, workers=workers)
     else:
         ckpt_paths = checkpoint_paths(checkpoints)
         pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,

@@ -151,15 +151,16 @@ def _calibration(out: Path, run: Path, val):
     temperature (summary.json; a fold of a k-fold run: its parent's, fitted out-of-fold)."""
     from .calibration import ECE_BINS, apply_temperature, ece, reliability
 
-    _, y, probs = val
+    _, logits, y = rundir.read_val_logits(run)  # the logits T was fitted on, in the form predict applies it
     fitted = rundir.read_summary(run).get("calibration") or rundir.read_summary(run.parent).get("calibration") or {}
     t = float(fitted.get("temperature", 1.0))
-    before, after = reliability(probs, y), reliability(apply_temperature(probs, t), y)
+    probs = apply_temperature(logits)
+    before, after = reliability(probs, y), reliability(apply_temperature(logits, t), y)
     write_csv(out / "calibration.csv", ["bin", "from", "to", "photos_before", "confidence_before", "accuracy_before",
                                          "photos_after", "confidence_after", "accuracy_after"],
                [[b["bin"], f"{b['from']:.4f}", f"{b['to']:.4f}", b["photos"], _opt(b["confidence"]), _opt(b["accuracy"]),
                  a["photos"], _opt(a["confidence"]), _opt(a["accuracy"])] for b, a in zip(before, after)])
-    e0, e1 = ece(probs, y), ece(apply_temperature(probs, t), y)
+    e0, e1 = ece(probs, y), ece(apply_temperature(logits, t), y)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100, sharey=True)
     for ax, bins, title in ((axes[0], before, f"before (ECE {e0:.3f})"), (axes[1], after, f"after T = {t:.3g} (ECE {e1:.3f})")):

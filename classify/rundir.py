@@ -7,7 +7,8 @@ RUN/ (one run, or one fold of a k-fold run in RUN/fold<k>/):
 | config.json | the resolved config (TrainConfig + what `auto` resolved to) |
 | split.csv | person_id, split (train / val / dropped / extra) |
 | metrics.csv | one row per epoch |
-| val_predictions.csv | the best epoch's validation probabilities |
+| val_predictions.csv | the best epoch's validation probabilities (8 decimals: for people and reports) |
+| val_logits.npz | the best epoch's validation logits, full precision: what the temperature is fitted on |
 | val_predictions_last.csv | the last epoch's (the out-of-fold score at the last epoch selects nothing) |
 | best.pt, last.pt | checkpoints (last.pt also holds optimizer, scheduler, EMA: for --resume) |
 | summary.json | the run's result |
@@ -38,6 +39,7 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.csv", "metrics.csv", "summary.json"
 VAL_PREDICTIONS, VAL_PREDICTIONS_LAST, OOF_PREDICTIONS = (
     "val_predictions.csv", "val_predictions_last.csv", "oof_predictions.csv")
+VAL_LOGITS = "val_logits.npz"
 BEST, LAST = "best.pt", "last.pt"
 
 
@@ -130,6 +132,25 @@ def read_val_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]
     rows = read_csv(path)
     probs = np.array([[float(r[f"p{k}"]) for k in range(L.NUM_CLASSES)] for r in rows]).reshape(-1, L.NUM_CLASSES)
     return [r["image_id"] for r in rows], probs, np.array([int(r["label"]) for r in rows], dtype=int)
+
+
+def write_val_logits(path: Path, image_ids: list[str], logits: np.ndarray, y: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, image_ids=np.array(image_ids, dtype=str), logits=np.asarray(logits, dtype=np.float64),
+             labels=np.asarray(y, dtype=np.int64))
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def read_val_logits(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, logits N x 18, labels N) of a run's best epoch. A run from before val_logits.npz: the
+    log of its CSV probabilities (logits up to a constant per row, so softmax(z / T) is the same wherever
+    the 8 decimals did not round a probability to 0)."""
+    path = Path(run) / VAL_LOGITS
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            return [str(i) for i in f["image_ids"]], f["logits"], f["labels"]
+    ids, probs, y = read_val_predictions(Path(run) / VAL_PREDICTIONS)
+    return ids, np.log(np.clip(probs, 1e-12, 1.0)), y
 
 
 def set_temperature(run: Path, calibration: dict) -> None:

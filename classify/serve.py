@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from preprocess import labels as L
 from preprocess.imageio import UnreadableImage, load_rgb
 
+from .answer import answer, task_values
 from .onnx_model import OnnxModel
 
 MAX_BYTES = 10_000_000
@@ -66,20 +67,16 @@ class Engine:
         from preprocess.faces import crop_lone_photos
 
         cropped = crop_lone_photos(images, self.config.size, self.config.margin, self.detector, self.prior)
-        probs = self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped]))
+        ans = answer(self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped])), self.model.temperatures)
         out = []
-        for (_, choice, det), p in zip(cropped, probs):
+        for (_, choice, det), p, y in zip(cropped, ans.scores, ans.labels):
             cand = det["cands"][choice.index] if choice.index is not None else None
-            out.append(self.answer(p, choice, cand))
+            out.append(self.describe(p, int(y), choice, cand))
         return out
 
-    def answer(self, p: np.ndarray, choice, cand) -> dict:
-        y = int(p.argmax())
-        tasks = {}
-        for task, part in zip(L.TASKS, L.task_parts(np.arange(L.NUM_CLASSES))):
-            values = np.bincount(part, weights=p, minlength=len(L.TASKS[task]))
-            names = L.age_names(self.model.old) if task == "age" else L.TASKS[task]
-            tasks[task] = {"label": names[int(values.argmax())], "prob": float(values.max())}
+    def describe(self, p: np.ndarray, y: int, choice, cand) -> dict:
+        """One photo's answer: its class, and the task fields of that very class (`answer.task_values`)."""
+        tasks = task_values(p, y, self.model.old)
         mask = L.decode(y)[0]
         warning = {1: "the mask is worn incorrectly", 2: "no mask"}.get(mask)
         return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box],

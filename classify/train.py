@@ -31,7 +31,7 @@ from preprocess.manifest import read_meta
 
 from . import rundir
 from . import weights as W
-from .calibration import calibrate as calibrate_probs
+from .calibration import apply_temperature, calibrate as calibrate_logits
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, changed_keys, config_from
 from .data import CropDataset, Data, expected_class_counts, person_key, prepare_data
@@ -104,7 +104,7 @@ class Progress:
     best_f1: float = -1.0
     best_epoch: int = 0
     history: list = None
-    best_val: tuple | None = None   # the best epoch's (indices, probabilities, labels), when this process saw it
+    best_val: tuple | None = None   # the best epoch's (indices, logits, labels), when this process saw it
     stopped_early: bool = False
 
 
@@ -331,10 +331,12 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, p: Progress, record: dict
     payload = describe | {"epoch": epoch, "metrics": record, "best_f1": p.best_f1, "best_epoch": p.best_epoch,
                           "history": p.history, "steps_done": (epoch + 1) * t.steps_per_epoch}
     ids = [rows[i]["image_id"] for i in val[0]]
+    probs = apply_temperature(val[1])
     if improved:
         save_checkpoint(out / rundir.BEST, payload | {"model_state": best_state})
-        rundir.write_val_predictions(out / rundir.VAL_PREDICTIONS, ids, val[1], val[2])
-    rundir.write_val_predictions(out / rundir.VAL_PREDICTIONS_LAST, ids, val[1], val[2])
+        rundir.write_val_predictions(out / rundir.VAL_PREDICTIONS, ids, probs, val[2])
+        rundir.write_val_logits(out / rundir.VAL_LOGITS, ids, val[1], val[2])
+    rundir.write_val_predictions(out / rundir.VAL_PREDICTIONS_LAST, ids, probs, val[2])
     save_checkpoint(out / rundir.LAST, payload | {
         "model_state": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict(), "loss_state": t.criterion.state_dict(),
@@ -344,11 +346,11 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, p: Progress, record: dict
 
 def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note, d: Dist, calibrate: bool) -> dict:
     best = rundir.best_record(p.history)
-    if p.best_val is None:  # resumed after the best epoch: its predictions are already on disk
-        _, probs, y = rundir.read_val_predictions(out / rundir.VAL_PREDICTIONS)
+    if p.best_val is None:  # resumed after the best epoch: its logits are already on disk
+        _, logits, y = rundir.read_val_logits(out)
     else:
-        _, probs, y = p.best_val
-    plot_confusion(out / "confusion.png", confusion(y, probs.argmax(1), L.NUM_CLASSES),
+        _, logits, y = p.best_val
+    plot_confusion(out / "confusion.png", confusion(y, logits.argmax(1), L.NUM_CLASSES),
                    L.class_names(cfg.val_old), f"validation, epoch {best['epoch']} (macro F1 {best['val_f1']:.3f})")
     summary = {"best_epoch": best["epoch"], "best": best, "last": p.history[-1], "epochs": len(p.history),
                "stopped_early": p.stopped_early, "train_photos": len(data.train_rows), "val_photos": len(data.val_rows),
@@ -361,7 +363,7 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
                "weights": weights, "warnings": ([note] if note else []) + data.warnings, "device": str(d.device),
                "world_size": d.world}
     if calibrate:
-        summary["calibration"] = calibrate_probs(probs, y)
+        summary["calibration"] = calibrate_logits(logits, y)
         rundir.set_temperature(out, summary["calibration"])
     rundir.write_summary(out, summary)
     return summary

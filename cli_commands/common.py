@@ -31,7 +31,7 @@ TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zo
 CROP_CACHE = typer.Option(None, help="Where raw photos are cropped (default: ~/.cache/maskcls/crops/<photos + crop settings>).")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
 BATCH = typer.Option(64, help="Images per forward pass.")
-WORKERS = typer.Option(2, help="DataLoader worker processes.")
+WORKERS = typer.Option(None, help="DataLoader worker processes (checkpoints only) [default: 2].")
 VOTE = typer.Option("soft", help="Several models: soft (mean probability) | hard (majority of top classes).")
 CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
                          help="Apply each checkpoint's fitted temperature to its probabilities.")

@@ -43,7 +43,8 @@ def predict(
         if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
             from classify.deploy import predict_onnx
             pred = predict_onnx(the_one_onnx(ckpts), source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                                batch_size=batch_size, on_progress=bar.update, review=review, below=below)
+                                batch_size=batch_size, on_progress=bar.update, review=review, below=below, vote=vote,
+                                calibrate=calibrate, workers=workers)
         else:
             from classify.predict import predict as run_predict
             pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,

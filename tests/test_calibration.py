@@ -34,13 +34,13 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_
     honest = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     y = np.array([rng.choice(18, p=p) for p in honest])  # labels drawn from the model: calibrated by construction
     over = np.exp(5 * logits) / np.exp(5 * logits).sum(1, keepdims=True)  # the same model, five times too sure
-    c = calibrate(over, y)
-    fixed = apply_temperature(over, c["temperature"])
+    c = calibrate(5 * logits, y)
+    fixed = apply_temperature(5 * logits, c["temperature"])
     assert 4 < c["temperature"] < 6 and c["ece_after"] < c["ece_before"] / 3
     assert c["ece_after"] == pytest.approx(ece(fixed, y)) and c["ece_after"] < ece(over, y)
     assert (fixed.argmax(1) == over.argmax(1)).all()
     assert scores(y, fixed.argmax(1)) == scores(y, over.argmax(1))  # accuracy and every F1 identical
-    assert abs(np.log(calibrate(honest, y)["temperature"])) < np.log(1.15)  # a calibrated model is left near T = 1
+    assert abs(np.log(calibrate(logits, y)["temperature"])) < np.log(1.15)  # a calibrated model is left near T = 1
 
 
 def test_the_temperature_is_in_best_pt_and_predict_uses_it_and_an_old_checkpoint_reads_as_1(run, tmp_path):
@@ -51,7 +51,7 @@ def test_the_temperature_is_in_best_pt_and_predict_uses_it_and_an_old_checkpoint
     assert ckpt["temperature"] == t and t != 1.0
     cal = predict([r / "best.pt"], crops, None, device="cpu", workers=0)
     raw = predict([r / "best.pt"], crops, None, device="cpu", workers=0, calibrate=False)
-    assert np.allclose(cal.probs, apply_temperature(raw.probs, t), atol=1e-9)
+    assert np.allclose(cal.probs, apply_temperature(np.log(raw.probs), t), atol=1e-9)  # log p: the logits less a constant
     assert not np.allclose(cal.probs, raw.probs, atol=1e-3) and (cal.labels == raw.labels).all()
     old = {k: v for k, v in ckpt.items() if k not in ("temperature", "calibration")}
     save_checkpoint(tmp_path / "old.pt", old)
