@@ -6,12 +6,17 @@ the pipeline returns HWC uint8; the dataset hands each image on as 3 x H x W uin
 yields N x 3 x H x W uint8 batches: the model's shape at a quarter of the bytes of float batches.
 Normalisation comes last, on the device, in `normalize` (called by the training step and by
 `engine.infer`, the only two places that feed a model).
+
+The eval transform (`EvalResize`) is OpenCV alone, pixel for pixel albumentations' `Resize(...,
+area_for_downscale="image")` (tests/test_transforms.py): predict with an exported model imports neither
+albumentations (whose `__init__` imports albumentations.pytorch, so torch) nor torch. albumentations is
+imported only for training augmentation, with its start-up update check off (no network call).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-import albumentations as A
 import cv2
 import numpy as np
 
@@ -24,7 +29,26 @@ PRESETS = ("base", "strong", "none")
 INTERPOLATIONS = {"bilinear": 1, "bicubic": 2}  # cv2.INTER_LINEAR, cv2.INTER_CUBIC
 
 
-def build_transform(preset: str, img_size: int, train: bool, interpolation: str = "bilinear") -> A.Compose:
+class EvalResize:
+    """The eval transform: a crop resized to size x size, shrunk with INTER_AREA (no aliasing), enlarged
+    with `interpolation`. Called as albumentations pipelines are: `t(image=rgb)["image"]`."""
+
+    def __init__(self, size: int, interpolation: int):
+        self.size, self.interpolation = size, interpolation
+
+    def set_random_state(self, *rngs) -> None:
+        """Nothing random here (the datasets seed every transform per sample, as albumentations' Compose)."""
+
+    def __call__(self, *, image: np.ndarray) -> dict:
+        h, w = image.shape[:2]
+        if (h, w) == (self.size, self.size):
+            return {"image": image}
+        shrink = self.size < h or self.size < w
+        return {"image": cv2.resize(image, (self.size, self.size),
+                                    interpolation=cv2.INTER_AREA if shrink else self.interpolation)}
+
+
+def build_transform(preset: str, img_size: int, train: bool, interpolation: str = "bilinear"):
     """The albumentations pipeline for a preset.
 
     - eval (any preset with train=False, and preset 'none'): resize to img_size;
@@ -41,7 +65,10 @@ def build_transform(preset: str, img_size: int, train: bool, interpolation: str 
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     interp = INTERPOLATIONS[interpolation]
     if not train or preset == "none":
-        return A.Compose([A.Resize(img_size, img_size, interpolation=interp, area_for_downscale="image")])
+        return EvalResize(img_size, interp)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would otherwise ask PyPI for a newer version
+    import albumentations as A
+
     ops = [A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.85, 1.18), interpolation=interp),
            A.HorizontalFlip(p=0.5)]
     if preset == "strong":
