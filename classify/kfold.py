@@ -15,6 +15,7 @@ import numpy as np
 from . import rundir
 from .config import RESUMABLE, TrainConfig, resume_config
 from .distributed import Dist
+from .errors import ConfigError
 from .calibration import calibrate
 from .metrics import scores
 
@@ -33,6 +34,8 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, 
     for k in range(cfg.folds):
         sub = dataclasses.replace(cfg, fold=k, out=str(out / f"fold{k}"))
         done = rundir.finished_summary(Path(sub.out), cfg.epochs) if resume else None
+        if done is not None:
+            _check_fold(sub)
         if done is None:
             tag = (lambda rec, k=k: on_epoch(rec | {"fold": k, "folds": cfg.folds})) if on_epoch else None
             again = resume and (Path(sub.out) / rundir.LAST).is_file()
@@ -42,6 +45,18 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, 
         folds.append(done)
         d.barrier()
     return write_out_of_fold(out, cfg, folds) if d.main else {}
+
+
+def _check_fold(sub: TrainConfig) -> None:
+    """A finished fold is kept by --resume only when it was trained with this run's config (what
+    --resume may change aside): a fold of another run is never counted as done."""
+    from .config import changed_keys, config_from
+
+    saved = rundir.read_config(Path(sub.out))
+    differ = [k for k in changed_keys(sub, config_from(saved)) if k != "out"] if saved else ["config.json"]
+    if differ:
+        raise ConfigError(f"--resume: {sub.out} is a finished fold of another run (it differs in "
+                          f"{', '.join(differ)}); train with --overwrite to start this run again")
 
 
 def _oof(out: Path, folds: int, name: str) -> tuple[list[list], np.ndarray, np.ndarray]:

@@ -175,6 +175,54 @@ def finished_summary(run: Path, epochs: int) -> dict | None:
     return s if s and (s.get("epochs", 0) >= epochs or s.get("stopped_early")) else None
 
 
+def staging(out: Path) -> Path:
+    """Where `train --overwrite` trains the new run before it replaces `out` (one name for every rank)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.overwrite"
+
+
+def _retired(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.replaced"
+
+
+def clear(path: Path) -> None:
+    import shutil
+
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Replace the run in `out` by the one trained in `new`: the recorded output folder is set to `out`
+    in every config.json and checkpoint, then two renames (the old run is removed last)."""
+    from .checkpoint import save_checkpoint
+
+    new, out = Path(new), Path(out)
+    for cfg_file in new.rglob(CONFIG):
+        c = read_json(cfg_file)
+        write_json(cfg_file, c | {"out": str(out / cfg_file.parent.relative_to(new))})
+    for ckpt_file in list(new.rglob("*.pt")):
+        ckpt = load_checkpoint(ckpt_file)
+        if isinstance(ckpt.get("config"), dict):
+            ckpt["config"] = ckpt["config"] | {"out": str(out / ckpt_file.parent.relative_to(new))}
+            save_checkpoint(ckpt_file, ckpt)
+    old = _retired(out)
+    clear(old)
+    out.rename(old)
+    new.rename(out)
+    clear(old)
+
+
+def recover_swap(out: Path) -> None:
+    """A swap killed between its two renames left no `out`: put the old run back (the new one is kept
+    aside under its staging name, and the next --overwrite clears it)."""
+    out, old = Path(out), _retired(out)
+    if old.exists() and not out.exists():
+        old.rename(out)
+    elif old.exists():
+        clear(old)
+
+
 def existing_run(out: Path) -> list[str]:
     """What in `out` says it already holds a run."""
     return [n for n in (LAST, BEST, CONFIG, "fold0") if (Path(out) / n).exists()]

@@ -16,6 +16,7 @@ rank ends that rank at once (no wait on its peers), and torchrun then ends the j
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -54,23 +55,35 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         warn: Callable[[str], None] = print) -> dict:
     """Train per `cfg`; returns the summary (also written to RUN/summary.json).
 
-    A folder that already holds a run is refused unless `resume` (continue it) or `overwrite`.
+    A folder that already holds a run is refused unless `resume` (continue it) or `overwrite`. An
+    overwrite trains into a fresh folder beside it (`rundir.staging`) and swaps the two at the end: nothing
+    of the old run (fold folders, events, summaries) is read, and a killed overwrite leaves the old run.
 
     >>> fit(TrainConfig(crops="/tmp/c", out="/tmp/r", model="mobilenet_v2", weights="imagenet", epochs=6))
     >>> fit(TrainConfig(crops="/tmp/c", out="/tmp/r5", folds=5, fold="all"))   # RUN/fold0..4 + out-of-fold score
     """
     d = init_distributed(cfg.device)
+    final = Path(cfg.out)
     try:
-        if not resume and not overwrite:
-            found = rundir.existing_run(Path(cfg.out))
-            if found:
-                raise ConfigError(f"{cfg.out} already holds a run ({', '.join(found)}): add --resume to continue "
-                                  "it, --overwrite to replace it, or choose another --out")
+        if d.main:
+            rundir.recover_swap(final)
+        found = rundir.existing_run(final) if not resume else []
+        if found and not overwrite:
+            raise ConfigError(f"{cfg.out} already holds a run ({', '.join(found)}): add --resume to continue "
+                              "it, --overwrite to replace it, or choose another --out")
+        if found:  # --overwrite: a fresh run beside the old one, swapped in when it is whole
+            cfg = dataclasses.replace(cfg, out=str(rundir.staging(final)))
+            if d.main:
+                rundir.clear(Path(cfg.out))  # what a killed overwrite left
         d.barrier()  # every rank has looked before rank 0 writes
         if cfg.fold == "all":
             summary = fit_folds(cfg, d, resume, on_epoch, on_step, warn, fit_one)
         else:
             summary = fit_one(cfg, d, resume, on_epoch, on_step, warn)
+        if found:
+            d.barrier()
+            if d.main:
+                rundir.swap_in(Path(cfg.out), final)
     except BaseException:
         d.abort()  # no goodbye to the other ranks: they may be waiting for this one in a collective
         raise

@@ -1,0 +1,85 @@
+"""`train --overwrite` replaces a run, never writes into it (issue 28): the new run is trained beside the old
+one and swapped in whole, so nothing of the old run (fold folders, events, summaries) is used afterwards,
+and a killed overwrite leaves the old run as it was."""
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from classify import rundir
+from classify.config import TrainConfig
+from classify.predict import predict
+from classify.train import fit
+from tests.conftest import REPO, make_crops
+
+pytestmark = pytest.mark.slow
+FAST = dict(model="resnet18", img_size=32, batch_size=16, lr=1e-3, workers=0, weights="none", device="cpu",
+            preset="none", val_ratio=0.25)
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_overwriting_a_kfold_run_with_one_model_leaves_only_the_new_run(tmp_path, cli_run):
+    crops = make_crops(tmp_path / "c", people=12)
+    run = tmp_path / "r"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, folds=3, fold="all", **FAST), warn=lambda m: None)
+    assert len(rundir.fold_dirs(run)) == 3
+    res = cli_run("train", crops, "--out", run, "--overwrite", "--epochs", "1", "--img-size", "32", "--workers", "0",
+                  "--weights", "none", "--device", "cpu", "--preset", "none", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert rundir.fold_dirs(run) == [] and not (run / rundir.OOF_PREDICTIONS).exists()
+    assert not rundir.staging(run).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c", "r"]
+    assert rundir.read_config(run)["out"] == str(run) and rundir.read_config(run)["fold"] != "all"
+    from classify.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "best.pt")["config"]["out"] == str(run)
+    a = predict([run], crops, None, device="cpu", workers=0)
+    b = predict([run / "best.pt"], crops, None, device="cpu", workers=0)
+    assert len(a.models) == 1 and np.array_equal(a.probs, b.probs)
+    # and back: a k-fold overwrite of that run into 2 folds has exactly its own 2 folds
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, folds=2, fold="all", **FAST), overwrite=True,
+        warn=lambda m: None)
+    assert [f.name for f in rundir.fold_dirs(run)] == ["fold0", "fold1"] and not (run / "best.pt").exists()
+
+
+def test_a_killed_overwrite_leaves_the_old_run_intact(tmp_path):
+    crops = make_crops(tmp_path / "c", people=12)
+    run = tmp_path / "r"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, **FAST), warn=lambda m: None)
+    before = _tree(run)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from classify.train import TrainConfig, fit; "
+            "fit(TrainConfig(crops=sys.argv[2], out=sys.argv[3], epochs=20, model='resnet18', img_size=32, batch_size=16,"
+            " workers=0, weights='none', device='cpu', preset='none', val_ratio=0.25), overwrite=True, warn=print)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(crops), str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (rundir.staging(run) / rundir.BEST).is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the overwrite finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _tree(run) == before  # byte for byte: nothing of the new run got in, nothing of the old went
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, seed=1, **FAST), overwrite=True, warn=lambda m: None)
+    assert not rundir.staging(run).exists() and _tree(run) != before
+
+
+def test_a_kfold_resume_refuses_a_finished_fold_of_another_run(tmp_path):
+    from classify.errors import ConfigError
+
+    crops = make_crops(tmp_path / "c", people=12)
+    run = tmp_path / "r"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, folds=2, fold="all", **FAST), warn=lambda m: None)
+    cfg = rundir.read_config(run / "fold1")
+    rundir.write_config(run / "fold1", cfg | {"lr": 0.5})  # a fold trained with other settings
+    with pytest.raises(ConfigError, match="fold1 is a finished fold of another run.*lr"):
+        fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, folds=2, fold="all", **FAST), resume=True,
+            warn=lambda m: None)
