@@ -37,15 +37,15 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from classify.calibration import apply_temperature, ece
+    from classify.inference.calibration import apply_temperature, ece
     from classify.checkpoint import load_checkpoint
-    from classify.config import TrainConfig
-    from classify.data import load_rows
-    from classify.explain import explain_crops
-    from classify.models import create_model
-    from classify.predict import predict
-    from classify.rundir import ModelSpec
-    from classify.train import fit
+    from classify.training.config import TrainConfig
+    from classify.data.dataset import load_rows
+    from classify.study.explain import explain_crops
+    from classify.models.nets import create_model
+    from classify.inference.predict import predict
+    from classify.inference.rundir import ModelSpec
+    from classify.training.train import fit
     from preprocess import CropConfig, crop_dataset
 
     results = {}

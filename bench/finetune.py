@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     base = workdir(args.workdir)
     hub_with_mobilenet(base)
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
     from preprocess import CropConfig, crop_dataset
 
     raw = make_visible_workload(base / f"visible{args.workload_seed}", args.people, seed=args.workload_seed)
@@ -115,7 +115,7 @@ def main() -> None:
 def make_pseudo(base: Path, args, min_prob: float, results: dict) -> Path:
     """Pseudo-label an unlabelled folder of other people with the class-weighted-ce run's folds; prints
     how many were kept and how many of those labels are right (the folder's true labels are known here)."""
-    from classify.pseudo import pseudo_label
+    from classify.inference.pseudo import pseudo_label
     from preprocess import CropConfig, crop_dataset
     from preprocess.manifest import read_manifest
 

@@ -72,8 +72,8 @@ def main() -> None:
     if not (crops / "crops.npy").is_file():
         subprocess.run([sys.executable, str(ROOT / "cli.py"), "crop", str(raw), "--out", str(crops), "--device", "cpu"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from classify.data import CropDataset, load_rows
-    from classify.transforms import build_transform, normalize
+    from classify.data.dataset import CropDataset, load_rows
+    from classify.data.transforms import build_transform, normalize
 
     torch.set_num_threads(1)  # one worker = one core, for both
     _, rows = load_rows(crops)

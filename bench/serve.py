@@ -91,9 +91,9 @@ def classifier_alone(run: Path, model: Path, base: Path) -> dict:
     import torch
 
     from classify.checkpoint import load_checkpoint
-    from classify.export import export
-    from classify.onnx_model import OnnxModel
-    from classify.predict import checkpoint_paths, load_model
+    from classify.deploy.export import export
+    from classify.inference.onnx_model import OnnxModel
+    from classify.inference.predict import checkpoint_paths, load_model
 
     ckpt = load_checkpoint(checkpoint_paths([run])[0])
     net = load_model(ckpt, torch.device("cpu"))
@@ -126,8 +126,8 @@ def main() -> None:
     base = workdir(args.workdir)
     make_lone_workload(base / "lone", args.photos)
     photos = sorted((base / "lone" / "images").iterdir())
-    from classify.export import export
-    from classify.predict import checkpoint_paths
+    from classify.deploy.export import export
+    from classify.inference.predict import checkpoint_paths
 
     model = export([args.run], base / "model.onnx").path
     result = {}

@@ -24,10 +24,10 @@ from workload import make_workload, workdir  # noqa: E402
 
 
 def train_rate(name: str, steps: int, batch: int, size: int, device: torch.device, amp: bool) -> float:
-    from classify.engine import autocast
-    from classify.losses import MultiTaskLoss, make_loss
-    from classify.models import create_model, model_kwargs
-    from classify.transforms import normalize
+    from classify.inference.engine import autocast
+    from classify.training.losses import MultiTaskLoss, make_loss
+    from classify.models.nets import create_model, model_kwargs
+    from classify.data.transforms import normalize
 
     torch.manual_seed(0)
     model = create_model(name, **model_kwargs(name)).to(device).train()

@@ -1,4 +1,4 @@
-"""Training throughput of the real loop (`classify.train.fit`: loader, augmentation, step, the
+"""Training throughput of the real loop (`classify.training.train.fit`: loader, augmentation, step, the
 finite-loss check), images/s between the first and the last step of one epoch, for several models.
 
     python bench/train_loop.py [--models resnet18,mobilenet_v2,...] [--root CHECKOUT] [--photos 700]
@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(args.root))
     sys.path.insert(1, str(HERE))  # tests.conftest (the synthetic crops) from this tree
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
     from tests.conftest import make_crops
 
     work = Path(tempfile.mkdtemp(prefix="maskcls-loop-"))

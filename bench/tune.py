@@ -36,10 +36,10 @@ def main() -> None:
     args = ap.parse_args()
     base = workdir(args.workdir)
     hub_with_mobilenet(base)
-    from classify.config import TrainConfig
-    from classify.evaluate import evaluate
-    from classify.train import fit
-    from classify.tune import tune
+    from classify.training.config import TrainConfig
+    from classify.inference.evaluate import evaluate
+    from classify.training.train import fit
+    from classify.study.tune import tune
     from preprocess import CropConfig, crop_dataset
 
     crops, test = base / "crops", base / "test_crops"

@@ -16,7 +16,7 @@ import torch
 
 from preprocess.imageio import atomic_write_bytes
 
-from .errors import CheckpointError
+from classify.errors import CheckpointError
 
 FORMAT = "maskcls-checkpoint"
 VERSION = 1

@@ -42,7 +42,7 @@ def crop(
     if world > 1:  # under torchrun: each rank crops its share of the people on its own device
         import dataclasses
 
-        from classify.distributed import init_distributed
+        from classify.training.distributed import init_distributed
         dist = init_distributed(cfg.device)
         cfg = dataclasses.replace(cfg, device=str(dist.device))
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ def export(
     from classify.errors import ConfigError
 
     require_extra("export", "maskcls export")
-    from classify.export import export as run_export
+    from classify.deploy.export import export as run_export
 
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give a file name (e.g. {out / 'model.onnx'})")
@@ -54,7 +54,7 @@ def serve(
     import tempfile
 
     from classify.errors import ConfigError
-    from classify.onnx_model import is_onnx
+    from classify.inference.onnx_model import is_onnx
 
     require_extra("serve", "maskcls serve")
     if not is_onnx(model):
@@ -63,12 +63,12 @@ def serve(
         if value < lo or (name == "--port" and value > 65535):
             raise ConfigError(f"{name} {value}: must be {'in 1..65535' if name == '--port' else '>= 1'}")
     try:
-        from classify.serve import serve as run_serve
+        from classify.deploy.serve import serve as run_serve
     except ImportError:
         raise ConfigError("maskcls serve needs fastapi and uvicorn: pip install 'maskcls[serve]'") from None
     with tempfile.TemporaryDirectory(prefix="maskcls-serve-") as tmp:
         if not is_onnx(model):
-            from classify.export import export as run_export
+            from classify.deploy.export import export as run_export
 
             console.print(f"exporting {escape(str(model))} to ONNX first…", highlight=False)
             model = run_export([model], Path(tmp) / "model.onnx").path

@@ -32,7 +32,7 @@ def predict(
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     from classify.errors import ConfigError
-    from classify.onnx_model import is_onnx, the_one_onnx
+    from classify.inference.onnx_model import is_onnx, the_one_onnx
 
     ckpts, source = _models_then(paths, "the folder to predict")
     for name, path in (("--out", out), ("--probs", probs)):
@@ -41,12 +41,12 @@ def predict(
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
-            from classify.deploy import predict_onnx
+            from classify.inference.onnx_predict import predict_onnx
             pred = predict_onnx(the_one_onnx(ckpts), source, out, tta=tta, probs_out=probs, cache=crops, device=device,
                                 batch_size=batch_size, on_progress=bar.update, review=review, below=below, vote=vote,
                                 calibrate=calibrate, workers=workers)
         else:
-            from classify.predict import predict as run_predict
+            from classify.inference.predict import predict as run_predict
             pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
                                batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote,
                                calibrate=calibrate, review=review, below=below)
@@ -90,7 +90,7 @@ def pseudo_label(
     calibrate: bool = CALIBRATE,
 ):
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
-    from classify.pseudo import pseudo_label as run
+    from classify.inference.pseudo import pseudo_label as run
     from preprocess.labels import class_names
 
     ckpts, source = _models_then(paths, "the folder to pseudo-label")
@@ -121,7 +121,7 @@ def evaluate(
     calibrate: bool = CALIBRATE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
-    from classify.evaluate import evaluate as run_evaluate
+    from classify.inference.evaluate import evaluate as run_evaluate
 
     ckpts, crops_dir = _models_then(paths, "the crops folder")
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
@@ -165,10 +165,10 @@ def explain(
     require_extra("explain", "maskcls explain")
     from classify.checkpoint import load_checkpoint
     from classify.errors import ConfigError
-    from classify.explain import explain_crops
-    from classify.cropping import crops_for
-    from classify.predict import checkpoint_paths
-    from classify.rundir import ModelSpec
+    from classify.study.explain import explain_crops
+    from classify.inference.cropping import crops_for
+    from classify.inference.predict import checkpoint_paths
+    from classify.inference.rundir import ModelSpec
     from preprocess.manifest import read_manifest
 
     if len(paths) < 2:

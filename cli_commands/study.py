@@ -21,7 +21,7 @@ def report(
     per_class: int = typer.Option(6, help="Crops shown per class in the grid."),
 ):
     """Figures of the data (and of a run) with their numbers as CSV, and one index.html."""
-    from classify.report import report as run_report
+    from classify.study.report import report as run_report
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
     console.print(f"report: {escape(str(index))}", highlight=False)
@@ -33,7 +33,7 @@ def compare_runs(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.csv, the figures and index.html."),
 ):
     """Runs side by side: the configuration keys that differ, best scores per task, curves and bars."""
-    from classify.compare import SCORES, cell, compare, config_cell
+    from classify.study.compare import SCORES, cell, compare, config_cell
 
     results, keys, index = compare(runs, out)
     names = [r.name + (f" ({r.folds} folds)" if r.folds else "") for r in results]
@@ -71,9 +71,9 @@ def tune(
     import dataclasses
 
     require_extra("tune", "maskcls tune")
-    from classify.config import load_config
+    from classify.training.config import load_config
     from classify.errors import ConfigError
-    from classify.tune import tune as run_tune
+    from classify.study.tune import tune as run_tune
 
     root = ctx.find_root()  # the maskcls group: tune parses its extra options as train parses them
     train_cmd = root.command.get_command(root, "train")

@@ -75,8 +75,8 @@ def train(
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
     from classify.errors import ConfigError
-    from classify.config import load_config, resume_config
-    from classify.train import fit
+    from classify.training.config import load_config, resume_config
+    from classify.training.train import fit
     from preprocess.runtime import dist_env
 
     opts = {k: v for k, v in ctx.params.items() if k not in ("config", "resume", "overwrite")}

@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
-import classify.evaluate  # noqa: E402,F401
-import classify.predict  # noqa: E402,F401
-import classify.pseudo  # noqa: E402,F401
-import classify.report  # noqa: E402,F401
-import classify.train  # noqa: E402,F401
+import classify.inference.evaluate  # noqa: E402,F401
+import classify.inference.predict  # noqa: E402,F401
+import classify.inference.pseudo  # noqa: E402,F401
+import classify.study.report  # noqa: E402,F401
+import classify.training.train  # noqa: E402,F401
 import preprocess.crop  # noqa: E402,F401
 
-for extra in ("classify.tune", "classify.export", "classify.explain", "onnxruntime"):  # where installed
+for extra in ("classify.study.tune", "classify.deploy.export", "classify.study.explain", "onnxruntime"):  # where installed
     try:
         importlib.import_module(extra)
     except ImportError:  # the extra is not installed: its commands say so themselves

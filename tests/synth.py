@@ -1,7 +1,7 @@
 """Synthetic competition-style photos with a known face box, made from the public-domain faces in
 tests/assets/faces (see SOURCES.md there). Used by data_samples/make_samples.py, the benchmarks and
 the tests. Masks are drawn from the faces' MTCNN landmarks (stored in landmarks.json, so generating
-needs no detector) by `classify.masks.draw_mask`, the same code as `train --synth-mask`.
+needs no detector) by `classify.data.masks.draw_mask`, the same code as `train --synth-mask`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from classify.masks import MASK_COLOURS, MaskStyle, draw_mask
+from classify.data.masks import MASK_COLOURS, MaskStyle, draw_mask
 from preprocess.subject import iou  # noqa: F401 (the benchmarks and tests take it from here)
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "faces"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from classify.compare import compare
-from classify.report import report
-from classify.train import TrainConfig, fit
+from classify.study.compare import compare
+from classify.study.report import report
+from classify.training.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
 from tests.conftest import SAMPLES, make_person
 from tests.test_deploy import sample_model, server  # noqa: F401 (fixtures)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from classify.calibration import apply_temperature, calibrate, ece
+from classify.inference.calibration import apply_temperature, calibrate, ece
 from classify.checkpoint import load_checkpoint, save_checkpoint
-from classify.config import TrainConfig
+from classify.training.config import TrainConfig
 from classify.metrics import scores
-from classify.predict import predict
-from classify.train import fit
+from classify.inference.predict import predict
+from classify.training.train import fit
 from tests.conftest import SAMPLES, make_crops
 
 FAST = dict(img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu", preset="none", val_ratio=0.25)
@@ -60,7 +60,7 @@ def test_the_temperature_is_in_best_pt_and_predict_uses_it_and_an_old_checkpoint
 
 
 def test_evaluate_reports_the_ece_before_and_after(run):
-    from classify.evaluate import evaluate
+    from classify.inference.evaluate import evaluate
 
     crops, r = run
     res = evaluate([r], crops, device="cpu", workers=0)
@@ -95,15 +95,15 @@ def test_the_review_list_holds_exactly_the_unsure_photos_least_sure_first_with_t
 
 def test_gradcam_maps_have_the_crops_shape_vary_and_differ_per_task(run):
     pytest.importorskip("pytorch_grad_cam")
-    from classify.explain import cam_layer, task_maps
-    from classify.predict import load_model
+    from classify.study.explain import cam_layer, task_maps
+    from classify.inference.predict import load_model
 
     crops, r = run
     model = load_model(load_checkpoint(r / "best.pt"), torch.device("cpu"))
     assert cam_layer(model, 64)[2] == "layer4"  # the last spatial stage, not the pooled features
     assert cam_layer(model, 32)[2] == "layer3"  # at 32 px layer4 is 1 x 1, as flat as pooling: the last map >= 2 x 2
-    from classify.data import CropDataset, load_rows
-    from classify.transforms import build_transform, normalize
+    from classify.data.dataset import CropDataset, load_rows
+    from classify.data.transforms import build_transform, normalize
 
     rows = load_rows(crops)[1][:8]
     ds = CropDataset(crops, rows, build_transform("none", 32, False))

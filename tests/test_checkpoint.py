@@ -6,8 +6,8 @@ import torch
 
 from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.errors import CheckpointError
-from classify.models import create_model
-from classify.predict import load_model
+from classify.models.nets import create_model
+from classify.inference.predict import load_model
 
 
 def test_round_trip_restores_model_and_description(tmp_path):

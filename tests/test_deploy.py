@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from classify.config import TrainConfig
-from classify.predict import predict
-from classify.train import fit
+from classify.training.config import TrainConfig
+from classify.inference.predict import predict
+from classify.training.train import fit
 from tests.conftest import REPO, SAMPLES, make_crops
 
 pytest.importorskip("onnxruntime")
@@ -32,7 +32,7 @@ def _export(cli_run, run, out, *args):
 
 @pytest.mark.parametrize("model", ["resnet18", "attention", "kfold"])
 def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model, cli_run):
-    from classify.deploy import predict_onnx
+    from classify.inference.onnx_predict import predict_onnx
 
     crops = make_crops(tmp_path / "c", people=12)
     kw = dict(folds=2, fold="all", model="resnet18") if model == "kfold" else dict(model=model)
@@ -42,7 +42,7 @@ def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model,
     want = predict([tmp_path / "r"], crops, None, device="cpu", workers=0)
     got = predict_onnx(tmp_path / "m.onnx", crops)
     assert (got.labels == want.labels).all() and np.abs(got.probs - want.probs).max() < 1e-4
-    from classify.onnx_model import OnnxModel
+    from classify.inference.onnx_model import OnnxModel
 
     meta = OnnxModel(tmp_path / "m.onnx").meta
     assert meta["img_size"] == 32 and len(meta["checkpoints"]) == (2 if model == "kfold" else 1)
@@ -184,8 +184,8 @@ def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_pat
 
 
 def test_evaluate_and_pseudo_label_take_an_exported_model_as_they_take_its_checkpoint(sample_model, sample_crops, tmp_path):
-    from classify.evaluate import evaluate
-    from classify.pseudo import pseudo_label
+    from classify.inference.evaluate import evaluate
+    from classify.inference.pseudo import pseudo_label
     from preprocess.manifest import read_manifest
 
     base, _ = sample_model

@@ -31,7 +31,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     the loss's task weights averaged too, validation gathered from both ranks. The backbone is frozen
     and dropout off because gloo has no SyncBatchNorm and dropout masks depend on the batch split.
     (112 training photos: divisible by the world size, so no sample is padded in.)"""
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
 
     crops = make_crops(tmp_path / "crops", people=20)
     common = dict(epochs=2, img_size=32, workers=0, freeze_backbone=True, weights="none", model="attention",
@@ -75,7 +75,7 @@ def test_one_ranks_nan_stops_every_rank_instead_of_hanging(tmp_path):
 def test_kfold_under_torchrun_equals_one_process(tmp_path):
     """--folds 2 --fold all with 2 processes x batch 8 against 1 process x batch 16: the same out-of-fold
     predictions (frozen backbone, no dropout, as above), one set of fold folders, written once."""
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
 
     crops = make_crops(tmp_path / "crops", people=16)
     common = dict(epochs=1, img_size=32, workers=0, freeze_backbone=True, weights="none", dropout=0.0, device="cpu",

@@ -129,7 +129,7 @@ def test_disk_full_is_one_line_from_the_cli(raw_train, tmp_path, monkeypatch):
 
 def test_disk_full_while_saving_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
     from classify import checkpoint as CK
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
 
     crops = make_crops(tmp_path / "crops", people=12)
     real = CK.atomic_write_bytes

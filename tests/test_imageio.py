@@ -52,7 +52,7 @@ def test_importing_the_crop_stage_changes_no_process_wide_state(tmp_path):
     import sys
 
     code = ("import os, PIL.Image as I; before = I.MAX_IMAGE_PIXELS; os.umask(0o027)\n"
-            "import preprocess.crop, preprocess.imageio as io, classify.train\n"
+            "import preprocess.crop, preprocess.imageio as io, classify.training.train\n"
             "assert I.MAX_IMAGE_PIXELS == before, I.MAX_IMAGE_PIXELS\n"
             "from pathlib import Path\n"
             f"io.atomic_write_bytes(Path({str(tmp_path / 'f.bin')!r}), b'x')\n"

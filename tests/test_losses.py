@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from classify.errors import ConfigError
-from classify.losses import MultiTaskLoss, focal_loss, make_loss, soft_f1_loss, task_targets
+from classify.training.losses import MultiTaskLoss, focal_loss, make_loss, soft_f1_loss, task_targets
 from classify.metrics import macro_f1, scores
 
 LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -81,7 +81,7 @@ def test_macro_f1_matches_hand_computation():
 
 
 def test_class_weighted_ce_weighs_each_sample_by_its_rarity_and_splits_exactly():
-    from classify.losses import class_weights
+    from classify.training.losses import class_weights
 
     counts = [6, 2, 0]  # 8 samples, 2 classes present: weights 8/(2*6), 8/(2*2), absent 0
     w = class_weights(counts)

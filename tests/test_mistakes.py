@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Folders and files the mistakes point at: crops, a finished run, raw photos, wrong files."""
-    from classify.models import Backbone
-    from classify.train import TrainConfig, fit
+    from classify.models.nets import Backbone
+    from classify.training.train import TrainConfig, fit
 
     w = tmp_path_factory.mktemp("world")
     make_crops(w / "crops", people=12)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from classify.errors import ConfigError
-from classify.losses import MultiTaskLoss, make_loss
-from classify.models import (Backbone, compose_task_logits, create_model, freeze_backbone, list_models, model_kwargs,
+from classify.training.losses import MultiTaskLoss, make_loss
+from classify.models.nets import (Backbone, compose_task_logits, create_model, freeze_backbone, list_models, model_kwargs,
                              torchvision_models)
 from preprocess import labels as L
 
@@ -112,7 +112,7 @@ def test_attention_model_registers_each_parameter_once():
 def test_every_task_loss_reaches_the_attention_models_total(tmp_path):
     """The training criterion (built by train.create_criterion for the model) must send gradient to
     each of the 18-class, mask, gender and age outputs: dropping any task's loss fails this."""
-    from classify.train import TrainConfig, create_criterion
+    from classify.training.train import TrainConfig, create_criterion
 
     torch.manual_seed(0)
     for weighting in ("fixed", "uncertainty"):
@@ -143,7 +143,7 @@ def test_a_timm_model_is_the_attention_models_backbone_too():
 
 
 def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_off_on_the_cpu(monkeypatch):
-    from classify.engine import resolve_amp
+    from classify.inference.engine import resolve_amp
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))  # an A100 (tests/test_trust: V100, T4)

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from classify.config import TrainConfig
-from classify.train import fit
+from classify.training.config import TrainConfig
+from classify.training.train import fit
 from tests.conftest import REPO, FakeDetector, make_crops, make_person
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -85,7 +85,7 @@ def test_more_folds_than_people_is_refused_before_any_fold_trains(tmp_path):
 
 
 def test_a_report_of_unlabelled_crops_draws_what_the_data_has_and_says_what_needs_labels(tmp_path):
-    from classify.report import report
+    from classify.study.report import report
     from preprocess import CropConfig, crop_dataset
 
     ev = tmp_path / "eval"
@@ -108,7 +108,7 @@ def test_a_report_of_unlabelled_crops_draws_what_the_data_has_and_says_what_need
 def test_compare_writes_values_as_people_write_them_and_compares_what_was_used(tmp_path):
     """No JSON quotes; `backbone` differs only between attention models; `weights` is what each run
     used (auto that resolved to none equals none); a k-fold run's curve is the folds' mean with a band."""
-    from classify.compare import compare
+    from classify.study.compare import compare
 
     crops = make_crops(tmp_path / "c", people=12)
     fit(TrainConfig(crops=str(crops), out=str(tmp_path / "a"), **FAST, epochs=1), warn=lambda m: None)
@@ -118,7 +118,7 @@ def test_compare_writes_values_as_people_write_them_and_compares_what_was_used(t
         warn=lambda m: None)
     _, keys, index = compare([tmp_path / "a", tmp_path / "b", tmp_path / "k"], tmp_path / "cmp")
     assert "backbone" not in keys and "lr" in keys
-    from classify.compare import effective_config
+    from classify.study.compare import effective_config
 
     used = effective_config({"weights": "auto", "weights_resolved": "none", "model": "resnet18", "backbone": "x"})
     assert used == effective_config({"weights": "none", "weights_resolved": "none", "model": "resnet18"})
@@ -139,7 +139,7 @@ def test_compare_writes_values_as_people_write_them_and_compares_what_was_used(t
 
 
 def test_the_crop_grid_names_each_tiles_person_and_has_no_empty_columns(tmp_path):
-    from classify.report import report
+    from classify.study.report import report
 
     from PIL import Image
 
@@ -150,7 +150,7 @@ def test_the_crop_grid_names_each_tiles_person_and_has_no_empty_columns(tmp_path
     narrow = Image.open(tmp_path / "rep" / "crops_grid.png").size[0]
     report(make_crops(tmp_path / "c12", people=12), tmp_path / "rep12", per_class=12)
     assert narrow < Image.open(tmp_path / "rep12" / "crops_grid.png").size[0]  # 5 columns drawn, not 12
-    from classify.report import _person_label
+    from classify.study.report import _person_label
     assert _person_label("000123_female_Asian_45/mask1") == "000123"
 
 

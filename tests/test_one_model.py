@@ -9,8 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from classify.config import TrainConfig
-from classify.train import fit
+from classify.training.config import TrainConfig
+from classify.training.train import fit
 from tests.conftest import make_crops
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,8 @@ def kfold(tmp_path_factory):
 
 
 def _val_rows(crops, fold_dir):
-    from classify import rundir
-    from classify.data import load_rows, person_key
+    from classify.inference import rundir
+    from classify.data.dataset import load_rows, person_key
 
     split = rundir.read_split(fold_dir)
     return [r for r in load_rows(crops)[1] if split.get(person_key(r)) == "val"]  # "index": the row in crops.npy
@@ -38,9 +38,9 @@ def _val_rows(crops, fold_dir):
 def test_the_out_of_fold_temperature_is_the_fit_of_the_folds_logits_recomputed_in_memory(kfold):
     import torch
 
-    from classify.calibration import fit_temperature
+    from classify.inference.calibration import fit_temperature
     from classify.checkpoint import load_checkpoint
-    from classify.predict import model_logits
+    from classify.inference.predict import model_logits
 
     crops, run, summary = kfold
     z, y = [], []
@@ -59,10 +59,10 @@ def test_the_out_of_fold_temperature_is_the_fit_of_the_folds_logits_recomputed_i
 def test_the_stored_temperature_is_the_fit_of_the_runs_own_validation_logits_and_labels(kfold):
     """Recomputed from the folds' logits and the manifest's labels (not from anything the run wrote about
     labels): a T fitted against other labels would not match."""
-    from classify import rundir
-    from classify.calibration import calibrate
+    from classify.inference import rundir
+    from classify.inference.calibration import calibrate
     from classify.checkpoint import load_checkpoint
-    from classify.data import load_rows
+    from classify.data.dataset import load_rows
 
     crops, run, _ = kfold
     label = {r["image_id"]: r["label"] for r in load_rows(crops)[1]}
@@ -82,9 +82,9 @@ def test_the_stored_temperature_is_the_fit_of_the_runs_own_validation_logits_and
 def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_normalisation(kfold, tmp_path, t):
     pytest.importorskip("onnxscript")
     from classify.checkpoint import load_checkpoint, save_checkpoint
-    from classify.deploy import predict_onnx
-    from classify.export import export
-    from classify.predict import predict
+    from classify.inference.onnx_predict import predict_onnx
+    from classify.deploy.export import export
+    from classify.inference.predict import predict
 
     crops, run, summary = kfold
     fitted = t == "fitted"
@@ -109,7 +109,7 @@ def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_nor
 @pytest.mark.parametrize("option", [["--workers", "0"], ["--tta", "2"]])
 def test_an_option_an_exported_model_cannot_honour_is_one_error_line(kfold, tmp_path, option, cli_run):
     pytest.importorskip("onnxscript")
-    from classify.export import export
+    from classify.deploy.export import export
 
     crops, run, _ = kfold
     export([run], tmp_path / "m.onnx")
@@ -123,8 +123,8 @@ def test_an_option_an_exported_model_cannot_honour_is_one_error_line(kfold, tmp_
 
 
 def test_a_served_answer_names_its_class_in_every_task_field():
-    from classify.answer import task_values
-    from classify.serve import Engine
+    from classify.inference.answer import task_values
+    from classify.deploy.serve import Engine
     from preprocess import labels as L
 
     p = np.zeros(18)

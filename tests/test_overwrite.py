@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from classify import rundir
-from classify.config import TrainConfig
-from classify.predict import predict
-from classify.train import fit
+from classify.inference import rundir
+from classify.training.config import TrainConfig
+from classify.inference.predict import predict
+from classify.training.train import fit
 from tests.conftest import REPO, make_crops
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_a_killed_overwrite_leaves_the_old_run_intact(tmp_path):
     run = tmp_path / "r"
     fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, **FAST), warn=lambda m: None)
     before = _tree(run)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from classify.train import TrainConfig, fit; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from classify.training.train import TrainConfig, fit; "
             "fit(TrainConfig(crops=sys.argv[2], out=sys.argv[3], epochs=20, model='resnet18', img_size=32, batch_size=16,"
             " workers=0, weights='none', device='cpu', preset='none', val_ratio=0.25), overwrite=True, warn=print)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(crops), str(run)], stdout=subprocess.DEVNULL,

@@ -10,10 +10,10 @@ from torch import nn
 
 from classify.checkpoint import save_checkpoint
 from classify.errors import CheckpointError
-from classify.models import create_model, model_kwargs, register_model
-from classify.predict import predict
-from classify.train import TrainConfig, fit
-from classify.transforms import IMAGENET_MEAN, IMAGENET_STD
+from classify.models.nets import create_model, model_kwargs, register_model
+from classify.inference.predict import predict
+from classify.training.train import TrainConfig, fit
+from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from preprocess import CropConfig
 from preprocess import labels as L
 from preprocess.manifest import read_manifest
@@ -36,7 +36,7 @@ class FlipSymmetric(nn.Module):
 @pytest.fixture
 def flip_symmetric_model():
     """Registered for one test only, so registry-wide tests do not see it."""
-    from classify import models
+    from classify.models import nets as models
 
     register_model("test_flip_symmetric")(FlipSymmetric)
     yield "test_flip_symmetric"
@@ -101,8 +101,8 @@ def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_other
     tta = predict([res], eval_raw, tta=2, **kw).probs
     assert not np.allclose(plain.probs, tta, atol=1e-6)
     from classify.checkpoint import load_checkpoint
-    from classify.predict import load_model
-    from classify.transforms import build_transform, normalize
+    from classify.inference.predict import load_model
+    from classify.data.transforms import build_transform, normalize
     from preprocess.imageio import read_crop
     model = load_model(load_checkpoint(res), torch.device("cpu"))
     tf = build_transform("base", 32, train=False)

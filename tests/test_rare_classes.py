@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from classify.checkpoint import load_checkpoint
-from classify.data import CropDataset
-from classify.masks import face_box, synthesize
-from classify.predict import predict
-from classify.pseudo import pseudo_label
-from classify.config import TrainConfig
-from classify.data import prepare_data
-from classify.mixing import mix_batch as _mix
-from classify.train import fit
-from classify.transforms import build_transform
+from classify.data.dataset import CropDataset
+from classify.data.masks import face_box, synthesize
+from classify.inference.predict import predict
+from classify.inference.pseudo import pseudo_label
+from classify.training.config import TrainConfig
+from classify.data.dataset import prepare_data
+from classify.training.mixing import mix_batch as _mix
+from classify.training.train import fit
+from classify.data.transforms import build_transform
 from preprocess import labels as L
 from preprocess.manifest import read_manifest, write_manifest
 from tests.conftest import make_crops
@@ -163,7 +163,7 @@ def test_vcutmix_takes_halves_of_a_same_status_photo_and_mixes_the_label_only_wh
                 assert labels[j] == labels[i]
         assert torch.equal(mixed[3], x[3]) and int(y_b[3]) == 10  # no partner: the photo stays whole
     # the mixed loss: where the partner has the same class it is that class's loss
-    from classify.losses import MultiTaskLoss, make_loss
+    from classify.training.losses import MultiTaskLoss, make_loss
     heads = ["label", "mask", "gender", "age"]
     crit = MultiTaskLoss({h: make_loss("ce", 0.1, 2.0, None) for h in heads}, heads, "fixed")
     out = {h: torch.randn(len(labels), n) for h, n in (("label", 18), ("mask", 3), ("gender", 2), ("age", 3))}
@@ -186,7 +186,7 @@ def test_vcutmix_is_a_train_option_and_a_bad_synth_mask_is_refused():
 def test_the_report_previews_synthetic_masks_with_their_new_classes(tmp_path):
     import csv
 
-    from classify.report import report
+    from classify.study.report import report
     from preprocess.manifest import read_meta
 
     crops = make_crops(tmp_path / "c", people=4, size=256)

@@ -15,11 +15,11 @@ import torch
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.predict import predict
-from classify.config import TrainConfig, resume_config
-from classify.data import boundary_distance, prepare_data
-from classify.schedule import create_optimizer, create_scheduler
-from classify.train import fit
+from classify.inference.predict import predict
+from classify.training.config import TrainConfig, resume_config
+from classify.data.dataset import boundary_distance, prepare_data
+from classify.training.schedule import create_optimizer, create_scheduler
+from classify.training.train import fit
 from preprocess import labels as L
 from tests.conftest import make_crops
 
@@ -42,8 +42,8 @@ def crops(tmp_path_factory):
 
 
 def test_pretrained_backbone_learns_slower_and_the_schedule_warms_up_then_follows_the_cosine():
-    from classify.losses import MultiTaskLoss
-    from classify.models import create_model
+    from classify.training.losses import MultiTaskLoss
+    from classify.models.nets import create_model
 
     model = create_model("resnet18")
     cfg = TrainConfig(crops="x", out="y", lr=0.01, backbone_lr=0.1, epochs=4, warmup=1)
@@ -118,7 +118,7 @@ def test_val_old_scores_the_competition_boundary_whatever_old_trained(tmp_path):
     assert summary["best"]["val_f1"] == pytest.approx(rescored["f1"]) and summary["val_old"] == 60
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
     assert ckpt["config"]["old"] == 58 and ckpt["config"]["val_old"] == 60
-    from classify.evaluate import evaluate
+    from classify.inference.evaluate import evaluate
 
     res = evaluate([tmp_path / "r" / "best.pt"], crops, device="cpu", workers=0)
     support_old = sum(sum(res["confusion"][k]) for k in range(18) if k % 3 == 2)
@@ -227,10 +227,10 @@ def test_an_ensemble_of_different_old_is_refused(crops, tmp_path):
 def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path):
     """A timm model whose weights expect mean = std = 0.5 and bicubic resizing: the checkpoint says so and
     predict's probabilities are those of that preprocessing, not ImageNet's."""
-    from classify.engine import infer, make_loader
-    from classify.data import CropDataset, load_rows
-    from classify.predict import load_model
-    from classify.transforms import build_transform
+    from classify.inference.engine import infer, make_loader
+    from classify.data.dataset import CropDataset, load_rows
+    from classify.inference.predict import load_model
+    from classify.data.transforms import build_transform
 
     _fit(crops, tmp_path / "r", model="timm/test_convnext.r160_in1k", epochs=1, img_size=56)  # enlarged: interpolation matters
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
@@ -269,7 +269,7 @@ def test_tensorboard_events_hold_the_numbers_of_metrics_csv(crops, tmp_path):
 def test_without_tensorboard_training_is_unchanged_and_says_so_once(crops, tmp_path, monkeypatch):
     import sys
 
-    import classify.train as T
+    import classify.training.train as T
 
     with_tb = _fit(crops, tmp_path / "a", epochs=1)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
@@ -285,7 +285,7 @@ def test_without_tensorboard_training_is_unchanged_and_says_so_once(crops, tmp_p
 
 
 def test_compare_names_the_differing_keys_and_each_runs_best_scores(crops, tmp_path):
-    from classify.compare import compare
+    from classify.study.compare import compare
 
     _fit(crops, tmp_path / "a", epochs=2, lr=1e-3)
     _fit(crops, tmp_path / "b", epochs=2, lr=3e-3, loss="ce")

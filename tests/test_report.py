@@ -4,8 +4,8 @@ import re
 
 import numpy as np
 
-from classify.report import report
-from classify.train import TrainConfig, fit
+from classify.study.report import report
+from classify.training.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
 from preprocess.manifest import read_manifest
 from tests.conftest import make_person

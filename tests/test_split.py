@@ -1,7 +1,7 @@
 """Person-level splits: no person on both sides, stratified, reproducible; k folds partition people."""
 import random
 
-from classify.data import person_key, split_persons
+from classify.data.dataset import person_key, split_persons
 
 
 def _rows(n_people=60, seed=0):
@@ -55,7 +55,7 @@ def test_rows_without_person_id_are_split_per_photo():
 def test_label_fixes_change_labels_by_photo_or_person_and_refuse_unknown_ids(tmp_path):
     import pytest
 
-    from classify.data import load_rows
+    from classify.data.dataset import load_rows
     from classify.errors import ConfigError
     from tests.conftest import make_crops
 
@@ -79,7 +79,7 @@ def test_a_label_fix_of_an_id_without_folder_applies_once():
     from pathlib import Path
     import tempfile
 
-    from classify.data import apply_label_fixes
+    from classify.data.dataset import apply_label_fixes
 
     rows = [{"image_id": "a.jpg", "gender": 0, "age": 20, "mask": 0, "age_group": 0, "label": 0}]
     with tempfile.TemporaryDirectory() as d:
@@ -93,8 +93,8 @@ def test_dataset_items_are_the_crops_pixels_in_the_models_layout_from_the_pack_o
     import numpy as np
     import torch
 
-    from classify.data import CropDataset, load_rows
-    from classify.transforms import build_transform
+    from classify.data.dataset import CropDataset, load_rows
+    from classify.data.transforms import build_transform
     from preprocess.imageio import read_crop
     from tests.conftest import make_crops
 
@@ -123,7 +123,7 @@ def test_normalize_standardises_each_channel_of_a_loader_batch_and_refuses_anoth
     import pytest
     import torch
 
-    from classify.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
     expected = (x.double() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -139,8 +139,8 @@ def test_changing_only_the_training_old_moves_no_validation_person(tmp_path):
     """The split is stratified at --val-old (the competition's boundary): --old 58 and --old 60 validate on
     the same people, so their scores compare. Stratified at the training --old, the people aged 58-59
     change stratum and the split moves."""
-    from classify.config import TrainConfig
-    from classify.data import prepare_data
+    from classify.training.config import TrainConfig
+    from classify.data.dataset import prepare_data
     from tests.conftest import make_crops
 
     crops = make_crops(tmp_path / "c", people=40, ages=(22, 45, 58, 59, 70))
@@ -154,7 +154,7 @@ def test_changing_only_the_training_old_moves_no_validation_person(tmp_path):
 def test_a_label_fix_out_of_range_is_one_error_naming_the_line(tmp_path):
     import pytest
 
-    from classify.data import apply_label_fixes
+    from classify.data.dataset import apply_label_fixes
     from classify.errors import ConfigError
 
     rows = [{"image_id": "a.jpg", "gender": 0, "age": 20, "mask": 0, "age_group": 0, "label": 0}]

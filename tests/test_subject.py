@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from classify.checkpoint import load_checkpoint
-from classify.predict import predict
-from classify.train import TrainConfig, fit
+from classify.inference.predict import predict
+from classify.training.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
 from preprocess.manifest import read_manifest, read_meta
 from preprocess.subject import DEFAULT_PRIOR, Prior, choose_for_person, choose_lone
@@ -148,7 +148,7 @@ def test_the_crop_stamp_check_does_not_load_the_crop_stage():
 
     from tests.conftest import REPO
 
-    code = ("import sys, classify.data, classify.train, classify.report\n"
+    code = ("import sys, classify.data.dataset, classify.training.train, classify.study.report\n"
             "print(sorted(m for m in ('preprocess.crop', 'preprocess.detector', 'preprocess.mtcnn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -10,8 +10,8 @@ import torch
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.config import TrainConfig, load_config, resume_config
-from classify.train import fit
+from classify.training.config import TrainConfig, load_config, resume_config
+from classify.training.train import fit
 from tests.conftest import make_crops
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -104,7 +104,7 @@ def test_config_file_and_command_line_merge(tmp_path):
 
 def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(crops, tmp_path,
                                                                                             monkeypatch):
-    import classify.train as T
+    import classify.training.train as T
     from classify.errors import TrainingError
 
     from tests.helpers import nan_at_call
@@ -140,9 +140,9 @@ def test_resume_with_more_epochs_continues_the_cosine_schedule_to_the_new_end(cr
 
 
 def test_weighted_sampler_evens_out_classes_and_mixing_weights_match_the_pixels():
-    from classify.distributed import Dist
-    from classify.mixing import epoch_order as _epoch_order
-    from classify.mixing import mix_batch as _mix
+    from classify.training.distributed import Dist
+    from classify.training.mixing import epoch_order as _epoch_order
+    from classify.training.mixing import mix_batch as _mix
 
     class DS:
         labels = torch.tensor([0] * 90 + [17] * 10)

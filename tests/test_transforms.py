@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from classify.transforms import INTERPOLATIONS, build_transform
+from classify.data.transforms import INTERPOLATIONS, build_transform
 
 from .conftest import REPO, SAMPLES
 
@@ -29,9 +29,9 @@ def test_predict_with_an_onnx_model_imports_no_torch_and_opens_no_socket(sample_
     pytest.importorskip("onnxscript")
     import torch  # noqa: F401 - installed here: the point is that predict does not import it
 
-    from classify.config import TrainConfig
-    from classify.export import export
-    from classify.train import fit
+    from classify.training.config import TrainConfig
+    from classify.deploy.export import export
+    from classify.training.train import fit
     fit(TrainConfig(crops=str(sample_crops), out=str(tmp_path / "r"), epochs=1, img_size=32, workers=0, weights="none",
                     device="cpu", preset="none", val_ratio=0.25), warn=lambda m: None)
     export([tmp_path / "r"], tmp_path / "m.onnx")

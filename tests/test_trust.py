@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from classify.checkpoint import load_checkpoint
-from classify.config import TrainConfig, resume_config
+from classify.training.config import TrainConfig, resume_config
 from classify.errors import ConfigError
-from classify.train import fit
+from classify.training.train import fit
 from preprocess import labels as L
 from tests.conftest import FakeDetector, make_crops, make_person, photo
 
@@ -61,7 +61,7 @@ def test_a_resumed_onecycle_run_equals_the_uninterrupted_run_in_every_column(cro
 
 
 def test_resume_with_more_epochs_follows_the_longer_onecycle_plan(crops, tmp_path):
-    from classify.schedule import lr_factor
+    from classify.training.schedule import lr_factor
 
     _fit(crops, tmp_path / "r", epochs=1, scheduler="onecycle")
     fit(resume_config(tmp_path / "r", {"epochs": 3}), resume=True, warn=lambda m: None)
@@ -73,7 +73,7 @@ def test_resume_with_more_epochs_follows_the_longer_onecycle_plan(crops, tmp_pat
 
 
 def test_the_onecycle_curve_is_torchs():
-    from classify.schedule import create_scheduler
+    from classify.training.schedule import create_scheduler
 
     cfg = TrainConfig(crops="x", out="y", epochs=4, scheduler="onecycle")
     p = torch.nn.Parameter(torch.zeros(1))
@@ -106,8 +106,8 @@ def test_resuming_a_run_that_stopped_early_trains_no_more(tmp_path):
 def test_a_resumed_run_keeps_the_normalisation_of_its_weights(crops, tmp_path, monkeypatch):
     """A weights set whose own config differs from the architecture's default (here: mean = std = 0.5,
     bicubic): the resumed epochs must normalise as the first ones did."""
-    import classify.weights as W
-    from classify.models import create_model
+    import classify.models.weights as W
+    from classify.models.nets import create_model
 
     special = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
     plain = W.data_config
@@ -131,7 +131,7 @@ def test_a_resumed_run_keeps_the_normalisation_of_its_weights(crops, tmp_path, m
 @pytest.mark.parametrize("capability, expect", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_amp_auto_takes_bf16_only_where_the_gpu_has_it(monkeypatch, capability, expect):
     """V100 (7.0) and T4 (7.5) report bf16 as supported, by emulation: slow. auto must take fp16 there."""
-    from classify.engine import resolve_amp
+    from classify.inference.engine import resolve_amp
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
@@ -143,7 +143,7 @@ def test_under_fp16_a_step_the_scaler_skips_does_not_stop_the_run(crops, tmp_pat
     """GradScaler exists to skip an overflowing step and lower its scale; the finite-loss guard stopped
     the run there. With the scaler (fp16, here on the CPU) one NaN loss is skipped and counted; many
     in a row still stop the run, saying so."""
-    import classify.train as T
+    import classify.training.train as T
     from classify.errors import TrainingError
     from tests.helpers import nan_at_call
 
@@ -165,8 +165,8 @@ def test_under_fp16_a_step_the_scaler_skips_does_not_stop_the_run(crops, tmp_pat
 def test_an_extra_folder_holding_training_photos_is_refused_by_content(tmp_path):
     """Pseudo-labels made from the training photos (here: renamed copies in an eval folder) would carry
     validation photos back into training under `pseudo:<id>`."""
-    from classify.data import prepare_data
-    from classify.pseudo import pseudo_label
+    from classify.data.dataset import prepare_data
+    from classify.inference.pseudo import pseudo_label
     from preprocess import CropConfig, crop_dataset
 
     images = tmp_path / "raw" / "images"
@@ -212,8 +212,8 @@ def test_an_extra_folder_holding_training_photos_is_refused_by_content(tmp_path)
 def test_wce_counts_the_class_mix_that_synth_mask_makes(tmp_path):
     """Over many epochs, the labels CropDataset draws average to expected_class_counts (what the
     wce weights are counted on); the manifest's counts are off by the moved share."""
-    from classify.data import CropDataset, expected_class_counts, load_rows
-    from classify.transforms import build_transform
+    from classify.data.dataset import CropDataset, expected_class_counts, load_rows
+    from classify.data.transforms import build_transform
 
     crops = make_crops(tmp_path / "c", people=18, size=64)
     rows = load_rows(crops)[1]
@@ -237,7 +237,7 @@ def test_wce_counts_the_class_mix_that_synth_mask_makes(tmp_path):
 
 def test_kfold_gives_the_out_of_fold_score_of_the_last_epochs_too(crops, tmp_path):
     from classify.metrics import scores
-    from classify.predict import predict
+    from classify.inference.predict import predict
 
     summary = _fit(crops, tmp_path / "kf", folds=2, fold="all", epochs=2)
     assert "selected on that same fold" in summary["oof_note"]
@@ -285,7 +285,7 @@ def test_a_photo_rewritten_in_place_with_the_same_byte_size_is_detected_again(tm
 def test_predicts_default_crop_cache_is_keyed_by_the_crop_settings_and_shared_safely(tmp_path, monkeypatch):
     """Two checkpoints trained on crops of another size must not share (and overwrite) one cache
     folder; two crops into one folder at once take turns and both end with the full manifest."""
-    from classify.cropping import default_cache
+    from classify.inference.cropping import default_cache
     from preprocess import CropConfig, crop_dataset
     from preprocess.manifest import read_manifest
 

@@ -48,7 +48,7 @@ def test_tunes_that_start_together_on_a_fresh_database_all_open_the_study(tmp_pa
     machines) must both work. Threads stand in for processes: each opens its own connections and file lock."""
     import threading
 
-    from classify.tune import open_study
+    from classify.study.tune import open_study
 
     for round_ in range(4):
         db = tmp_path / f"r{round_}" / "shared.db"
@@ -120,7 +120,7 @@ def test_a_killed_tune_rerun_finishes_n_trials_reusing_the_killed_trials_budget(
 def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_folder(crops, tmp_path):
     """A learning rate that learns nothing is pruned after its first epoch, against the median of the
     trials before it (one start-up trial, no warm-up)."""
-    from classify.tune import tune
+    from classify.study.tune import tune
 
     (tmp_path / "space.toml").write_text('[lr]\nchoices = [3e-3, 1e-9]\n')
     fixed = dict(crops=str(crops), epochs=2, img_size=32, workers=0, weights="none", device="cpu", preset="none",

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from classify import weights as W
+from classify.models import weights as W
 from classify.errors import ConfigError
-from classify.models import Backbone, create_model
+from classify.models.nets import Backbone, create_model
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
 
@@ -113,7 +113,7 @@ def test_offline_imagenet_is_one_line_naming_the_file_the_place_and_weights_path
 
 def test_auto_is_recorded_in_summary_and_checkpoint_when_it_falls_back(hub, monkeypatch, tmp_path):
     from classify.checkpoint import load_checkpoint
-    from classify.train import TrainConfig, fit
+    from classify.training.train import TrainConfig, fit
     from tests.conftest import make_crops
 
     monkeypatch.setenv("MASKCLS_TORCHVISION_MIRROR", f"http://127.0.0.1:{_closed_port()}/")

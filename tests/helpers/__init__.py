@@ -2,7 +2,7 @@
 
 
 def nan_at_call(make_loss, call: int, when=lambda: True):
-    """A stand-in for `classify.train.make_loss` whose losses turn NaN at the `call`-th loss
+    """A stand-in for `classify.training.train.make_loss` whose losses turn NaN at the `call`-th loss
     evaluation (counted over every head's loss function of the process), if `when()` holds."""
     calls = {"n": 0}
 

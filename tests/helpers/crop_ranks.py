@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import preprocess.crop as C  # noqa: E402
-from classify.distributed import init_distributed  # noqa: E402
+from classify.training.distributed import init_distributed  # noqa: E402
 from tests.conftest import FakeDetector  # noqa: E402
 
 if os.environ.get("RANK") == "1":

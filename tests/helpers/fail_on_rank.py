@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import classify.train as T  # noqa: E402
+import classify.training.train as T  # noqa: E402
 from classify.errors import TrainingError  # noqa: E402
-import classify.weights as W  # noqa: E402
-from classify.config import TrainConfig  # noqa: E402
+import classify.models.weights as W  # noqa: E402
+from classify.training.config import TrainConfig  # noqa: E402
 
 rank, mode = os.environ.get("RANK"), sys.argv[3]
 if mode.startswith("epoch2-rank") and rank == mode[-1]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import classify.train as T  # noqa: E402
+import classify.training.train as T  # noqa: E402
 from classify.errors import TrainingError  # noqa: E402
 from tests.helpers import nan_at_call  # noqa: E402
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from classify.train import TrainConfig, fit  # noqa: E402
+from classify.training.train import TrainConfig, fit  # noqa: E402
 
 FAST = dict(model="resnet18", img_size=32, batch_size=16, lr=1e-3, workers=0, weights="none", device="cpu",
             preset="base", val_ratio=0.25)

@@ -1,0 +1,306 @@
+"""Data preparation in one pass (`prepare_data`), datasets over the manifest, label fixes, and
+person-level splits.
+
+Labels come only from the manifest's explicit columns. Splits are made over *people*, never photos:
+a person's seven photos share a face, and a split that shares people between train and validation
+measures memory, not generalisation. The split is stratified at the competition's age boundary
+(`--val-old`), so runs that differ only in the training labels' `--old` validate on the same people.
+Photos of `--extra` folders join training only, and never when they are photos of the training
+crops themselves (compared by content, not name).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from preprocess import labels as L
+from preprocess.imageio import content_digest, read_crop
+from preprocess.manifest import TRAINABLE, packed_crops, read_manifest, read_meta
+
+from classify.errors import ConfigError
+from classify.data.masks import SYNTH_INCORRECT, synthesize
+from classify.data.transforms import channels_first
+
+LABEL_FIELDS = {"gender", "age", "mask"}
+LABEL_RANGES = {"mask": (0, 2), "gender": (0, 1), "age": (0, 120)}
+
+
+def load_rows(crops: Path, old: int = L.DEFAULT_OLD, label_fixes: Path | None = None,
+              statuses: tuple[str, ...] = TRAINABLE) -> tuple[list[dict], list[dict]]:
+    """(all manifest rows, the rows to train/validate on). Each row keeps its manifest position in 'index'.
+
+    Trainable: status in `statuses` (by default `manifest.TRAINABLE`: the fallbacks' crops still show
+    the person, and dropping them would drop mostly masked faces, the ones MTCNN misses) and a known label.
+    """
+    rows = read_manifest(crops, old=old)
+    for i, r in enumerate(rows):
+        r["index"] = i
+    if label_fixes:
+        apply_label_fixes(rows, Path(label_fixes), old)
+    usable = [r for r in rows if r["status"] in statuses and r["label"] >= 0]
+    return rows, usable
+
+
+def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
+    """Apply `image_id,field,value` corrections (field: gender, age, mask) in place; returns how many.
+
+    A gender fix applies to the named photo; to fix a whole person, list each photo (or use
+    `image_id` = the person folder name, e.g. `006359_female_Asian_18`, which matches all its photos).
+    Unknown ids or fields are an error listing every one, not a silent no-op."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        fixes = list(csv.DictReader(f))
+    by_id: dict[str, list[dict]] = {}
+    for r in rows:
+        by_id.setdefault(r["image_id"], []).append(r)
+        if "/" in r["image_id"]:  # also reachable by its person folder (an eval id has none)
+            by_id.setdefault(r["image_id"].split("/")[0], []).append(r)
+    bad, n = [], 0
+    for k, fx in enumerate(fixes, start=2):
+        iid, field, value = (fx.get("image_id") or "").strip(), (fx.get("field") or "").strip(), (fx.get("value") or "").strip()
+        targets = by_id.get(iid)
+        if not targets or field not in LABEL_FIELDS:
+            bad.append(f"line {k}: {iid!r} {field!r}")
+            continue
+        try:
+            v = L.GENDERS[value] if field == "gender" and value in L.GENDERS else int(value)
+        except ValueError:
+            bad.append(f"line {k}: value {value!r}")
+            continue
+        lo, hi = LABEL_RANGES[field]
+        if not lo <= v <= hi:
+            bad.append(f"line {k}: {field} {value!r} is outside {lo}..{hi}")
+            continue
+        for r in targets:
+            r[field] = v
+            r["age_group"] = L.age_group(r["age"], old)
+            r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
+            n += 1
+    if bad:
+        raise ConfigError(f"--label-fixes {path}: {len(bad)} fix(es) name no photo or field, or give a value out of "
+                          f"range (fields: mask 0..2, gender 0/1 or male/female, age 0..120): " + "; ".join(bad[:20]))
+    return n
+
+
+def person_key(r: dict) -> str:
+    """The unit of a split: the person id, or the photo itself when the data set has no person ids."""
+    return r["person_id"] or f"photo:{r['image_id']}"
+
+
+def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, folds: int = 0, fold: int = 0,
+                  old: int = L.DEFAULT_OLD) -> dict[str, str]:
+    """{person: 'train' | 'val'}, stratified on gender x age group at the boundary `old` (give the
+    validation boundary, --val-old: the training labels' --old must not move validation people),
+    reproducible from the seed.
+
+    With `folds` = K > 1, people are dealt round-robin into K folds within each stratum and fold
+    `fold` is the validation set, so the K validation sets partition the people."""
+    strata: dict[tuple[int, int], list[str]] = {}
+    seen = set()
+    for r in rows:
+        p = person_key(r)
+        if p not in seen:
+            seen.add(p)
+            strata.setdefault((r["gender"], L.age_group(r["age"], old)), []).append(p)
+    rng = random.Random(seed)
+    out = {}
+    if folds and folds > 1:
+        if not 0 <= fold < folds:
+            raise ConfigError(f"--fold must be in 0..{folds - 1}, got {fold}")
+        if folds > len(seen):
+            raise ConfigError(f"--folds {folds}: more folds than the {len(seen)} people with a usable labelled photo; "
+                              f"use --folds {len(seen)} or fewer")
+        offset = 0
+        for key in sorted(strata):
+            people = sorted(strata[key])
+            rng.shuffle(people)
+            for i, p in enumerate(people):
+                out[p] = "val" if (i + offset) % folds == fold else "train"
+            offset += len(people)  # rotate so small strata do not all land in fold 0
+        return out
+    if not 0 < val_ratio < 1:
+        raise ConfigError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
+    carry = 0.0
+    for key in sorted(strata):
+        people = sorted(strata[key])
+        rng.shuffle(people)
+        exact = len(people) * val_ratio + carry
+        n_val = int(exact + 0.5)
+        carry = exact - n_val  # rounding error passed on, so tiny strata add up to the right total
+        for i, p in enumerate(people):
+            out[p] = "val" if i < n_val else "train"
+    return out
+
+
+class CropDataset(Dataset):
+    """Face crops of the given manifest rows, with their 18-class label.
+
+    Reads `crops.npy` (memory-mapped, written by the crop stage) when it matches the manifest, else
+    decodes the JPEG crops. Augmentation randomness is drawn per sample from (seed, epoch, index),
+    so a batch is the same whatever the number of workers or processes, and after a resume.
+    Items: (3 x H x W uint8 tensor, label, manifest index); `transforms.normalize` turns a batch
+    into the model's input.
+    """
+
+    def __init__(self, crops: Path, rows: list[dict], transform, seed: int = 0, synth_mask: float = 0.0):
+        self.crops, self.rows, self.transform, self.seed = Path(crops), rows, transform, seed
+        self.synth_mask = synth_mask  # training only: the chance that an unmasked crop gets a drawn mask
+        self.epoch = 0
+        self.labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        self._packed_path = packed_crops(self.crops)
+        self._packed = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def image(self, i: int) -> np.ndarray:
+        r = self.rows[i]
+        if r.get("root") is not None:  # a row of another crops folder (train --extra)
+            return read_crop(Path(r["root"]) / r["crop"])
+        if self._packed_path is not None:
+            if self._packed is None:  # opened lazily: each DataLoader worker maps it itself
+                self._packed = np.load(self._packed_path, mmap_mode="r")
+            return np.array(self._packed[r["index"]])
+        return read_crop(self.crops / r["crop"])
+
+    def __getitem__(self, key):
+        """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        s = _sample_seed(self.seed, epoch, self.rows[i]["index"])
+        img, label = self.image(i), self.labels[i]
+        if self.synth_mask and self.rows[i]["mask"] == 2 and self.rows[i].get("landmarks"):
+            rng = np.random.default_rng([s, 1])
+            if rng.random() < self.synth_mask:
+                img, new = synthesize(img, self.rows[i]["landmarks"], int(label), rng)
+                label = torch.tensor(new)
+        self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
+        x = torch.from_numpy(channels_first(self.transform(image=img)["image"]))
+        return x, label, self.rows[i]["index"]
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+
+
+# -- one pass of data preparation ---------------------------------------------------------------------
+
+@dataclass
+class Data:
+    rows: list[dict]              # every manifest row
+    train_rows: list[dict]        # the training rows, --extra folders' rows last
+    val_rows: list[dict]
+    val_labels: np.ndarray        # the validation rows' labels at --val-old (what the competition scores)
+    split: dict[str, str]
+    dropped_near_boundary: int    # training photos left out by --drop-ages-near
+    extra: int = 0                # training photos from --extra folders (the last ones of train_rows)
+    warnings: list[str] = field(default_factory=list)
+
+
+def boundary_distance(age: int, old: int) -> int:
+    """Years to the nearest age-group boundary, counted so that the two ages on either side of a
+    boundary are both 1 away (29 and 30 for the boundary 30; 59 and 60 for old = 60)."""
+    return min(b - age if age < b else age - b + 1 for b in (L.YOUNG, old))
+
+
+def prepare_data(cfg) -> Data:
+    """Manifest rows → person-level split (stratified at --val-old) → training rows labelled at --old
+    (less --drop-ages-near), validation labels at --val-old, then the --extra folders' rows."""
+    crops = Path(cfg.crops)
+    rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
+    if not usable:
+        raise ConfigError(f"{crops}/manifest.csv has no photo with a known label and a usable crop")
+    split = split_persons(usable, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold, cfg.val_old)
+    train_rows = [r for r in usable if split[person_key(r)] == "train"]
+    val_rows = [r for r in usable if split[person_key(r)] == "val"]
+    dropped = 0
+    if cfg.drop_ages_near:
+        kept = [r for r in train_rows if boundary_distance(r["age"], cfg.old) > cfg.drop_ages_near]
+        dropped, train_rows = len(train_rows) - len(kept), kept
+    if not train_rows or not val_rows:
+        raise ConfigError(f"the split left {len(train_rows)} training and {len(val_rows)} validation photos; "
+                          "use more people or another --val-ratio/--folds")
+    val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
+    warnings: list[str] = []
+    extra = extra_rows(cfg, rows, warnings)
+    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings)
+
+
+def extra_rows(cfg, main_rows: list[dict], warnings: list[str]) -> list[dict]:
+    """The usable rows of every --extra crops folder, for training only (never validation: each is
+    read from its own folder and joins no split). A folder pseudo-labelled at another --old, or holding
+    a photo of the training crops (same bytes), is refused. Their `index` is offset per folder so
+    that their augmentation seeds differ from the main folder's."""
+    out = []
+    own = None
+    for k, folder in enumerate(cfg.extra, start=1):
+        folder = Path(folder)
+        check_extra(folder, cfg.old)
+        _, usable = load_rows(folder, cfg.old)
+        if own is None:
+            own = {d: r for r, d in zip(main_rows, photo_digests(Path(cfg.crops), main_rows)) if d}
+        digests = photo_digests(folder, usable)
+        same = [(r, own[d]) for r, d in zip(usable, digests) if d and d in own]
+        if same:
+            examples = ", ".join(f"{r['image_id']} = {m['image_id']}" for r, m in same[:3])
+            raise ConfigError(f"--extra {folder}: {len(same)} of its photos are photos of the training crops "
+                              f"{cfg.crops} (same content: {examples}); their labels would carry validation photos "
+                              "into training. Pseudo-label photos outside the training set (the eval set)")
+        unknown = sum(d is None for d in digests)
+        if unknown:
+            warnings.append(f"--extra {folder}: {unknown} photo(s) could not be compared with the training photos "
+                            "(no content hash in its manifest and the photo is not readable); crop them again to check")
+        for r in usable:
+            out.append(r | {"root": str(folder.resolve()), "index": k * 10_000_000 + r["index"]})
+    return out
+
+
+def check_extra(folder: Path, old: int) -> None:
+    """Refuse a pseudo-label folder made at another age boundary (its `age` holds the group's representative)."""
+    made = (read_meta(folder).get("pseudo") or {}).get("old")
+    if made is not None and made != old:
+        raise ConfigError(f"--extra {folder}: pseudo-labelled with --old {made}, but this run trains with --old {old}; "
+                          f"train with --old {made} or pseudo-label with a model trained at --old {old}")
+
+
+def photo_digests(crops: Path, rows: list[dict]) -> list[str | None]:
+    """Each row's photo content hash: the manifest's `sha256` column, else the photo's bytes hashed
+    where the raw folder it was cropped from is still there; None where neither is known."""
+    raw = read_meta(crops).get("raw")
+    out = []
+    for r in rows:
+        d = r.get("sha256") or None
+        if d is None and raw and r.get("source"):
+            try:
+                d = content_digest((Path(raw) / r["source"]).read_bytes())
+            except OSError:
+                d = None
+        out.append(d)
+    return out
+
+
+def expected_class_counts(rows: list[dict], synth_mask: float) -> np.ndarray:
+    """Training photos per class as training will see them: with --synth-mask P an unmasked photo with
+    landmarks is drawn masked with probability P (incorrect with SYNTH_INCORRECT, else wear), so its
+    count moves, in expectation, to those classes. The wce weights are counted on this mix."""
+    counts = np.zeros(L.NUM_CLASSES)
+    for r in rows:
+        y = r["label"]
+        if synth_mask and r["mask"] == 2 and r.get("landmarks"):
+            _, gender, age = L.decode(y)
+            counts[y] += 1 - synth_mask
+            counts[L.encode(1, gender, age)] += synth_mask * SYNTH_INCORRECT
+            counts[L.encode(0, gender, age)] += synth_mask * (1 - SYNTH_INCORRECT)
+        else:
+            counts[y] += 1
+    return counts

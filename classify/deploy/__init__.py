@@ -1,0 +1,1 @@
+"""Deployment: `export` (one ONNX graph) and `serve` (HTTP with a page)."""

@@ -1,0 +1,241 @@
+"""`maskcls serve MODEL`: the classifier over HTTP (FastAPI + uvicorn, the `maskcls[serve]` extra).
+
+- `POST /predict`: multipart, field `file` (repeated for several photos) → `{"predictions": [...]}`, one
+  object per photo in upload order: `filename`, crop `status`, `box`, face `score`, `class` (0-17),
+  `name`, `probs` (18), per task the label and its probability, and a `warning` where the mask is worn
+  incorrectly or not at all. A bad request gets a 4xx `{"error": "..."}`; the server goes on.
+- `GET /health`, and `GET /`: a page to drop or choose photos (or take one with the webcam) that shows
+  the photo with the face box, the crop, and bars per task. It loads nothing from the internet.
+
+The same cropping as `predict` (the model's detector settings and face prior, `faces.crop_lone_photos`),
+the same eval transform and model (`OnnxModel`): a served answer equals `maskcls predict`'s for the
+same photo. Requests are batched: photos that arrive within `wait_ms` of each other go through one
+detector call and one model call, off the event loop. Uploads are read into memory (at most
+`max_bytes` a request) and never written to disk.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from preprocess import labels as L
+from preprocess.imageio import UnreadableImage, load_rgb
+
+from classify.inference.answer import answer, task_values
+from classify.inference.onnx_model import OnnxModel
+
+MAX_BYTES = 10_000_000
+MAX_FILES = 16
+WAIT_MS = 5
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Engine:
+    """Detection, cropping and the model for a batch of decoded photos (one thread at a time)."""
+
+    def __init__(self, model: OnnxModel, detector=None):
+        from preprocess.crop import CropConfig
+        from preprocess.detector import build_detector
+        from preprocess.subject import DEFAULT_PRIOR, Prior
+
+        crop = model.crop
+        known = set(CropConfig.__dataclass_fields__)
+        self.config = CropConfig(**{k: v for k, v in (crop.get("config") or {}).items() if k in known}
+                                 | {"device": "cpu", "strict": False})
+        self.detector = detector or build_detector(crop.get("detector", {}), "cpu", self.config.batch_size)
+        self.prior = Prior.from_dict(crop["prior"]) if crop.get("prior") else DEFAULT_PRIOR
+        self.model = model
+        self.names = L.class_names(model.old)
+
+    def predict(self, images: list[np.ndarray]) -> list[dict]:
+        from preprocess.faces import crop_lone_photos
+
+        cropped = crop_lone_photos(images, self.config.size, self.config.margin, self.detector, self.prior)
+        ans = answer(self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped])), self.model.temperatures)
+        out = []
+        for (_, choice, det), p, y in zip(cropped, ans.scores, ans.labels):
+            cand = det["cands"][choice.index] if choice.index is not None else None
+            out.append(self.describe(p, int(y), choice, cand))
+        return out
+
+    def describe(self, p: np.ndarray, y: int, choice, cand) -> dict:
+        """One photo's answer: its class, and the task fields of that very class (`answer.task_values`)."""
+        tasks = task_values(p, y, self.model.old)
+        mask = L.decode(y)[0]
+        warning = {1: "the mask is worn incorrectly", 2: "no mask"}.get(mask)
+        return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box],
+                "score": None if cand is None else float(cand[4]), "class": y, "name": self.names[y],
+                "probs": [float(v) for v in p], "tasks": tasks, **({"warning": warning} if warning else {})}
+
+
+@dataclass
+class _Job:
+    images: list[np.ndarray]
+    future: asyncio.Future = field(default=None)
+
+
+class Batcher:
+    """Collects the photos of concurrent requests for up to `wait_ms`, then runs them as one batch in a
+    worker thread (the event loop keeps accepting requests meanwhile)."""
+
+    def __init__(self, engine: Engine, wait_ms: float = WAIT_MS, max_batch: int = 64):
+        self.engine, self.wait, self.max_batch = engine, wait_ms / 1000, max_batch
+        self.queue: asyncio.Queue | None = None
+        self.task = None
+
+    async def start(self):
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self):
+        if self.task:
+            self.task.cancel()
+
+    async def submit(self, images: list[np.ndarray]) -> list[dict]:
+        job = _Job(images, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            deadline = loop.time() + self.wait
+            while sum(len(j.images) for j in jobs) < self.max_batch:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            images = [im for j in jobs for im in j.images]
+            try:
+                results = await loop.run_in_executor(None, self.engine.predict, images)
+            except Exception as e:  # noqa: BLE001 - every waiting request hears of it; the server goes on
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            k = 0
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_result(results[k:k + len(j.images)])
+                k += len(j.images)
+
+
+def parse_upload(content_type: str, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every `file` part of a multipart body, parsed in memory."""
+    if not content_type.startswith("multipart/form-data"):
+        raise BadRequest(415, "send the photos as multipart/form-data, in the field 'file'")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise BadRequest(400, "the body is not a multipart form: send the photos in the field 'file'")
+    files, others = [], []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name == "file":
+            files.append((part.get_filename() or f"photo{len(files) + 1}", part.get_payload(decode=True) or b""))
+        else:
+            others.append(str(name))
+    if not files:
+        raise BadRequest(400, "no field 'file' in the form" + (f" (got {', '.join(others)})" if others else "")
+                         + ": send each photo as file=@photo.jpg")
+    if len(files) > max_files:
+        raise BadRequest(400, f"{len(files)} photos: at most {max_files} a request (--max-files)")
+    return files
+
+
+def decode(filename: str, data: bytes) -> np.ndarray:
+    if not data:
+        raise BadRequest(400, f"{filename}: empty file")
+    try:
+        return load_rgb(io.BytesIO(data), size=len(data))
+    except UnreadableImage as e:
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names the in-memory file
+        raise BadRequest(400, f"{filename}: {why}") from None
+
+
+def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MAX_FILES, wait_ms: float = WAIT_MS,
+               detector=None):
+    """The FastAPI application serving `model`."""
+    batcher = Batcher(Engine(model, detector), wait_ms)
+
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="maskcls", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # 404, 405: JSON like every other error
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return JSONResponse({"error": str(exc).splitlines()[0]}, status_code=422)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": model.meta.get("models"), "img_size": model.img_size}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.replace("__MAX_FILES__", str(max_files))
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            body = await _read_body(request, max_bytes)
+            files = parse_upload(request.headers.get("content-type", ""), body, max_files)
+            images = [decode(name, data) for name, data in files]
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        results = await batcher.submit(images)
+        return {"predictions": [{"filename": name} | r for (name, _), r in zip(files, results)]}
+
+    return app
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise BadRequest(413, f"the request is {int(declared)} bytes, over the {max_bytes}-byte limit (--max-bytes)")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > max_bytes:
+            raise BadRequest(413, f"the request is over the {max_bytes}-byte limit (--max-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000, max_bytes: int = MAX_BYTES,
+          max_files: int = MAX_FILES, wait_ms: float = WAIT_MS, on_ready=None) -> None:
+    import uvicorn
+
+    app = create_app(OnnxModel(model_path), max_bytes, max_files, wait_ms)
+    if on_ready:
+        on_ready()
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+PAGE = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")

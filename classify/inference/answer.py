@@ -1,0 +1,85 @@
+"""From logits to the answer: the one function that predict, evaluate, pseudo-label and serve call, whichever
+backend (a torch checkpoint, an onnxruntime graph) produced the logits. Numpy only, float64.
+
+    logits of each model, V TTA views x N photos x 18
+      → per view softmax(z / T)           the model's temperature, in logit space (calibration.py)
+      → mean over the views               the model's probabilities N x 18
+      → soft mean or hard vote over models
+      → class (0..17), and per task the class's own part with its marginal probability
+
+so a checkpoint and its ONNX export give the same probabilities (their logits agree to float32 rounding),
+and an answer's task labels are always the parts of its class (`task_values`): they never contradict it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocess import labels as L
+
+from classify.inference.calibration import apply_temperature
+from classify.errors import ConfigError
+
+VOTES = ("soft", "hard")
+
+
+@dataclass
+class Answer:
+    scores: np.ndarray   # N x 18: the mean probability (hard vote: the share of models voting for each class)
+    labels: np.ndarray   # N classes
+    probs: np.ndarray    # M x N x 18: each model's probabilities
+
+
+def model_probs(views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """One model's logits, V views x N x 18 → its probabilities N x 18: the mean over the views of
+    softmax(z / temperature)."""
+    views = np.asarray(views, dtype=np.float64)
+    if views.ndim == 2:
+        views = views[None]
+    return apply_temperature(views, temperature).mean(0)
+
+
+def answer(logits: list[np.ndarray], temperatures: list[float], calibrate: bool = True, vote: str = "soft") -> Answer:
+    """The answer of M models for N photos. `logits[m]` is model m's V x N x 18 (or N x 18) logits;
+    `calibrate` applies each model's temperature."""
+    check_vote(vote)
+    if len(logits) != len(temperatures):
+        raise ValueError(f"{len(logits)} models but {len(temperatures)} temperatures")
+    probs = np.stack([model_probs(z, t if calibrate else 1.0) for z, t in zip(logits, temperatures)])
+    scores, labels = combine(probs, vote)
+    return Answer(scores, labels, probs)
+
+
+def check_vote(vote: str) -> None:
+    if vote not in VOTES:
+        raise ConfigError(f"--vote {vote!r}: choose soft or hard")
+
+
+def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
+    """M x N x 18 → (scores N x 18, labels N). soft: the mean probability and its top class. hard:
+    the share of models voting for each class, and the majority; a tie goes to the tied class with
+    the highest mean probability."""
+    check_vote(vote)
+    mean = probs.mean(0)
+    if vote == "soft":
+        return mean, mean.argmax(1)
+    votes = np.zeros_like(mean)
+    for top in probs.argmax(2):
+        votes[np.arange(len(top)), top] += 1
+    tied = votes == votes.max(1, keepdims=True)
+    labels = np.where(tied, mean, -1.0).argmax(1)
+    return votes / len(probs), labels
+
+
+def task_values(scores: np.ndarray, label: int, old: int = L.DEFAULT_OLD) -> dict:
+    """Per task, the part of class `label` (mask, gender, age group) and its marginal probability under
+    `scores` (18): {'mask': {'label': 'wear', 'prob': 0.34}, ...}. The labels are the class's own, so a
+    served answer's task fields can never name another class than its `class` (a marginal's argmax can:
+    .34 wear/m/<30, .33 incorrect/m/<30, .33 incorrect/f/<30 has class wear, marginal argmax incorrect)."""
+    parts = L.decode(int(label))
+    out = {}
+    for (task, names), part, of_class in zip(L.TASKS.items(), parts, L.task_parts(np.arange(L.NUM_CLASSES))):
+        names = L.age_names(old) if task == "age" else names
+        out[task] = {"label": names[part], "prob": float(np.asarray(scores)[of_class == part].sum())}
+    return out

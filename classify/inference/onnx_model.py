@@ -1,0 +1,102 @@
+"""A model exported by `maskcls export`, run by onnxruntime: no torch, no GPU needed.
+
+`OnnxModel(path)` opens the file and reads its `maskcls` metadata (what predict and serve need: image
+size, eval preset and interpolation, crop settings and face prior, classes, `--old`, each model's
+temperature); anything else (another tool's ONNX file, a damaged one, text) is refused with one line.
+`run(crops)` takes uint8 N x 3 x S x S crops as the eval transform leaves them and returns each model's
+logits (a list of M arrays, 1 view x N x 18), for `answer.answer` as a checkpoint's logits are.
+`batches` turns rows of a crops folder into such arrays with the eval transform.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.imageio import read_crop
+
+from classify.errors import CheckpointError, ConfigError
+from classify.data.transforms import build_transform, channels_first
+
+FORMAT, VERSION = "maskcls-onnx", 2  # 2: the graph returns each model's logits (1: calibrated mean probabilities)
+
+
+def is_onnx(path) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def the_one_onnx(paths: list) -> Path:
+    """The exported model among `paths`, refused with one line when it is not given alone (one graph
+    holds a whole ensemble: `maskcls export` several checkpoints into one)."""
+    if len(paths) != 1:
+        raise ConfigError("give one exported .onnx model (export several checkpoints into one graph)")
+    return Path(paths[0])
+
+
+class OnnxModel:
+    def __init__(self, path: Path, check: bool = True, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("an ONNX model needs onnxruntime: pip install 'maskcls[serve]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such model file")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: any means "not a model it can run"
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path} is not an ONNX model onnxruntime can run ({first})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("maskcls")
+        try:
+            self.meta = json.loads(raw) if raw else {}
+        except ValueError:
+            self.meta = {}
+        if check and self.meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is an ONNX model but not one `maskcls export` wrote (no maskcls metadata)")
+        if self.meta.get("version", 0) > VERSION:
+            raise CheckpointError(f"{path} was written by a newer maskcls (format {self.meta['version']})")
+        self.path = path
+        self.img_size = int(self.meta.get("img_size", 224))
+        self.transform = build_transform(self.meta.get("preset", "base"), self.img_size, train=False,
+                                         interpolation=self.meta.get("interpolation", "bilinear"))
+
+    @property
+    def crop(self) -> dict:
+        return self.meta.get("crop") or {}
+
+    @property
+    def old(self) -> int:
+        return int(self.meta.get("old", 60))
+
+    def prepare(self, crop: np.ndarray) -> np.ndarray:
+        """An RGB uint8 crop → the model's input, 3 x S x S uint8 (the eval transform, as predict's)."""
+        return channels_first(self.transform(image=crop)["image"])
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Each model's temperature (format 1: its graph applied them itself, so 1 here)."""
+        if self.meta.get("version", 1) < 2:
+            return [1.0]
+        return [float(t) for t in self.meta.get("temperatures", [1.0])]
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each model's logits of the crops: M arrays of 1 x N x 18, float64."""
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        if self.meta.get("version", 1) < 2:  # its output is probabilities: their log is logits up to a constant
+            p = self.session.run(["probs"], {"crop": x})[0].astype(np.float64)
+            return [np.log(np.clip(p, 1e-30, 1.0))[None]]
+        z = self.session.run(["logits"], {"crop": x})[0].astype(np.float64)
+        return [z[:, m][None] for m in range(z.shape[1])]
+
+
+def batches(crops: Path, rows: list[dict], model: OnnxModel, size: int = 64):
+    """(rows, uint8 batch) of `rows` of the crops folder, `size` at a time."""
+    for k in range(0, len(rows), size):
+        chunk = rows[k:k + size]
+        yield chunk, np.stack([model.prepare(read_crop(Path(crops) / r["crop"])) for r in chunk])

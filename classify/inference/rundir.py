@@ -1,0 +1,278 @@
+"""The run folder and the checkpoint payload: the one place that writes and reads them.
+
+RUN/ (one run, or one fold of a k-fold run in RUN/fold<k>/):
+
+| file | what |
+| --- | --- |
+| config.json | the resolved config (TrainConfig + what `auto` resolved to) |
+| split.csv | person_id, split (train / val / dropped / extra) |
+| metrics.csv | one row per epoch |
+| val_predictions.csv | the best epoch's validation probabilities (8 decimals: for people and reports) |
+| val_logits.npz | the best epoch's validation logits, full precision: what the temperature is fitted on |
+| val_predictions_last.csv | the last epoch's (the out-of-fold score at the last epoch selects nothing) |
+| best.pt, last.pt | checkpoints (last.pt also holds optimizer, scheduler, EMA: for --resume) |
+| summary.json | the run's result |
+| oof_predictions.csv | a k-fold run folder only: every fold's best-epoch validation predictions |
+
+The best epoch is the first epoch with the highest validation macro F1 (`best_record`). A checkpoint's
+payload is built by `checkpoint_payload` and read through `ModelSpec.of`; format version 2 adds
+`best_epoch`, `stopped_early`, `steps_done` and best.pt's `temperature` (calibration.py); version-1
+checkpoints still read (temperature 1).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import labels as L
+from preprocess.imageio import atomic_write_bytes
+
+from classify.checkpoint import load_checkpoint
+from classify.errors import ConfigError
+from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.csv", "metrics.csv", "summary.json"
+VAL_PREDICTIONS, VAL_PREDICTIONS_LAST, OOF_PREDICTIONS = (
+    "val_predictions.csv", "val_predictions_last.csv", "oof_predictions.csv")
+VAL_LOGITS = "val_logits.npz"
+BEST, LAST = "best.pt", "last.pt"
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2).encode())
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def write_config(out: Path, config: dict) -> None:
+    write_json(Path(out) / CONFIG, config)
+
+
+def read_config(run: Path) -> dict:
+    """config.json of a run folder ({} when it has none)."""
+    return read_json(Path(run) / CONFIG)
+
+
+def read_summary(run: Path) -> dict:
+    return read_json(Path(run) / SUMMARY)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    write_json(Path(out) / SUMMARY, summary)
+
+
+def saved_config(out: Path) -> dict:
+    """The config of the run in `out`: from its last.pt, or (a k-fold run, or one stopped before its
+    first epoch ended) from its config.json."""
+    out = Path(out)
+    if (out / LAST).is_file():
+        return load_checkpoint(out / LAST)["config"]
+    if (out / CONFIG).is_file():
+        return read_config(out)
+    raise ConfigError(f"--resume: {out} holds no run (no last.pt or config.json); nothing to resume")
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_split(path: Path, split: dict[str, str]) -> None:
+    write_csv(path, ["person_id", "split"], [[p, split[p]] for p in sorted(split)])
+
+
+def read_split(run: Path) -> dict[str, str]:
+    return {r["person_id"]: r["split"] for r in read_csv(Path(run) / SPLIT)}
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    cols = list(dict.fromkeys(k for r in history for k in r))
+    write_csv(Path(out) / METRICS, cols, [[_num(r.get(c, "")) for c in cols] for r in history])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.csv's rows, as strings (as written); [] when the run has none."""
+    path = Path(run) / METRICS
+    return read_csv(path) if path.is_file() else []
+
+
+def _num(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def best_record(history: list[dict]) -> dict:
+    """The best epoch's record: the first with the highest validation macro F1."""
+    return max(history, key=lambda r: float(r["val_f1"]))
+
+
+def write_val_predictions(path: Path, image_ids: list[str], probs: np.ndarray, y: np.ndarray) -> None:
+    write_csv(path, ["image_id", "label", "pred"] + [f"p{k}" for k in range(L.NUM_CLASSES)],
+              [[iid, int(t), int(p.argmax())] + [f"{v:.8f}" for v in p] for iid, p, t in zip(image_ids, probs, y)])
+
+
+def read_val_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, probabilities N x 18, labels N) of a val_predictions file."""
+    rows = read_csv(path)
+    probs = np.array([[float(r[f"p{k}"]) for k in range(L.NUM_CLASSES)] for r in rows]).reshape(-1, L.NUM_CLASSES)
+    return [r["image_id"] for r in rows], probs, np.array([int(r["label"]) for r in rows], dtype=int)
+
+
+def write_val_logits(path: Path, image_ids: list[str], logits: np.ndarray, y: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, image_ids=np.array(image_ids, dtype=str), logits=np.asarray(logits, dtype=np.float64),
+             labels=np.asarray(y, dtype=np.int64))
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def read_val_logits(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, logits N x 18, labels N) of a run's best epoch. A run from before val_logits.npz: the
+    log of its CSV probabilities (logits up to a constant per row, so softmax(z / T) is the same wherever
+    the 8 decimals did not round a probability to 0)."""
+    path = Path(run) / VAL_LOGITS
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            return [str(i) for i in f["image_ids"]], f["logits"], f["labels"]
+    ids, probs, y = read_val_predictions(Path(run) / VAL_PREDICTIONS)
+    return ids, np.log(np.clip(probs, 1e-12, 1.0)), y
+
+
+def set_temperature(run: Path, calibration: dict) -> None:
+    """Store a fitted temperature (and the calibration it came from) in the run's best.pt."""
+    from classify.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(Path(run) / BEST)
+    save_checkpoint(Path(run) / BEST, ckpt | {"temperature": calibration["temperature"], "calibration": calibration})
+
+
+# -- k-fold -----------------------------------------------------------------------------------------
+
+def fold_dirs(run: Path) -> list[Path]:
+    """The fold folders of a k-fold run folder (`train --fold all`): fold0, fold1, ... in numeric order."""
+    return sorted((f for f in Path(run).glob("fold*") if f.name[4:].isdigit() and f.is_dir()),
+                  key=lambda f: int(f.name[4:]))
+
+
+def finished_summary(run: Path, epochs: int) -> dict | None:
+    """The summary of a run that needs no more training for `epochs` (all done, or stopped early)."""
+    s = read_summary(run)
+    return s if s and (s.get("epochs", 0) >= epochs or s.get("stopped_early")) else None
+
+
+def staging(out: Path) -> Path:
+    """Where `train --overwrite` trains the new run before it replaces `out` (one name for every rank)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.overwrite"
+
+
+def _retired(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.replaced"
+
+
+def clear(path: Path) -> None:
+    import shutil
+
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Replace the run in `out` by the one trained in `new`: the recorded output folder is set to `out`
+    in every config.json and checkpoint, then two renames (the old run is removed last)."""
+    from classify.checkpoint import save_checkpoint
+
+    new, out = Path(new), Path(out)
+    for cfg_file in new.rglob(CONFIG):
+        c = read_json(cfg_file)
+        write_json(cfg_file, c | {"out": str(out / cfg_file.parent.relative_to(new))})
+    for ckpt_file in list(new.rglob("*.pt")):
+        ckpt = load_checkpoint(ckpt_file)
+        if isinstance(ckpt.get("config"), dict):
+            ckpt["config"] = ckpt["config"] | {"out": str(out / ckpt_file.parent.relative_to(new))}
+            save_checkpoint(ckpt_file, ckpt)
+    old = _retired(out)
+    clear(old)
+    out.rename(old)
+    new.rename(out)
+    clear(old)
+
+
+def recover_swap(out: Path) -> None:
+    """A swap killed between its two renames left no `out`: put the old run back (the new one is kept
+    aside under its staging name, and the next --overwrite clears it)."""
+    out, old = Path(out), _retired(out)
+    if old.exists() and not out.exists():
+        old.rename(out)
+    elif old.exists():
+        clear(old)
+
+
+def existing_run(out: Path) -> list[str]:
+    """What in `out` says it already holds a run."""
+    return [n for n in (LAST, BEST, CONFIG, "fold0") if (Path(out) / n).exists()]
+
+
+# -- the checkpoint payload ------------------------------------------------------------------------------
+
+PAYLOAD_VERSION = 2
+
+
+def checkpoint_payload(cfg, model_kwargs: dict, norm: dict, weights: str, note: str | None, crop_meta: dict) -> dict:
+    """What every checkpoint of a run says about itself: enough for `predict` to need nothing else."""
+    return {"payload_version": PAYLOAD_VERSION, "model": {"name": cfg.model, "kwargs": model_kwargs},
+            "classes": L.class_names(cfg.old),
+            "tasks": {task: list(n) for task, n in L.TASKS.items()} | {"age": list(L.age_names(cfg.old))},
+            "img_size": cfg.img_size, "mean": norm["mean"], "std": norm["std"],
+            "interpolation": norm["interpolation"], "preset": cfg.preset, "crop": crop_meta,
+            "config": asdict(cfg), "weights": weights, "weights_note": note}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild and feed a checkpoint's model (defaults for what older checkpoints lack)."""
+    name: str
+    kwargs: dict
+    img_size: int
+    preset: str
+    mean: tuple
+    std: tuple
+    interpolation: str
+    old: int
+    val_old: int
+    amp: str
+    crop: dict
+    temperature: float = 1.0  # calibration (checkpoints before it: 1, i.e. none)
+
+    @classmethod
+    def of(cls, ckpt: dict) -> "ModelSpec":
+        cfg = ckpt.get("config") or {}
+        return cls(ckpt["model"]["name"], ckpt["model"].get("kwargs", {}), ckpt.get("img_size", 224),
+                   ckpt.get("preset", "base"), tuple(ckpt.get("mean", IMAGENET_MEAN)), tuple(ckpt.get("std", IMAGENET_STD)),
+                   ckpt.get("interpolation", "bilinear"),
+                   cfg.get("old", L.DEFAULT_OLD), cfg.get("val_old", L.DEFAULT_OLD), cfg.get("amp", "off"),
+                   ckpt.get("crop") or {}, float(ckpt.get("temperature", 1.0)))
+
+    @property
+    def label(self) -> str:
+        """The model as a person names it: resnet18, attention(resnet18), timm/convnext_tiny."""
+        return f"{self.name}({self.kwargs['backbone']})" if self.kwargs.get("backbone") else self.name
+
+    @property
+    def norm(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}

@@ -1,0 +1,1 @@
+"""Models, built by name (`nets.create_model`), and their pretrained weights."""

@@ -1,0 +1,1 @@
+"""Study tools: report, compare, tune (Optuna), explain (Grad-CAM)."""

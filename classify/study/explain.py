@@ -1,0 +1,185 @@
+"""Where a model looks: Grad-CAM per task, with the `grad-cam` package (pytorch-grad-cam; the
+`maskcls[explain]` extra), for any torchvision or timm backbone and the attention model.
+
+- The layer hooked is found by running the backbone once: the last module whose output is a spatial
+  map (N x C x H x W with H, W >= 2: a CNN's last stage, before global pooling, whose map would be
+  constant), or for a transformer the last token sequence (N x L x C with a square grid of L or L - 1
+  tokens), reshaped into a map.
+- Each task gets its own map: the attention model's mask, gender and age heads; for a single-head model
+  the task's logits are derived from the 18-class logits (logsumexp over the classes of each value),
+  so its three maps differ too. The target is the task's predicted value.
+- `mask_region_shares`: of a map's mass, the share in the lower half of the face box (where a mask is)
+  and in the face box at all. The crop stage cut the crop as a square of (1 + 2 margin) x the face
+  box's side around it, so the face box is the crop's central 1 / (1 + 2 margin).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from preprocess import labels as L
+from preprocess.imageio import atomic_write_bytes, read_crop
+
+from classify.errors import ConfigError
+from classify.data.transforms import build_transform, normalize
+
+TASKS = ("mask", "gender", "age")
+
+
+def _gradcam():
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise ConfigError("Grad-CAM needs the grad-cam package: pip install 'maskcls[explain]'") from None
+    return GradCAM, ClassifierOutputTarget
+
+
+def cam_layer(model: nn.Module, img_size: int) -> tuple[nn.Module, object, str]:
+    """(module to hook, reshape_transform or None, its name) of the model's backbone."""
+    seen: list[tuple[str, nn.Module, tuple]] = []
+    def record(name, mod, out):
+        if isinstance(out, torch.Tensor):  # attention layers return tuples: not a map
+            seen.append((name, mod, tuple(out.shape)))
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, mod, out))
+             for name, m in model.backbone.net.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    # A transformer: the last block's first norm (its tokens still mix into the class token through the
+    # block's attention; the encoder's output reaches the head through the class token alone, so its
+    # patch tokens get no gradient), as pytorch-grad-cam recommends for ViTs.
+    tokens = [(n, m, s) for n, m, s in seen if len(s) == 3 and n.rsplit(".", 1)[-1] in ("ln_1", "norm1")]
+    for name, module, shape in reversed(seen):  # forward hooks fire as modules finish: outer blocks last
+        if len(shape) == 4 and shape[2] >= 2 and shape[3] >= 2:
+            return module, None, name
+        if len(shape) == 3:
+            name, module, shape = tokens[-1] if tokens else (name, module, shape)
+            for skip in (1, 0):  # a class token first, or none
+                side = math.isqrt(shape[1] - skip)
+                if side >= 2 and side * side == shape[1] - skip:
+                    return module, _tokens_to_map(side, skip), name
+    raise ConfigError(f"{model.backbone.arch}: no layer with a spatial map or a square token grid to explain")
+
+
+def _tokens_to_map(side: int, skip: int):
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, skip:, :] if t.shape[1] == side * side + skip else t
+        return t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+    return reshape
+
+
+class TaskOutput(nn.Module):
+    """The model as a one-task classifier: its `task` head, or the task's logits derived from the
+    18-class logits (logsumexp over the classes that have each value of the task)."""
+
+    def __init__(self, model: nn.Module, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+        parts = dict(zip(TASKS, L.task_parts(np.arange(L.NUM_CLASSES))))[task]
+        self.register_buffer("members", torch.tensor([[int(p == v) for p in parts] for v in range(len(L.TASKS[task]))],
+                                                     dtype=torch.bool))
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.task in out:
+            return out[self.task]
+        logits = out["label"]
+        return torch.stack([logits.masked_fill(~m, float("-inf")).logsumexp(-1) for m in self.members], dim=1)
+
+
+def task_maps(model: nn.Module, x: torch.Tensor, img_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({task: N x H x W maps in [0, 1]}, {task: N predicted values}) for a normalised batch `x`. The
+    predicted values are the parts of predict's class (the 18-class argmax, which the temperature keeps),
+    never a task head's or marginal's own argmax, so explain names what predict answers."""
+    GradCAM, Target = _gradcam()
+    layer, reshape, _ = cam_layer(model, img_size)
+    model.eval()
+    with torch.no_grad():
+        label = model(x)["label"].argmax(-1).numpy()
+    preds = dict(zip(TASKS, (np.asarray(p) for p in L.task_parts(label))))
+    maps = {}
+    for task in TASKS:
+        head = TaskOutput(model, task).eval()
+        with GradCAM(model=head, target_layers=[layer], reshape_transform=reshape) as cam:
+            maps[task] = cam(input_tensor=x, targets=[Target(int(v)) for v in preds[task]])
+    return maps, preds
+
+
+def mask_region_shares(cam: np.ndarray, margin: float) -> tuple[float, float]:
+    """(share of the map's mass in the lower half of the face box, share in the face box)."""
+    h, w = cam.shape
+    f = 1 / (1 + 2 * margin)
+    y0, y1 = round(h * (1 - f) / 2), round(h * (1 + f) / 2)
+    x0, x1 = round(w * (1 - f) / 2), round(w * (1 + f) / 2)
+    total = float(cam.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    return float(cam[(y0 + y1) // 2:y1, x0:x1].sum()) / total, float(cam[y0:y1, x0:x1].sum()) / total
+
+
+def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: str, truth: bool = True) -> tuple[Path, Path]:
+    """gradcam.png (each photo's crop and its three task maps, titled with true and predicted labels)
+    and gradcam.csv (per photo and task: predicted value, the map's share below the nose and in the
+    face) for `rows` of `crops`, with the checkpoint's eval transform."""
+    from classify.inference.predict import load_model
+    from classify.inference.rundir import ModelSpec
+
+    spec = ModelSpec.of(ckpt)
+    model = load_model(ckpt, torch.device("cpu"))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    tf = build_transform(spec.preset, spec.img_size, train=False, interpolation=spec.interpolation)
+    imgs = [tf(image=read_crop(crops / r["crop"]))["image"] for r in rows]
+    x = normalize(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), list(spec.mean), list(spec.std))
+    maps, preds = task_maps(model, x, spec.img_size)
+    margin = float((spec.crop.get("config") or {}).get("margin", 0.3))
+    names = {t: (L.MASK_NAMES, L.GENDER_NAMES, L.age_names(spec.old))[i] for i, t in enumerate(TASKS)}
+    table = []
+    for k, r in enumerate(rows):
+        true = dict(zip(TASKS, (r["mask"], r["gender"], r["age_group"]))) if truth and r.get("label", -1) >= 0 else {}
+        for t in TASKS:
+            lower, face = mask_region_shares(maps[t][k], margin)
+            table.append([r["image_id"], t, names[t][true[t]] if t in true else "", names[t][preds[t][k]],
+                          f"{lower:.4f}", f"{face:.4f}"])
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "task", "true", "predicted", "lower_face_share", "face_share"])
+    w.writerows(table)
+    atomic_write_bytes(out / "gradcam.csv", buf.getvalue().encode())
+    _figure(out / "gradcam.png", imgs, rows, maps, preds, names, title, truth)
+    return out / "gradcam.png", out / "gradcam.csv"
+
+
+def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool) -> None:
+    from classify.plots import pyplot, save_figure
+
+    plt = pyplot()
+    n = len(rows)
+    height = n * 2.3 + 0.9
+    fig, axes = plt.subplots(n, 4, figsize=(10, height), dpi=100, squeeze=False)
+    for k, r in enumerate(rows):
+        axes[k, 0].imshow(imgs[k])
+        axes[k, 0].set_title(r["image_id"][-30:], fontsize=7)
+        true = dict(zip(TASKS, (r["mask"], r["gender"], r["age_group"]))) if truth and r.get("label", -1) >= 0 else {}
+        for j, t in enumerate(TASKS, start=1):
+            axes[k, j].imshow(imgs[k])
+            axes[k, j].imshow(maps[t][k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            said = f"true {names[t][true[t]]}, " if t in true else ""
+            axes[k, j].set_title(f"{t}: {said}predicted {names[t][preds[t][k]]}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(top=1 - 0.75 / height, bottom=0.01, left=0.01, right=0.99, hspace=0.35, wspace=0.05)
+    save_figure(fig, path)

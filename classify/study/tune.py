@@ -1,0 +1,257 @@
+"""`maskcls tune`: a search over the training recipe with Optuna, in a study stored in a real database.
+
+    maskcls tune CROPS --out STUDY --trials 40 [--storage URL] [--space FILE.toml] [--timeout S] [train options]
+
+Each trial is a normal run folder `STUDY/trial-<k>/` (`report`, `compare`, `predict` work on it), trained
+with the fixed train options plus the trial's sampled values. The objective is the validation macro F1 at
+`--val-old` (with `--folds K --fold all`: the out-of-fold F1). The study lives in `STUDY/study.db` (SQLite)
+or in any RDB URL Optuna accepts (`--storage postgresql://...`): every `maskcls tune` given the same
+study joins it, which is how trials run in parallel, on one machine or many. Sampler: TPE, seeded;
+pruning: Optuna's MedianPruner fed each epoch's validation F1 (a pruned trial keeps its run folder and
+says why it stopped).
+
+`--trials N` means N finished trials (complete or pruned) in the study, all processes together: each
+process asks for a trial only while fewer are finished or running. A killed process's running trial is
+marked failed when the study is next opened on that machine (its process is gone), or by Optuna's
+heartbeat after `GRACE_S` on another machine, and its budget goes to a new trial.
+
+At the end (of every process): `best.toml` (the best trial's whole configuration, for
+`maskcls train --config`), `trials.csv`, `compare/` (the best five trials side by side), Optuna's
+history and parameter-importance figures, and `index.html` (`tune_results.py`). The search space:
+`tune_space.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from classify.inference import rundir
+from classify.training.config import TrainConfig
+from classify.errors import ConfigError
+from classify.study.tune_results import TuneResult, write_results
+from classify.study.tune_space import Param, load_space
+
+HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose process stopped beating for GRACE_S is failed (another machine)
+CREATE_TRIES = 5  # opening a fresh shared database: tries when another machine creates its tables at once
+STUDY_NAME = "maskcls"
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("maskcls tune needs Optuna: pip install 'maskcls[tune]'") from None
+    return optuna
+
+
+# -- the study ------------------------------------------------------------------------------------------------
+
+def storage_url(out: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+
+
+def open_study(out: Path, storage: str | None, seed: int, startup: int, warmup: int):
+    """The study (created, or joined when it exists) with its TPE sampler and MedianPruner."""
+    optuna = _optuna()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    url = storage_url(out, storage)
+    # Creating the tables and the study is not atomic in Optuna: two processes that start together on a
+    # fresh database both run CREATE TABLE ("table ... already exists", "UNIQUE constraint failed:
+    # alembic_version"). Processes of one machine take turns (the folder lock); processes of other machines
+    # (a shared server database) retry, and the retry finds the tables the winner made.
+    with _lock(out):
+        for attempt in range(CREATE_TRIES):
+            try:
+                return _open(optuna, url, seed, startup, warmup)
+            except Exception as e:  # sqlalchemy's OperationalError / IntegrityError, whose module is optional
+                if attempt == CREATE_TRIES - 1 or type(e).__module__.split(".")[0] not in ("sqlalchemy", "sqlite3"):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+
+def _open(optuna, url: str, seed: int, startup: int, warmup: int):
+    import warnings
+
+    with warnings.catch_warnings():  # heartbeats are "experimental since v2.9": stable, and what we need
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        # SQLite lets one writer at a time: wait up to a minute for the lock (sqlite3's default is 5 s, which
+        # a busy machine with two tune processes exceeds: "database is locked").
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        store = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                           grace_period=GRACE_S)
+    # Each process seeds its sampler with the seed and its pid: one process alone is reproducible, and two
+    # processes joining one study do not propose the very same values.
+    sampler = optuna.samplers.TPESampler(seed=seed if not _joined(store) else seed + os.getpid())
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+    return optuna.create_study(storage=store, study_name=STUDY_NAME, direction="maximize", sampler=sampler,
+                               pruner=pruner, load_if_exists=True), store
+
+
+def _joined(store) -> bool:
+    """Whether the study already has trials (this process joins it)."""
+    try:
+        sid = store.get_study_id_from_name(STUDY_NAME)
+    except KeyError:
+        return False
+    return bool(store.get_all_trials(sid, deepcopy=False))
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """Processes of one machine take turns to count and ask (so N trials means N, not N + a race)."""
+    with open(Path(out) / ".tune.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fail_orphans(study, store) -> None:
+    """Mark failed the running trials of this machine whose process is gone (a killed `maskcls tune`)."""
+    optuna = _optuna()
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not _alive(t.user_attrs.get("pid")):
+            store.set_trial_user_attr(t._trial_id, "stopped", "its process was gone (killed?); budget reused")
+            store.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental since v2.9": stable for years, and what we need
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other machines': by heartbeat
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ask(study):
+    import warnings
+
+    with warnings.catch_warnings():  # we beat the heart ourselves (_heartbeat): ask/tell has no thread for it
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        return study.ask()
+
+
+@contextlib.contextmanager
+def _heartbeat(store, trial):
+    """Record the trial's heartbeat every HEARTBEAT_S while it trains, so that processes on other
+    machines can tell a killed trial (no beat for GRACE_S) from a slow one."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            store.record_heartbeat(trial._trial_id)
+
+    store.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _counts(study) -> tuple[int, int]:
+    optuna = _optuna()
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    return sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials), sum(t.state == S.RUNNING for t in trials)
+
+
+def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space: Path | None = None,
+         timeout: float | None = None, seed: int = 0, prune_startup: int = 5, prune_warmup: int = 1,
+         on_trial: Callable[[dict], None] | None = None, warn: Callable[[str], None] = print,
+         fixed_names: set[str] = frozenset()) -> TuneResult:
+    """Run trials until the study holds `trials` finished ones (or `timeout` seconds pass), then write
+    the results. `fixed`: the train options every trial shares (crops included); `fixed_names`: those the
+    user gave, which the search leaves alone."""
+    if trials < 1:
+        raise ConfigError(f"--trials {trials}: must be >= 1")
+    out = Path(out)
+    base = {k: v for k, v in fixed.items() if v is not None}
+    TrainConfig(**(base | {"out": str(out / "trial-0")})).check()  # the fixed part is refused before any trial
+    params = load_space(space, base | {"out": str(out / "trial-0")})
+    held = [p.name for p in params if p.name in fixed_names]
+    if held:
+        warn(f"fixed by your options, so not searched: {', '.join(held)}")
+        params = [p for p in params if p.name not in fixed_names]
+    study, store = open_study(out, storage, seed, prune_startup, prune_warmup)
+    optuna = _optuna()
+    t_end = time.monotonic() + timeout if timeout else math.inf
+    mine = 0
+    while time.monotonic() < t_end:
+        with _lock(out):
+            _fail_orphans(study, store)
+            finished, running = _counts(study)
+            trial = _ask(study) if finished + running < trials else None
+            if trial is not None:
+                trial.set_user_attr("host", socket.gethostname())
+                trial.set_user_attr("pid", os.getpid())
+        if trial is None:
+            if running == 0 or finished >= trials:
+                break
+            time.sleep(2)  # others' trials are running: if one fails, its budget comes back
+            continue
+        with _heartbeat(store, trial):
+            record = _run_trial(trial, params, base, out, warn)
+        mine += 1
+        if record["state"] == "COMPLETE":
+            study.tell(trial, record["value"])
+        else:
+            study.tell(trial, state=getattr(optuna.trial.TrialState, record["state"]))
+        if on_trial:
+            on_trial(record)
+    return write_results(study, out, mine)
+
+
+def _run_trial(trial, params: list[Param], base: dict, out: Path, warn) -> dict:
+    """Train one trial into STUDY/trial-<k>; (state, value) for the study."""
+    from classify.training.train import fit
+
+    optuna = _optuna()
+    values = {p.name: p.suggest(trial) for p in params}
+    folder = out / f"trial-{trial.number}"
+    cfg = TrainConfig(**(base | values | {"out": str(folder)}))
+    trial.set_user_attr("run", str(folder))
+    per_fold = cfg.epochs
+
+    def report(rec: dict) -> None:
+        step = rec.get("fold", 0) * per_fold + rec["epoch"]
+        trial.report(rec["val_f1"], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {rec['epoch']}{' of fold ' + str(rec['fold']) if 'fold' in rec else ''}: "
+                                     f"validation F1 {rec['val_f1']:.4f} below the median of earlier trials there")
+
+    record = {"number": trial.number, "params": values, "run": str(folder)}
+    try:
+        summary = fit(cfg, overwrite=True, on_epoch=report, warn=warn)
+    except optuna.TrialPruned as e:
+        rundir.write_json(folder / "pruned.json", {"stopped_by": "maskcls tune (Optuna MedianPruner)", "why": str(e)})
+        trial.set_user_attr("stopped", f"pruned: {e}")
+        return record | {"state": "PRUNED", "value": None, "why": str(e)}
+    except ConfigError as e:  # a combination the space allows but the data refuses: this trial fails, not the study
+        trial.set_user_attr("stopped", f"failed: {e}")
+        return record | {"state": "FAIL", "value": None, "why": str(e)}
+    value = summary["oof"]["f1"] if "oof" in summary else summary["best"]["val_f1"]
+    return record | {"state": "COMPLETE", "value": float(value)}
+
+

@@ -1,0 +1,1 @@
+"""Training: `train.fit(TrainConfig)`, one epoch, k-fold, the config, losses, schedule, batch mixing, logs, torch.distributed."""
