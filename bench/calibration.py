@@ -44,7 +44,7 @@ def main() -> None:
     from classify.study.explain import explain_crops
     from classify.models.nets import create_model
     from classify.inference.predict import predict
-    from classify.inference.rundir import ModelSpec
+    from classify.inference.card import card_of
     from classify.training.train import fit
     from preprocess import CropConfig, crop_dataset
 
@@ -68,7 +68,7 @@ def main() -> None:
             c = dict(ckpt)
             if state is None:
                 torch.manual_seed(seed)
-                spec = ModelSpec.of(ckpt)
+                spec = card_of(ckpt)
                 c["model_state"] = create_model(spec.name, weights="none", **spec.kwargs).state_dict()
             explain_crops(c, test, rows, base / f"cam{seed}-{name}", name)
             with open(base / f"cam{seed}-{name}" / "gradcam.csv") as f:

@@ -1,7 +1,8 @@
 """Self-describing checkpoints, loaded safely.
 
-A checkpoint holds everything `predict` needs: model name and arguments, class names per task,
-image size, normalisation, the eval preset, the crop settings, the training config and the epoch.
+A checkpoint holds everything `predict` needs: the model's card (classify/inference/card.py: the
+architecture, classes, eval transform, crop settings, calibration, provenance), its weights, the training
+config and the epoch.
 Only tensors and plain Python values go in, and loading uses `torch.load(weights_only=True)`: a
 checkpoint cannot run code, and a pickle that tries is refused.
 """
@@ -19,7 +20,7 @@ from preprocess.imageio import atomic_write_bytes
 from classify.errors import CheckpointError
 
 FORMAT = "maskcls-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the model is described by its card (classify/inference/card.py); 1 still reads
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -168,7 +168,7 @@ def explain(
     from classify.study.explain import explain_crops
     from classify.inference.cropping import crops_for
     from classify.inference.predict import checkpoint_paths
-    from classify.inference.rundir import ModelSpec
+    from classify.inference.card import card_of
     from preprocess.manifest import read_manifest
 
     if len(paths) < 2:
@@ -185,7 +185,7 @@ def explain(
         for p, n in zip(photos, names):
             shutil.copyfile(p, raw / "images" / n)
         (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
-        folder, warnings = crops_for(raw, ModelSpec.of(ckpt).crop, crops or Path(tmp) / "crops", device)
+        folder, warnings = crops_for(raw, card_of(ckpt).crop, crops or Path(tmp) / "crops", device)
         rows = read_manifest(folder)
         for r, p in zip(rows, photos):
             r["image_id"] = p.name

@@ -14,6 +14,7 @@ from classify.training.config import TrainConfig
 from classify.metrics import scores
 from classify.inference.predict import predict
 from classify.training.train import fit
+from classify.inference.card import card_of
 from tests.conftest import SAMPLES, make_crops
 
 FAST = dict(img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu", preset="none", val_ratio=0.25)
@@ -48,12 +49,12 @@ def test_the_temperature_is_in_best_pt_and_predict_uses_it_and_an_old_checkpoint
     ckpt = load_checkpoint(r / "best.pt")
     summary = __import__("json").loads((r / "summary.json").read_text())
     t = summary["calibration"]["temperature"]
-    assert ckpt["temperature"] == t and t != 1.0
+    assert card_of(ckpt).temperature == t and t != 1.0
     cal = predict([r / "best.pt"], crops, None, device="cpu", workers=0)
     raw = predict([r / "best.pt"], crops, None, device="cpu", workers=0, calibrate=False)
     assert np.allclose(cal.probs, apply_temperature(np.log(raw.probs), t), atol=1e-9)  # log p: the logits less a constant
     assert not np.allclose(cal.probs, raw.probs, atol=1e-3) and (cal.labels == raw.labels).all()
-    old = {k: v for k, v in ckpt.items() if k not in ("temperature", "calibration")}
+    old = ckpt | {"card": ckpt["card"] | {"calibration": {}}}  # a checkpoint from before calibration
     save_checkpoint(tmp_path / "old.pt", old)
     before = predict([tmp_path / "old.pt"], crops, None, device="cpu", workers=0)
     assert np.allclose(before.probs, raw.probs, atol=1e-9)
@@ -75,10 +76,11 @@ def test_a_kfold_run_fits_one_temperature_out_of_fold_and_every_fold_carries_it(
                               **FAST), warn=lambda m: None)
     c = summary["calibration"]
     assert c["photos"] == summary["oof_photos"]
-    assert [load_checkpoint(tmp_path / "k" / f"fold{k}" / "best.pt")["temperature"] for k in range(2)] == [c["temperature"]] * 2
+    assert [card_of(load_checkpoint(tmp_path / "k" / f"fold{k}" / "best.pt")).temperature for k in range(2)] == \
+        [c["temperature"]] * 2
     off = fit(TrainConfig(crops=str(crops), out=str(tmp_path / "n"), model="resnet18", epochs=1, calibrate=False, **FAST),
               warn=lambda m: None)
-    assert "calibration" not in off and "temperature" not in load_checkpoint(tmp_path / "n" / "best.pt")
+    assert "calibration" not in off and card_of(load_checkpoint(tmp_path / "n" / "best.pt")).calibration == {}
 
 
 def test_the_review_list_holds_exactly_the_unsure_photos_least_sure_first_with_their_top_3(run, tmp_path):

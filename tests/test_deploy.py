@@ -44,9 +44,15 @@ def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model,
     assert (got.labels == want.labels).all() and np.abs(got.probs - want.probs).max() < 1e-4
     from classify.inference.onnx_model import OnnxModel
 
-    meta = OnnxModel(tmp_path / "m.onnx").meta
-    assert meta["img_size"] == 32 and len(meta["checkpoints"]) == (2 if model == "kfold" else 1)
-    assert len(meta["classes"]) == 18 and all(len(c["sha256"]) == 64 for c in meta["checkpoints"])
+    from classify.checkpoint import load_checkpoint
+    from classify.inference.predict import checkpoint_paths
+
+    exported = OnnxModel(tmp_path / "m.onnx")
+    meta = exported.meta
+    assert exported.img_size == 32 and len(meta["checkpoints"]) == (2 if model == "kfold" else 1)
+    # one description: the export carries each checkpoint's card word for word
+    assert meta["cards"] == [load_checkpoint(p)["card"] for p in checkpoint_paths([tmp_path / "r"])]
+    assert len(meta["cards"][0]["classes"]) == 18 and all(len(c["sha256"]) == 64 for c in meta["checkpoints"])
 
 
 def test_a_foreign_or_damaged_onnx_file_is_one_error_line(tmp_path, cli_run):

@@ -11,6 +11,7 @@ import pytest
 
 from classify.training.config import TrainConfig
 from classify.training.train import fit
+from classify.inference.card import card_of
 from tests.conftest import make_crops
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def test_the_stored_temperature_is_the_fit_of_the_runs_own_validation_logits_and
     want = calibrate(z, y)
     assert "kept" not in want and 0.06 < want["temperature"] < 10  # a fit inside the range, applied
     for k in range(2):
-        assert load_checkpoint(run / f"fold{k}" / "best.pt")["temperature"] == pytest.approx(want["temperature"], rel=1e-9)
+        assert card_of(load_checkpoint(run / f"fold{k}" / "best.pt")).temperature == pytest.approx(want["temperature"], rel=1e-9)
     assert want["nll_after"] < want["nll_before"]
     shuffled = calibrate(z, np.random.default_rng(0).permutation(y))
     assert shuffled["temperature"] != pytest.approx(want["temperature"], rel=1e-2)
@@ -94,7 +95,8 @@ def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_nor
                                            (t * 1.7, (0.5, 0.5, 0.5), (0.25, 0.3, 0.2)))):
         ckpt = load_checkpoint(run / f"fold{k}" / "best.pt")
         paths.append(tmp_path / f"fold{k}.pt")
-        save_checkpoint(paths[-1], ckpt | {"temperature": temp, "mean": list(mean), "std": list(std)})
+        card = dataclasses.replace(card_of(ckpt), mean=mean, std=std).calibrated({"temperature": temp})
+        save_checkpoint(paths[-1], ckpt | {"card": card.to_dict()})
     export(paths, tmp_path / "m.onnx")
     for vote in ("soft", "hard"):
         for calibrate in (True, False):

@@ -161,7 +161,7 @@ def test_checkpoints_from_differently_cropped_data_are_not_mixed(eval_raw, tmp_p
 
     a = make_ckpt(tmp_path / "a.pt")
     b = load_checkpoint(make_ckpt(tmp_path / "b.pt"))
-    b["crop"] = dict(b["crop"], key="another-key")
+    b["card"] = b["card"] | {"crop": dict(b["card"]["crop"], key="another-key")}
     save_checkpoint(tmp_path / "b.pt", {k: v for k, v in b.items() if k not in ("format", "version")})
     with pytest.raises(CheckpointError, match="different settings"):
         predict([a, tmp_path / "b.pt"], eval_raw, device="cpu", detector=fake_detector, cache=tmp_path / "cache")

@@ -21,6 +21,7 @@ from classify.data.dataset import boundary_distance, prepare_data
 from classify.training.schedule import create_optimizer, create_scheduler
 from classify.training.train import fit
 from preprocess import labels as L
+from classify.inference.card import card_of
 from tests.conftest import make_crops
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -207,8 +208,8 @@ def test_kfold_resumed_in_the_middle_of_fold_2_ends_like_an_uninterrupted_run(cr
     again = load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")["model_state"]
     assert all(torch.equal(fold0[k], again[k]) for k in fold0)  # the finished fold was not retrained
     # (its best.pt was rewritten once, to carry the temperature fitted on every fold's predictions)
-    assert load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")["temperature"] == \
-        load_checkpoint(tmp_path / "full" / "fold0" / "best.pt")["temperature"]
+    assert card_of(load_checkpoint(tmp_path / "cut" / "fold0" / "best.pt")).temperature == \
+        card_of(load_checkpoint(tmp_path / "full" / "fold0" / "best.pt")).temperature
     for k in range(3):
         assert _drop_seconds(tmp_path / "full" / f"fold{k}" / "metrics.csv") == _drop_seconds(tmp_path / "cut" / f"fold{k}" / "metrics.csv")
     assert (tmp_path / "full" / "oof_predictions.csv").read_text() == (tmp_path / "cut" / "oof_predictions.csv").read_text()
@@ -234,7 +235,7 @@ def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path
 
     _fit(crops, tmp_path / "r", model="timm/test_convnext.r160_in1k", epochs=1, img_size=56)  # enlarged: interpolation matters
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
-    assert ckpt["mean"] == [0.5] * 3 and ckpt["std"] == [0.5] * 3 and ckpt["interpolation"] == "bicubic"
+    assert card_of(ckpt).norm == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
     pred = predict([tmp_path / "r" / "best.pt"], crops, None, device="cpu", workers=0, calibrate=False)
     rows = load_rows(crops)[0]
     model = load_model(ckpt, torch.device("cpu"))

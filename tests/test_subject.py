@@ -12,6 +12,7 @@ from classify.training.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
 from preprocess.manifest import read_manifest, read_meta
 from preprocess.subject import DEFAULT_PRIOR, Prior, choose_for_person, choose_lone
+from classify.inference.card import card_of
 from tests.conftest import save_rgb
 
 CFG = CropConfig(size=48, workers=2, device="cpu")
@@ -98,7 +99,7 @@ def test_the_training_prior_is_saved_and_predict_crops_lone_photos_with_it(tmp_p
     fit(TrainConfig(crops=str(crops), out=str(run), model="resnet18", img_size=32, epochs=1, workers=0,
                     weights="none", device="cpu", preset="none", val_ratio=0.34), warn=lambda m: None)
     ckpt = load_checkpoint(run / "best.pt")
-    assert ckpt["crop"]["prior"] == read_meta(crops)["prior"]
+    assert card_of(ckpt).crop["prior"] == read_meta(crops)["prior"]
     predict([run / "best.pt"], ev, tmp_path / "sub.csv", cache=tmp_path / "cache", device="cpu", workers=0,
             detector=fake_detector)
     (row,) = read_manifest(tmp_path / "cache")

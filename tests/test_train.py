@@ -12,6 +12,7 @@ from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
 from classify.training.config import TrainConfig, load_config, resume_config
 from classify.training.train import fit
+from classify.inference.card import card_of
 from tests.conftest import make_crops
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -54,7 +55,8 @@ def test_run_folder_holds_everything_and_val_predictions_are_consistent(crops, t
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert [int(p["pred"]) for p in preds] == probs.argmax(1).tolist()
     best = load_checkpoint(out / "best.pt")
-    assert best["model"]["name"] == "resnet18" and best["img_size"] == 32 and len(best["classes"]) == 18
+    card = card_of(best)
+    assert card.name == "resnet18" and card.img_size == 32 and len(card.classes) == 18
     assert best["config"]["seed"] == 42 and "optimizer" not in best
     acc = np.mean([int(p["pred"]) == int(p["label"]) for p in preds])
     assert best["metrics"]["val_acc"] == pytest.approx(acc)

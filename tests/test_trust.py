@@ -17,6 +17,7 @@ from classify.training.config import TrainConfig, resume_config
 from classify.errors import ConfigError
 from classify.training.train import fit
 from preprocess import labels as L
+from classify.inference.card import card_of
 from tests.conftest import FakeDetector, make_crops, make_person, photo
 
 FAST = dict(model="resnet18", img_size=32, batch_size=32, lr=1e-3, workers=0, weights="none", device="cpu",
@@ -122,7 +123,7 @@ def test_a_resumed_run_keeps_the_normalisation_of_its_weights(crops, tmp_path, m
             warn=lambda m: None)
     fit(resume_config(tmp_path / "cut"), resume=True, warn=lambda m: None)
     for name in ("last.pt", "best.pt"):
-        assert load_checkpoint(tmp_path / "cut" / name)["mean"] == [0.5] * 3
+        assert card_of(load_checkpoint(tmp_path / "cut" / name)).mean == (0.5,) * 3
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from classify.models import weights as W
 from classify.errors import ConfigError
+from classify.inference.card import card_of
 from classify.models.nets import Backbone, create_model
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
@@ -124,7 +125,8 @@ def test_auto_is_recorded_in_summary_and_checkpoint_when_it_falls_back(hub, monk
     assert len(warned) == 1 and "random init" in warned[0]
     assert summary["weights"] == "none" and summary["warnings"] == warned
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
-    assert ckpt["weights"] == "none" and ckpt["weights_note"] == warned[0]
+    prov = card_of(ckpt).provenance
+    assert prov["weights"] == "none" and prov["weights_note"] == warned[0]
 
 
 def _saved(tmp_path, name, obj) -> Path:

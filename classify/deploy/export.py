@@ -5,9 +5,9 @@ size), and returns `logits` N x M x 18, one row per model (M > 1: a k-fold run):
 own mean and std) and the models are inside. What comes after the logits (temperature, mean or vote,
 class, task values) is `answer.answer`, the very function predict runs on a checkpoint's logits, with the
 temperatures from the metadata: checkpoint and export cannot drift apart after the logits. Exported with `torch.onnx.export`
-(dynamo), batch dimension dynamic. The model file's metadata (`maskcls` key, JSON) carries what
-predict and serve need: classes, image size, preset and interpolation, crop settings and face prior,
-`--old`/`--val-old`, model names, the source checkpoints' SHA-256, the maskcls version.
+(dynamo), batch dimension dynamic. The model file's metadata (`maskcls` key, JSON) carries each model's
+card exactly as its checkpoint holds it (card.py: classes, eval transform, crop settings and face prior,
+`--old`/`--val-old`, calibration, provenance), the source checkpoints' SHA-256 and the maskcls version.
 
 `--int8`: onnxruntime static quantisation (QDQ), calibrated on the run's validation crops; its change
 of accuracy and macro F1 on those crops is printed and stored in the metadata.
@@ -31,13 +31,13 @@ from classify.checkpoint import load_checkpoint
 from classify.errors import CheckpointError, ConfigError
 from classify.inference.onnx_model import FORMAT, VERSION, OnnxModel, batches
 from classify.inference.predict import check_ensemble, checkpoint_paths, load_model
-from classify.inference.rundir import ModelSpec
+from classify.inference.card import ModelCard, card_of
 
 
 class Deployable(nn.Module):
     """uint8 crops N x 3 x S x S → each model's logits of its normalised crop, N x M x 18."""
 
-    def __init__(self, models: list[nn.Module], specs: list[ModelSpec]):
+    def __init__(self, models: list[nn.Module], specs: list[ModelCard]):
         super().__init__()
         self.models = nn.ModuleList(models)
         k = len(models)
@@ -67,7 +67,7 @@ def export(checkpoints: list[Path], out: Path, int8: bool = False, check_crops: 
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
-    specs = [ModelSpec.of(c) for c in ckpts]
+    specs = [card_of(c) for c in ckpts]
     for what in ("img_size", "preset", "interpolation"):
         if len({getattr(s, what) for s in specs}) > 1:
             raise CheckpointError(f"these checkpoints differ in {what}: one graph takes one crop size and transform; "
@@ -94,11 +94,7 @@ def _metadata(paths, ckpts, specs) -> dict:
         maskcls_version = version("maskcls")
     except PackageNotFoundError:
         maskcls_version = "unknown"
-    s = specs[0]
-    return {"format": FORMAT, "version": VERSION, "maskcls": maskcls_version, "classes": ckpts[0]["classes"],
-            "tasks": ckpts[0].get("tasks"), "img_size": s.img_size, "preset": s.preset, "interpolation": s.interpolation,
-            "crop": s.crop, "old": s.old, "val_old": s.val_old, "models": [sp.label for sp in specs],
-            "temperatures": [sp.temperature for sp in specs],
+    return {"format": FORMAT, "version": VERSION, "maskcls": maskcls_version, "cards": [s.to_dict() for s in specs],
             "checkpoints": [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in paths]}
 
 

@@ -195,7 +195,7 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": model.meta.get("models"), "img_size": model.img_size}
+        return {"status": "ok", "models": model.models, "img_size": model.img_size}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -10,7 +10,7 @@ import numpy as np
 from preprocess import labels as L
 
 from classify.checkpoint import load_checkpoint
-from classify.inference.rundir import ModelSpec
+from classify.inference.card import card_of
 from classify.data.dataset import load_rows
 from classify.errors import ConfigError
 from classify.metrics import confusion, per_class_f1, scores
@@ -39,12 +39,12 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
-    old = ModelSpec.of(ckpts[0]).val_old
+    old = card_of(ckpts[0]).val_old
     _, rows = load_rows(Path(crops), old)
     if not rows:
         raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
     logits = model_logits(ckpts, Path(crops), rows, resolve_device(device), tta, batch_size, workers)
-    temps = [ModelSpec.of(c).temperature for c in ckpts]
+    temps = [card_of(c).temperature for c in ckpts]
     p = answer(logits, temps, calibrate, vote).labels
     y = np.array([r["label"] for r in rows])
     before, after = answer(logits, temps, False).scores, answer(logits, temps, True).scores
@@ -56,7 +56,7 @@ def evaluate(checkpoints: list[Path], crops: Path, tta: int = 1, device: str = "
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": models,
             "ece_before": ece(before, y), "ece_after": ece(after, y),
-            "temperatures": [ModelSpec.of(c).temperature for c in ckpts]}
+            "temperatures": [card_of(c).temperature for c in ckpts]}
 
 
 def _evaluate_onnx(models: list[Path], crops: Path, tta: int, batch_size: int, confusion_png: Path | None,
@@ -67,14 +67,14 @@ def _evaluate_onnx(models: list[Path], crops: Path, tta: int, batch_size: int, c
 
     check_onnx_options(tta, workers)
     model = OnnxModel(the_one_onnx(models))
-    old = int(model.meta.get("val_old", L.DEFAULT_OLD))
+    old = model.val_old
     _, rows = load_rows(crops, old)
     if not rows:
         raise ConfigError(f"{crops} has no labelled photo to evaluate (an eval folder's labels are unknown)")
     logits, temps = onnx_logits(model, crops, rows, batch_size), model.temperatures
     y, p = np.array([r["label"] for r in rows]), answer(logits, temps, calibrate, vote).labels
     cm = confusion(y, p, L.NUM_CLASSES)
-    name = [f"{Path(models[0]).name} ({', '.join(model.meta.get('models', []))})"]
+    name = [f"{Path(models[0]).name} ({', '.join(model.models)})"]
     if confusion_png:
         plot_confusion(Path(confusion_png), cm, L.class_names(old), f"{crops.name}, {len(rows)} photos\n{name[0]}", blocks=6)
     return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(), "confusion": cm.tolist(),

@@ -17,9 +17,10 @@ import numpy as np
 from preprocess.imageio import read_crop
 
 from classify.errors import CheckpointError, ConfigError
+from classify.inference.card import ModelCard, card_of
 from classify.data.transforms import build_transform, channels_first
 
-FORMAT, VERSION = "maskcls-onnx", 2  # 2: the graph returns each model's logits (1: calibrated mean probabilities)
+FORMAT, VERSION = "maskcls-onnx", 2  # 2: each model's logits and card (1: calibrated mean probabilities, flat keys)
 
 
 def is_onnx(path) -> bool:
@@ -62,17 +63,11 @@ class OnnxModel:
         if self.meta.get("version", 0) > VERSION:
             raise CheckpointError(f"{path} was written by a newer maskcls (format {self.meta['version']})")
         self.path = path
-        self.img_size = int(self.meta.get("img_size", 224))
-        self.transform = build_transform(self.meta.get("preset", "base"), self.img_size, train=False,
-                                         interpolation=self.meta.get("interpolation", "bilinear"))
-
-    @property
-    def crop(self) -> dict:
-        return self.meta.get("crop") or {}
-
-    @property
-    def old(self) -> int:
-        return int(self.meta.get("old", 60))
+        self.cards = [card_of(c) for c in self.meta["cards"]] if "cards" in self.meta else [_format1_card(self.meta)]
+        card = self.cards[0]  # export refuses models that differ in these
+        self.img_size, self.crop, self.old, self.val_old = card.img_size, card.crop, card.old, card.val_old
+        self.models = [c.label for c in self.cards] if "cards" in self.meta else list(self.meta.get("models", []))
+        self.transform = build_transform(card.preset, self.img_size, train=False, interpolation=card.interpolation)
 
     def prepare(self, crop: np.ndarray) -> np.ndarray:
         """An RGB uint8 crop → the model's input, 3 x S x S uint8 (the eval transform, as predict's)."""
@@ -81,9 +76,7 @@ class OnnxModel:
     @property
     def temperatures(self) -> list[float]:
         """Each model's temperature (format 1: its graph applied them itself, so 1 here)."""
-        if self.meta.get("version", 1) < 2:
-            return [1.0]
-        return [float(t) for t in self.meta.get("temperatures", [1.0])]
+        return [c.temperature for c in self.cards] if "cards" in self.meta else [1.0]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Each model's logits of the crops: M arrays of 1 x N x 18, float64."""
@@ -93,6 +86,13 @@ class OnnxModel:
             return [np.log(np.clip(p, 1e-30, 1.0))[None]]
         z = self.session.run(["logits"], {"crop": x})[0].astype(np.float64)
         return [z[:, m][None] for m in range(z.shape[1])]
+
+
+def _format1_card(meta: dict) -> ModelCard:
+    """A format-1 export described its (one-transform) ensemble with flat keys."""
+    return ModelCard(name=(meta.get("models") or ["?"])[0], kwargs={}, img_size=int(meta.get("img_size", 224)),
+                     preset=meta.get("preset", "base"), interpolation=meta.get("interpolation", "bilinear"),
+                     old=int(meta.get("old", 60)), val_old=int(meta.get("val_old", 60)), crop=meta.get("crop") or {})
 
 
 def batches(crops: Path, rows: list[dict], model: OnnxModel, size: int = 64):

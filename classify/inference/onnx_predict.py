@@ -64,4 +64,4 @@ def predict_onnx(path: Path, source: Path, out: Path | None = None, tta: int = 1
         raise LayoutError(f"{source} holds no photo to predict")
     ans = answer(onnx_logits(model, crops, rows, batch_size), model.temperatures, calibrate, vote)
     return conclude(rows, ans.scores, ans.labels, crops, warnings, model.old,
-                    [f"{Path(path).name} ({', '.join(model.meta.get('models', []))})"], out, probs_out, review, below)
+                    [f"{Path(path).name} ({', '.join(model.models)})"], out, probs_out, review, below)

@@ -26,14 +26,15 @@ from classify.errors import CheckpointError, ConfigError
 from classify.inference.answer import Answer, answer, check_vote
 from classify.models.nets import create_model, upgrade_state
 from classify.inference.cropping import crops_for
-from classify.inference.rundir import ModelSpec, fold_dirs
+from classify.inference.card import card_of
+from classify.inference.rundir import fold_dirs
 from classify.inference.submission import Prediction, conclude  # noqa: F401 (Prediction: what predict returns)
 from classify.data.transforms import build_transform
 
 
 def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
     try:
-        spec = ModelSpec.of(ckpt)
+        spec = card_of(ckpt)
         model = create_model(spec.name, weights="none", **spec.kwargs)
         model.load_state_dict(upgrade_state(spec.name, ckpt["model_state"]))
     except (KeyError, RuntimeError) as e:
@@ -70,7 +71,7 @@ def model_logits(ckpts: list[dict], crops: Path, rows: list[dict], device: torch
     out = []
     pos = {r["index"]: k for k, r in enumerate(rows)}
     for ckpt in ckpts:
-        spec = ModelSpec.of(ckpt)
+        spec = card_of(ckpt)
         tf = build_transform(spec.preset, spec.img_size, train=False, interpolation=spec.interpolation)
         ds = CropDataset(crops, rows, tf)
         model = load_model(ckpt, device)
@@ -87,13 +88,13 @@ def ensemble(ckpts: list[dict], crops: Path, rows: list[dict], device: torch.dev
              workers: int = 2, vote: str = "soft", calibrate: bool = True) -> Answer:
     """The checkpoints' answer for `rows` of `crops` (`answer.answer`: temperature, TTA mean, vote)."""
     return answer(model_logits(ckpts, crops, rows, device, tta, batch_size, workers),
-                  [ModelSpec.of(c).temperature for c in ckpts], calibrate, vote)
+                  [card_of(c).temperature for c in ckpts], calibrate, vote)
 
 
 def check_ensemble(ckpts: list[dict]) -> None:
     """Checkpoints that cannot be combined are refused: different crops, or different age boundaries
     (their class 2 of age means different people, so their probabilities do not add up)."""
-    specs = [ModelSpec.of(c) for c in ckpts]
+    specs = [card_of(c) for c in ckpts]
     keys = {s.crop.get("key") for s in specs}
     if len(keys) > 1:
         raise CheckpointError("these checkpoints were trained on crops made with different settings, so no one "
@@ -128,9 +129,9 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     paths = checkpoint_paths(checkpoints)
     ckpts = [load_checkpoint(p) for p in paths]
     check_ensemble(ckpts)
-    keys = {ModelSpec.of(c).crop.get("key") for c in ckpts}
+    keys = {card_of(c).crop.get("key") for c in ckpts}
     dev = resolve_device(device)
-    crops, warnings = crops_for(Path(source), ModelSpec.of(ckpts[0]).crop, cache, device, detector, on_progress)
+    crops, warnings = crops_for(Path(source), card_of(ckpts[0]).crop, cache, device, detector, on_progress)
     given_key, trained_key = read_meta(crops).get("key"), keys.pop()
     if given_key and trained_key and given_key != trained_key:
         warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
@@ -142,7 +143,7 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
     ans = ensemble(ckpts, crops, rows, dev, tta, batch_size, workers, vote, calibrate)
-    return conclude(rows, ans.scores, ans.labels, crops, warnings, ModelSpec.of(ckpts[0]).old, describe_models(paths, ckpts),
+    return conclude(rows, ans.scores, ans.labels, crops, warnings, card_of(ckpts[0]).old, describe_models(paths, ckpts),
                     out, probs_out, review, below)
 
 
@@ -150,4 +151,4 @@ def predict(checkpoints: list[Path], source: Path, out: Path | None = None, tta:
 
 def describe_models(paths: list[Path], ckpts: list[dict]) -> list[str]:
     """Each checkpoint as "run/fold0/best.pt (resnet18)": what predict and evaluate say they used."""
-    return [f"{Path(p).parent.name}/{Path(p).name} ({ModelSpec.of(c).label})" for p, c in zip(paths, ckpts)]
+    return [f"{Path(p).parent.name}/{Path(p).name} ({card_of(c).label})" for p, c in zip(paths, ckpts)]

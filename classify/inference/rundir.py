@@ -14,17 +14,14 @@ RUN/ (one run, or one fold of a k-fold run in RUN/fold<k>/):
 | summary.json | the run's result |
 | oof_predictions.csv | a k-fold run folder only: every fold's best-epoch validation predictions |
 
-The best epoch is the first epoch with the highest validation macro F1 (`best_record`). A checkpoint's
-payload is built by `checkpoint_payload` and read through `ModelSpec.of`; format version 2 adds
-`best_epoch`, `stopped_early`, `steps_done` and best.pt's `temperature` (calibration.py); version-1
-checkpoints still read (temperature 1).
+The best epoch is the first epoch with the highest validation macro F1 (`best_record`). What a checkpoint
+says about its model is its card (card.py); `set_temperature` stores a fitted calibration in best.pt's card.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +31,6 @@ from preprocess.imageio import atomic_write_bytes
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.csv", "metrics.csv", "summary.json"
 VAL_PREDICTIONS, VAL_PREDICTIONS_LAST, OOF_PREDICTIONS = (
@@ -157,8 +153,10 @@ def set_temperature(run: Path, calibration: dict) -> None:
     """Store a fitted temperature (and the calibration it came from) in the run's best.pt."""
     from classify.checkpoint import save_checkpoint
 
+    from .card import card_of
+
     ckpt = load_checkpoint(Path(run) / BEST)
-    save_checkpoint(Path(run) / BEST, ckpt | {"temperature": calibration["temperature"], "calibration": calibration})
+    save_checkpoint(Path(run) / BEST, ckpt | {"card": card_of(ckpt).calibrated(calibration).to_dict()})
 
 
 # -- k-fold -----------------------------------------------------------------------------------------
@@ -226,53 +224,3 @@ def recover_swap(out: Path) -> None:
 def existing_run(out: Path) -> list[str]:
     """What in `out` says it already holds a run."""
     return [n for n in (LAST, BEST, CONFIG, "fold0") if (Path(out) / n).exists()]
-
-
-# -- the checkpoint payload ------------------------------------------------------------------------------
-
-PAYLOAD_VERSION = 2
-
-
-def checkpoint_payload(cfg, model_kwargs: dict, norm: dict, weights: str, note: str | None, crop_meta: dict) -> dict:
-    """What every checkpoint of a run says about itself: enough for `predict` to need nothing else."""
-    return {"payload_version": PAYLOAD_VERSION, "model": {"name": cfg.model, "kwargs": model_kwargs},
-            "classes": L.class_names(cfg.old),
-            "tasks": {task: list(n) for task, n in L.TASKS.items()} | {"age": list(L.age_names(cfg.old))},
-            "img_size": cfg.img_size, "mean": norm["mean"], "std": norm["std"],
-            "interpolation": norm["interpolation"], "preset": cfg.preset, "crop": crop_meta,
-            "config": asdict(cfg), "weights": weights, "weights_note": note}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild and feed a checkpoint's model (defaults for what older checkpoints lack)."""
-    name: str
-    kwargs: dict
-    img_size: int
-    preset: str
-    mean: tuple
-    std: tuple
-    interpolation: str
-    old: int
-    val_old: int
-    amp: str
-    crop: dict
-    temperature: float = 1.0  # calibration (checkpoints before it: 1, i.e. none)
-
-    @classmethod
-    def of(cls, ckpt: dict) -> "ModelSpec":
-        cfg = ckpt.get("config") or {}
-        return cls(ckpt["model"]["name"], ckpt["model"].get("kwargs", {}), ckpt.get("img_size", 224),
-                   ckpt.get("preset", "base"), tuple(ckpt.get("mean", IMAGENET_MEAN)), tuple(ckpt.get("std", IMAGENET_STD)),
-                   ckpt.get("interpolation", "bilinear"),
-                   cfg.get("old", L.DEFAULT_OLD), cfg.get("val_old", L.DEFAULT_OLD), cfg.get("amp", "off"),
-                   ckpt.get("crop") or {}, float(ckpt.get("temperature", 1.0)))
-
-    @property
-    def label(self) -> str:
-        """The model as a person names it: resnet18, attention(resnet18), timm/convnext_tiny."""
-        return f"{self.name}({self.kwargs['backbone']})" if self.kwargs.get("backbone") else self.name
-
-    @property
-    def norm(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}

@@ -133,9 +133,9 @@ def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: s
     and gradcam.csv (per photo and task: predicted value, the map's share below the nose and in the
     face) for `rows` of `crops`, with the checkpoint's eval transform."""
     from classify.inference.predict import load_model
-    from classify.inference.rundir import ModelSpec
+    from classify.inference.card import card_of
 
-    spec = ModelSpec.of(ckpt)
+    spec = card_of(ckpt)
     model = load_model(ckpt, torch.device("cpu"))
     for p in model.parameters():
         p.requires_grad_(True)

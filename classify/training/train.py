@@ -31,6 +31,7 @@ from preprocess import labels as L
 from preprocess.manifest import read_meta
 
 from classify.inference import rundir
+from classify.inference.card import card_of, new_card
 from classify.models import weights as W
 from classify.inference.calibration import apply_temperature, calibrate as calibrate_logits
 from classify.checkpoint import load_checkpoint, save_checkpoint
@@ -137,7 +138,8 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     workers = cfg.workers if cfg.workers is not None else default_workers(d.world)
     if d.main:
         _write_start(out, cfg, data, t, weights, workers)
-    describe = rundir.checkpoint_payload(cfg, kwargs, t.norm, weights, note, read_meta(Path(cfg.crops)))
+    describe = {"card": new_card(cfg, kwargs, t.norm, weights, note, read_meta(Path(cfg.crops))).to_dict(),
+                "config": asdict(cfg)}
     interp = t.norm["interpolation"]
     train_ds = CropDataset(cfg.crops, data.train_rows, build_transform(cfg.preset, cfg.img_size, True, interp), cfg.seed,
                            cfg.synth_mask)
@@ -264,7 +266,7 @@ def build_trainer(cfg: TrainConfig, d: Dist, data: Data, weights: str, state: di
     torch.manual_seed(cfg.seed)
     model, kwargs, norm = build_model(cfg, weights, load=state is None and d.main)
     if state is not None:
-        norm = rundir.ModelSpec.of(state).norm
+        norm = card_of(state).norm
     criterion = create_criterion(cfg, model, expected_class_counts(data.train_rows, cfg.synth_mask))
     model.to(device)
     criterion.to(device)
