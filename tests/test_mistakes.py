@@ -132,7 +132,7 @@ MISTAKES = [
                                                                "{w}/evalraw (it holds info.csv)"),
     ("predict {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/s.csv", "give one exported .onnx model"),
     ("pseudo-label {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/p", "give one exported .onnx model"),
-    ("evaluate {w}/a.onnx {w}/b.onnx {w}/crops", "an exported model is evaluated alone and with --tta 1"),
+    ("evaluate {w}/a.onnx {w}/b.onnx {w}/crops", "give one exported .onnx model (export several checkpoints into one graph)"),
 ]
 
 

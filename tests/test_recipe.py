@@ -228,8 +228,9 @@ def test_an_ensemble_of_different_old_is_refused(crops, tmp_path):
 def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path):
     """A timm model whose weights expect mean = std = 0.5 and bicubic resizing: the checkpoint says so and
     predict's probabilities are those of that preprocessing, not ImageNet's."""
-    from classify.inference.engine import infer, make_loader
     from classify.data.dataset import CropDataset, load_rows
+    from classify.inference.answer import model_probs
+    from classify.inference.engine import infer, make_loader
     from classify.inference.predict import load_model
     from classify.data.transforms import build_transform
 
@@ -242,7 +243,8 @@ def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path
 
     def probs(mean, std, interpolation):
         ds = CropDataset(crops, rows, build_transform("none", 56, False, interpolation))
-        return infer(model, make_loader(ds, 64, 0, torch.device("cpu")), torch.device("cpu"), mean=mean, std=std)[1]
+        logits = infer(model, make_loader(ds, 64, 0, torch.device("cpu")), torch.device("cpu"), mean=mean, std=std)[1]
+        return model_probs(logits)
 
     assert np.allclose(pred.probs, probs([0.5] * 3, [0.5] * 3, "bicubic"), atol=1e-6)
     assert not np.allclose(pred.probs, probs([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "bicubic"), atol=1e-3)
