@@ -99,8 +99,12 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
     validation boundary, --val-old: the training labels' --old must not move validation people),
     reproducible from the seed.
 
-    With `folds` = K > 1, people are dealt round-robin into K folds within each stratum and fold
-    `fold` is the validation set, so the K validation sets partition the people."""
+    With `folds` = K > 1, each stratum's people are cut into K slices of their ranking and fold `fold`
+    is the validation set, so the K validation sets partition the people.
+
+    Within a stratum people are ranked by a hash of (seed, person), not by one random draw over all
+    strata: a person added, removed or moved to another stratum moves nobody else but the one at a
+    stratum's validation boundary (a shuffle would deal every later stratum anew)."""
     strata: dict[tuple[int, int], list[str]] = {}
     seen = set()
     for r in rows:
@@ -108,7 +112,9 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         if p not in seen:
             seen.add(p)
             strata.setdefault((r["gender"], L.age_group(r["age"], old)), []).append(p)
-    rng = random.Random(seed)
+    def ranked(people):
+        return sorted(people, key=lambda p: hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest())
+
     out = {}
     if folds and folds > 1:
         if not 0 <= fold < folds:
@@ -116,20 +122,18 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         if folds > len(seen):
             raise ConfigError(f"--folds {folds}: more folds than the {len(seen)} people with a usable labelled photo; "
                               f"use --folds {len(seen)} or fewer")
-        offset = 0
-        for key in sorted(strata):
-            people = sorted(strata[key])
-            rng.shuffle(people)
+        for k, key in enumerate(sorted(strata)):
+            people = ranked(strata[key])
             for i, p in enumerate(people):
-                out[p] = "val" if (i + offset) % folds == fold else "train"
-            offset += len(people)  # rotate so small strata do not all land in fold 0
+                # contiguous slices of the ranking (a person more or less moves one per slice edge), the
+                # strata's slices rotated so small strata do not all land in fold 0
+                out[p] = "val" if (i * folds // len(people) + k) % folds == fold else "train"
         return out
     if not 0 < val_ratio < 1:
         raise ConfigError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
     carry = 0.0
     for key in sorted(strata):
-        people = sorted(strata[key])
-        rng.shuffle(people)
+        people = ranked(strata[key])
         exact = len(people) * val_ratio + carry
         n_val = int(exact + 0.5)
         carry = exact - n_val  # rounding error passed on, so tiny strata add up to the right total
@@ -220,7 +224,13 @@ def prepare_data(cfg) -> Data:
     rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
     if not usable:
         raise ConfigError(f"{crops}/manifest.csv has no photo with a known label and a usable crop")
-    split = split_persons(usable, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold, cfg.val_old)
+    # Split on the labels as cropped: a run with --label-fixes validates on the same people as one without,
+    # so `compare` sets them side by side on equal terms (a fixed person keeps its side, with its fixed label).
+    split_rows = load_rows(crops, cfg.old)[1] if cfg.label_fixes else usable
+    split = split_persons(split_rows, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold,
+                          cfg.val_old)
+    for r in usable:  # a person only the fixes made usable trains (it was in no split)
+        split.setdefault(person_key(r), "train")
     train_rows = [r for r in usable if split[person_key(r)] == "train"]
     val_rows = [r for r in usable if split[person_key(r)] == "val"]
     dropped = 0
