@@ -83,3 +83,16 @@ def test_a_kfold_resume_refuses_a_finished_fold_of_another_run(tmp_path):
     with pytest.raises(ConfigError, match="fold1 is a finished fold of another run.*lr"):
         fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, folds=2, fold="all", **FAST), resume=True,
             warn=lambda m: None)
+
+
+def test_a_resume_whose_split_file_names_other_validation_people_is_refused(tmp_path):
+    from classify.errors import ConfigError
+
+    crops = make_crops(tmp_path / "c", people=12)
+    run = tmp_path / "r"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, **FAST), warn=lambda m: None)
+    split = rundir.read_split(run)
+    val, train = sorted(p for p, s in split.items() if s == "val"), sorted(p for p, s in split.items() if s == "train")
+    rundir.write_split(run / rundir.SPLIT, split | {val[0]: "train", train[0]: "val"})  # as an older split would
+    with pytest.raises(ConfigError, match="other validation people"):
+        fit(TrainConfig(crops=str(crops), out=str(run), epochs=2, **FAST), resume=True, warn=lambda m: None)

@@ -128,6 +128,8 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     out = Path(cfg.out)
     state = _resume_state(cfg, out) if resume else None
     data = prepare_data(cfg)
+    if resume and (out / rundir.SPLIT).is_file():
+        _same_validation(out, data.split)
     for w in data.warnings:
         _warn_once(warn, w)
     weights, note = _resolve_weights(cfg, d, state)
@@ -157,6 +159,16 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
         _train_epochs(t, data, train_ds, val_ds, workers, progress, describe, log, on_epoch, on_step)
     log.close()
     return _finish(out, cfg, data, progress, weights, note, d, calibrate and cfg.calibrate) if d.main else {}
+
+
+def _same_validation(out: Path, split: dict[str, str]) -> None:
+    """A resumed run validates on the people it started with (a run split by an older maskcls may not)."""
+    saved = {p for p, s in rundir.read_split(out).items() if s == "val"}
+    now = {p for p, s in split.items() if s == "val"}
+    if saved != now:
+        raise ConfigError(f"--resume: {out}/{rundir.SPLIT} names other validation people than this maskcls draws for "
+                          f"its seed ({len(saved ^ now)} differ; the split was made by an older version): finish it "
+                          "with the version that started it, or train it again with --overwrite")
 
 
 def _should_stop(cfg: TrainConfig, p: Progress) -> bool:
