@@ -48,6 +48,8 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     max_bytes: int = typer.Option(10_000_000, help="Largest request body, bytes."),
     max_files: int = typer.Option(16, help="Most photos in one request."),
+    max_pixels: int = typer.Option(50_000_000, help="Most decoded pixels in one request (the server holds at most "
+                                                    "three requests' worth at once; past that it answers 503)."),
     wait_ms: float = typer.Option(5.0, help="How long the server gathers concurrent requests into one batch, ms."),
 ):
     """Serve the model over HTTP: POST /predict (multipart field `file`), GET /health, and a page at /."""
@@ -59,7 +61,8 @@ def serve(
     require_extra("serve", "maskcls serve")
     if not is_onnx(model):
         require_extra("export", f"maskcls serve {model} (a checkpoint is exported to ONNX first)")
-    for name, value, lo in (("--port", port, 1), ("--max-bytes", max_bytes, 1), ("--max-files", max_files, 1)):
+    for name, value, lo in (("--port", port, 1), ("--max-bytes", max_bytes, 1), ("--max-files", max_files, 1),
+                            ("--max-pixels", max_pixels, 1)):
         if value < lo or (name == "--port" and value > 65535):
             raise ConfigError(f"{name} {value}: must be {'in 1..65535' if name == '--port' else '>= 1'}")
     try:
@@ -74,4 +77,4 @@ def serve(
             model = run_export([model], Path(tmp) / "model.onnx").path
         run_serve(model, host, port, max_bytes, max_files, wait_ms,
                   on_ready=lambda: console.print(f"serving {escape(str(model))} on http://{host}:{port}/ "
-                                                 "(Ctrl-C stops)", highlight=False))
+                                                 "(Ctrl-C stops)", highlight=False), max_pixels=max_pixels)

@@ -338,7 +338,8 @@ def _crop_chunk(pool, out: Path, paths: dict[str, str], chunk, images, digests, 
     cut from}, the writes' futures, per unit its choices)."""
     dets = [[d if d is not None else
              {"w": im.shape[1], "h": im.shape[0], "cands": [], "relaxed": False} if isinstance(im, np.ndarray)
-             else {"error": str(im)} for d, im in zip(cached, imgs)] for (_, _, cached), imgs in zip(chunk, images)]
+             else {"error": str(im), "status": im.status} for d, im in zip(cached, imgs)]
+            for (_, _, cached), imgs in zip(chunk, images)]
     for ud, udig in zip(dets, digests):  # the photo's content, for `train --extra`'s same-photo check
         for d, digest in zip(ud, udig):
             if digest and "error" not in d:
@@ -386,7 +387,7 @@ def _rows(unit: list[Photo], dets: list[dict], choices: list[Choice | None], pat
                "score": None, "width": None, "height": None, "faces": None, "landmarks": None,
                "sha256": d.get("sha256")}
         if c is None:
-            row["status"] = p.status or "unreadable"
+            row["status"] = p.status or d.get("status", "unreadable")
             row["reason"] = d["error"]
         else:
             cand = d["cands"][c.index] if c.index is not None else None

@@ -103,7 +103,8 @@ class MTCNNDetector:
         for img in images:
             h, w = img.shape[:2]
             s = min(1.0, self.detect_side / max(h, w)) if self.detect_side else 1.0
-            scaled.append(img if s == 1.0 else cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA))
+            size = (max(1, round(w * s)), max(1, round(h * s)))  # a thin photo never resizes to 0 pixels
+            scaled.append(img if s == 1.0 else cv2.resize(img, size, interpolation=cv2.INTER_AREA))
             scales.append(s)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(scaled):

@@ -24,9 +24,20 @@ from PIL import Image, ImageOps
 
 MAX_PIXELS = 40_000_000  # 40 MP: far above any phone photo, far below a bomb
 JPEG_QUALITY = 95
+# The photo formats people send. Pillow registers ~40 more (EPS runs Ghostscript, FITS, SPIDER, MCIDAS,
+# DDS...): none of them is a photo, and each is decoder code an upload could reach.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG includes phones' multi-picture (MPO) files
+MIN_SIDE, MAX_ASPECT = 20, 10  # smaller, or thinner, cannot hold a face (and breaks the detector's resize)
+
 
 class UnreadableImage(Exception):
     """A photo that cannot be turned into pixels; the message says why."""
+    status = "unreadable"
+
+
+class TooSmall(UnreadableImage):
+    """A photo too small or too thin to hold a face (a 1 x 30000 PNG): refused before detection."""
+    status = "too_small"
 
 
 def content_digest(data: bytes) -> str:
@@ -53,11 +64,9 @@ def load_rgb(path, max_pixels: int = MAX_PIXELS, size: int | None = None) -> np.
     try:
         if (size if size is not None else src.stat().st_size) == 0:
             raise UnreadableImage("empty file (0 bytes)")
-        with Image.open(src) as im:
+        with Image.open(src, formats=FORMATS) as im:
             w, h = im.size
-            if w * h > max_pixels:
-                raise UnreadableImage(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit "
-                                      "(possible decompression bomb)")
+            _check_shape(w, h, max_pixels)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im.load()
@@ -67,13 +76,41 @@ def load_rgb(path, max_pixels: int = MAX_PIXELS, size: int | None = None) -> np.
         raise
     except FileNotFoundError:
         raise UnreadableImage("file not found") from None
-    except Image.DecompressionBombError as e:  # PIL's own guard fires at open, from the header, above twice its limit
+    except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error...) is this photo's
+        raise _unreadable(e, max_pixels) from None
+
+
+def photo_size(src, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of a photo from its header alone (nothing decoded), with load_rgb's format and shape
+    checks; UnreadableImage otherwise."""
+    try:
+        with Image.open(src, formats=FORMATS) as im:
+            w, h = im.size
+    except Exception as e:  # noqa: BLE001 - any header parser failure is this photo's
+        raise _unreadable(e, max_pixels) from None
+    _check_shape(w, h, max_pixels)
+    return w, h
+
+
+def _unreadable(e: Exception, max_pixels: int) -> UnreadableImage:
+    """The photo's own error for whatever opening or decoding it raised."""
+    if isinstance(e, Image.DecompressionBombError):  # PIL's own guard, from the header, above twice its limit
         n = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(n[1]) / 1e6:.0f} MP" if n else "too large"
-        raise UnreadableImage(f"image is {size}, over the {max_pixels / 1e6:.0f} MP limit (possible decompression bomb)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        # PIL raises OSError for truncated/unknown data, SyntaxError/ValueError for some broken headers.
-        raise UnreadableImage(f"not a readable image: {e}") from None
+        return UnreadableImage(f"image is {size}, over the {max_pixels / 1e6:.0f} MP limit (possible decompression bomb)")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return UnreadableImage(f"not a readable image: not a photo in a format maskcls reads ({', '.join(FORMATS)})")
+    return UnreadableImage(f"not a readable image: {str(e) or type(e).__name__}")
+
+
+def _check_shape(w: int, h: int, max_pixels: int) -> None:
+    """Refuse, from the header, a photo that cannot hold a face and one whose pixels would not fit."""
+    if min(w, h) < MIN_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+        raise TooSmall(f"image is {w}x{h}: too small or too thin to hold a face (shorter side under "
+                       f"{MIN_SIDE} px, or sides more than {MAX_ASPECT}:1)")
+    if w * h > max_pixels:
+        raise UnreadableImage(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit "
+                              "(possible decompression bomb)")
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:

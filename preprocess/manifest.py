@@ -36,13 +36,14 @@ STATUS_HELP = {
     "no_face": "no face found: a centre square (manifests written before the face prior)",
     "unreadable": "no pixels: the file cannot be decoded (a grey crop stands in so predict can still answer)",
     "missing": "no pixels: the file listed is not there (a grey crop stands in)",
+    "too_small": "no face possible: the photo is too small or too thin (a grey crop stands in)",
     "bad_name": "the name carries no labels (labels unknown; the face is cropped)",
 }
 STATUSES = tuple(STATUS_HELP)
 TRAINABLE = ("ok", "relaxed", "person_box", "prior_box", "no_face")
 FALLBACKS = tuple(s for s in STATUSES if s != "ok")  # rows the report shows in its own gallery
-PROBLEMS = ("unreadable", "missing", "bad_name")     # rows the CLI lists after cropping
-NO_PIXELS = ("unreadable", "missing")                # rows whose crop is a grey stand-in
+PROBLEMS = ("unreadable", "too_small", "missing", "bad_name")  # rows the CLI lists after cropping
+NO_PIXELS = ("unreadable", "too_small", "missing")             # rows whose crop is a grey stand-in
 
 MANIFEST = "manifest.csv"
 META = "crops.json"

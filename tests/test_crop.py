@@ -1,5 +1,6 @@
 """The crop stage with a fake detector whose boxes are known: statuses, fallbacks, geometry, caching."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -132,3 +133,26 @@ def test_packed_array_equals_the_decoded_crops_and_no_temp_files_remain(raw_trai
     for i, r in enumerate(rows):
         assert np.array_equal(packed[i], read_crop(out / r["crop"]))
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+def test_a_photo_too_thin_for_a_face_gets_its_own_status_and_the_run_goes_on(tmp_path):
+    """A 1 x 30000 PNG once made the detector's resize fail and the whole run die with a traceback: the real
+    detector (no fake) runs here, on a folder that holds one such photo beside good ones."""
+    from PIL import Image
+
+    from tests.conftest import SAMPLES
+
+    raw = tmp_path / "eval"
+    (raw / "images").mkdir(parents=True)
+    good = sorted((SAMPLES / "eval" / "images").iterdir())[:2]
+    for p in good:
+        shutil.copy(p, raw / "images" / p.name)
+    Image.new("RGB", (1, 30000), (200, 180, 160)).save(raw / "images" / "thin.png")
+    Image.new("RGB", (30000, 2), (200, 180, 160)).save(raw / "images" / "wide.png")
+    (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in [p.name for p in good] + ["thin.png", "wide.png"]))
+    crop_dataset(raw, tmp_path / "c", CropConfig(size=64, device="cpu"))
+    rows = {r["image_id"]: r for r in read_manifest(tmp_path / "c")}
+    assert len(rows) == 4
+    for name in ("thin.png", "wide.png"):
+        assert rows[name]["status"] == "too_small" and "too small or too thin" in rows[name]["reason"]
+    assert all(rows[p.name]["status"] not in ("unreadable", "too_small") for p in good)

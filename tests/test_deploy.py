@@ -169,7 +169,7 @@ def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_pat
     jpeg = sorted((SAMPLES / "eval" / "images").iterdir())[0].read_bytes()
     one = lambda name, data: [("file", (name, data, "image/jpeg"))]  # noqa: E731
     cases = [
-        ("not an image", dict(files=one("notes.jpg", b"hello, world" * 10)), 400, "not a readable image"),
+        ("not an image", dict(files=one("notes.jpg", b"hello, world" * 10)), 400, "not a photo in a format"),
         ("empty", dict(files=one("empty.jpg", b"")), 400, "empty file"),
         ("truncated", dict(files=one("cut.jpg", jpeg[: len(jpeg) // 3])), 400, "cut.jpg"),
         ("bomb", dict(files=one("bomb.png", (tmp_path / "bomb.png").read_bytes())), 400, "400 MP, over the 40 MP limit"),
@@ -184,6 +184,47 @@ def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_pat
         assert "\n" not in r.json()["error"], what
     r = httpx.get(url + "/predict", timeout=10)
     assert r.status_code == 405 and "error" in r.json()
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_hostile_photos_get_their_own_4xx_and_other_clients_their_answers(server, tmp_path):
+    """A 1 x 30000 PNG once failed every request of its micro-batch with a 500; a non-photo format reached
+    Pillow's other decoders; 16 small PNGs could decode to 2 GB. Each is now its own 4xx, decided from the
+    headers, while a normal client beside them gets its answer."""
+    import io
+    import threading
+
+    import httpx
+    from PIL import Image
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (200, 180, 160)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    url, want = server
+    jpeg_path = sorted((SAMPLES / "eval" / "images").iterdir())[0]
+    normal = []
+
+    def client():
+        for _ in range(3):
+            normal.append(httpx.post(url + "/predict", files=[("file", (jpeg_path.name, jpeg_path.read_bytes(),
+                                                                         "image/jpeg"))], timeout=120))
+
+    t = threading.Thread(target=client)
+    t.start()
+    ico = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(ico, format="ICO")
+    cases = [("thin", [("thin.png", png(1, 30000))], 400, "too small or too thin to hold a face"),
+             ("ico", [("x.ico", ico.getvalue())], 400, "not a photo in a format maskcls reads"),
+             ("pixels", [(f"{k}.png", png(4000, 4000)) for k in range(4)], 413, "MP a request may hold")]
+    for what, files, status, words in cases * 2:
+        r = httpx.post(url + "/predict", files=[("file", (n, d, "image/png")) for n, d in files], timeout=120)
+        assert r.status_code == status and words in r.json()["error"], (what, r.status_code, r.text)
+    t.join()
+    assert [r.status_code for r in normal] == [200] * 3
+    y = int(want.labels[want.image_ids.index(jpeg_path.name)])
+    assert all(r.json()["predictions"][0]["class"] == y for r in normal)
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     page = httpx.get(url + "/", timeout=10).text
     assert "<script" in page and "http://" not in page and "https://" not in page  # nothing from the internet

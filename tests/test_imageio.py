@@ -66,13 +66,13 @@ def test_importing_the_crop_stage_changes_no_process_wide_state(tmp_path):
 
 
 def test_modes_become_8bit_rgb(tmp_path):
-    Image.new("RGBA", (8, 6), (255, 0, 0, 0)).save(tmp_path / "alpha.png")  # fully transparent red
-    Image.fromarray(np.full((6, 8), 65535, np.uint16)).save(tmp_path / "w16.png")
-    Image.new("L", (8, 6), 77).save(tmp_path / "grey.jpg")
-    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    Image.new("RGBA", (32, 24), (255, 0, 0, 0)).save(tmp_path / "alpha.png")  # fully transparent red
+    Image.fromarray(np.full((24, 32), 65535, np.uint16)).save(tmp_path / "w16.png")
+    Image.new("L", (32, 24), 77).save(tmp_path / "grey.jpg")
+    Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
     alpha, w16, grey, cmyk = (load_rgb(tmp_path / n) for n in ("alpha.png", "w16.png", "grey.jpg", "cmyk.jpg"))
     for a in (alpha, w16, grey, cmyk):
-        assert a.shape == (6, 8, 3) and a.dtype == np.uint8
+        assert a.shape == (24, 32, 3) and a.dtype == np.uint8
     assert alpha.min() == 255                       # transparent → the white it is shown on
     assert w16.min() == 255                         # 16-bit white stays white, not clipped garbage
     assert abs(int(grey.mean()) - 77) <= 2
@@ -89,3 +89,36 @@ def test_exif_rotation_is_applied(tmp_path):
     out = load_rgb(tmp_path / "rot.jpg")
     assert out.shape == (60, 40, 3)
     assert out[:10].mean() > 200 and out[-10:].mean() < 40  # the left band is now on top
+
+
+def test_a_photo_too_thin_or_small_for_a_face_and_a_non_photo_format_are_refused_from_the_header(tmp_path):
+    from preprocess.imageio import TooSmall, photo_size
+
+    Image.new("RGB", (1, 30000), (200, 200, 200)).save(tmp_path / "thin.png")  # a few hundred bytes
+    Image.new("RGB", (12, 12), (200, 200, 200)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(tmp_path / "photo.ico")  # a format Pillow reads, not a photo's
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(tmp_path / "photo.pcx")
+    for name in ("thin.png", "tiny.png"):
+        with pytest.raises(TooSmall, match="too small or too thin to hold a face") as e:
+            load_rgb(tmp_path / name)
+        assert e.value.status == "too_small"
+        with pytest.raises(TooSmall):
+            photo_size(tmp_path / name)
+    for name in ("photo.ico", "photo.pcx"):
+        with pytest.raises(UnreadableImage, match="not a photo in a format maskcls reads"):
+            load_rgb(tmp_path / name)
+
+
+def test_any_decoder_failure_is_the_photos_own_error(tmp_path, monkeypatch):
+    import struct
+
+    from PIL import PngImagePlugin
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "a.png")
+
+    def broken(self, *a, **k):
+        raise struct.error("unpack requires a buffer of 4 bytes")  # what some damaged headers raise
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    with pytest.raises(UnreadableImage, match="not a readable image: unpack requires"):
+        load_rgb(tmp_path / "a.png")

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from preprocess import labels as L
-from preprocess.imageio import UnreadableImage, load_rgb
+from preprocess.imageio import UnreadableImage, load_rgb, photo_size
 
 from classify.inference.answer import answer, task_values
 from classify.inference.onnx_model import OnnxModel
@@ -38,6 +38,8 @@ from classify.inference.onnx_model import OnnxModel
 MAX_BYTES = 10_000_000
 MAX_FILES = 16
 WAIT_MS = 5
+MAX_PIXELS = 50_000_000      # decoded pixels in one request (a 131 KB PNG can decode to 119 MB)
+SERVER_PIXELS = 150_000_000  # decoded pixels held by all requests at once; past it: 503, Retry-After
 
 
 class BadRequest(Exception):
@@ -128,10 +130,16 @@ class Batcher:
             images = [im for j in jobs for im in j.images]
             try:
                 results = await loop.run_in_executor(None, self.engine.predict, images)
-            except Exception as e:  # noqa: BLE001 - every waiting request hears of it; the server goes on
+            except Exception:  # noqa: BLE001 - one request's photo must not fail the others: each alone
                 for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+                    try:
+                        result = await loop.run_in_executor(None, self.engine.predict, j.images)
+                    except Exception as e:  # noqa: BLE001 - that request hears of it; the server goes on
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    else:
+                        if not j.future.done():
+                            j.future.set_result(result)
                 continue
             k = 0
             for j in jobs:
@@ -169,14 +177,75 @@ def decode(filename: str, data: bytes) -> np.ndarray:
     try:
         return load_rgb(io.BytesIO(data), size=len(data))
     except UnreadableImage as e:
-        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names the in-memory file
-        raise BadRequest(400, f"{filename}: {why}") from None
+        raise BadRequest(400, f"{filename}: {_why(e)}") from None
+
+
+def _why(e: Exception) -> str:
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names the in-memory file
+
+
+def pixels_of(files: list[tuple[str, bytes]], max_pixels: int) -> int:
+    """The pixels the photos decode to, from their headers (nothing decoded): a 4xx for a request over
+    `max_pixels` or a photo that is not one."""
+    total = 0
+    for name, data in files:
+        if not data:
+            raise BadRequest(400, f"{name}: empty file")
+        try:
+            w, h = photo_size(io.BytesIO(data))
+        except UnreadableImage as e:
+            raise BadRequest(400, f"{name}: {_why(e)}") from None
+        total += w * h
+    if total > max_pixels:
+        raise BadRequest(413, f"the photos are {total / 1e6:.0f} MP decoded, over the {max_pixels / 1e6:.0f} MP a "
+                              "request may hold (--max-pixels): send fewer or smaller photos")
+    return total
+
+
+def read_request(content_type: str, body: bytes, max_files: int, max_pixels: int, budget: "PixelBudget"):
+    """Parse, check and decode one upload (in a worker thread: never on the event loop). Returns the files
+    and their pixels; the request holds its pixels in `budget` until `budget.release`."""
+    files = parse_upload(content_type, body, max_files)
+    n = pixels_of(files, max_pixels)
+    if not budget.take(n):
+        raise BadRequest(503, "the server is busy decoding other photos; retry in a second")
+    try:
+        return files, [decode(name, data) for name, data in files], n
+    except BaseException:
+        budget.release(n)
+        raise
+
+
+class PixelBudget:
+    """Decoded pixels held by requests at once, across threads: a burst of large photos gets 503s instead
+    of swelling the server's memory."""
+
+    def __init__(self, limit: int):
+        import threading
+
+        self.limit, self.used, self.lock = limit, 0, threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self.lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
 
 
 def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MAX_FILES, wait_ms: float = WAIT_MS,
-               detector=None):
+               detector=None, max_pixels: int = MAX_PIXELS, server_pixels: int = SERVER_PIXELS):
     """The FastAPI application serving `model`."""
+    import logging
+    import time
+
     batcher = Batcher(Engine(model, detector), wait_ms)
+    budget = PixelBudget(max(server_pixels, max_pixels))
+    log = logging.getLogger("maskcls.serve")
 
     async def lifespan(app):
         await batcher.start()
@@ -203,14 +272,29 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
 
     @app.post("/predict")
     async def predict(request: Request):
+        t0, photos, status = time.perf_counter(), 0, 200
         try:
             body = await _read_body(request, max_bytes)
-            files = parse_upload(request.headers.get("content-type", ""), body, max_files)
-            images = [decode(name, data) for name, data in files]
+            files, images, held = await asyncio.get_running_loop().run_in_executor(
+                None, read_request, request.headers.get("content-type", ""), body, max_files, max_pixels, budget)
+            photos = len(files)
+            try:
+                results = await batcher.submit(images)
+            finally:
+                del images
+                budget.release(held)
+            return {"predictions": [{"filename": name} | r for (name, _), r in zip(files, results)]}
         except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
-        results = await batcher.submit(images)
-        return {"predictions": [{"filename": name} | r for (name, _), r in zip(files, results)]}
+            status = e.status
+            return JSONResponse({"error": str(e)}, status_code=e.status,
+                                headers={"Retry-After": "1"} if e.status == 503 else None)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: a JSON 500 for this request, the server goes on
+            status = 500
+            log.exception("POST /predict failed")
+            return JSONResponse({"error": f"the server could not predict these photos ({type(e).__name__})"},
+                                status_code=500)
+        finally:
+            log.info("POST /predict %d %d photo(s) %.0f ms", status, photos, (time.perf_counter() - t0) * 1000)
 
     return app
 
@@ -229,10 +313,18 @@ async def _read_body(request, max_bytes: int) -> bytes:
 
 
 def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000, max_bytes: int = MAX_BYTES,
-          max_files: int = MAX_FILES, wait_ms: float = WAIT_MS, on_ready=None) -> None:
+          max_files: int = MAX_FILES, wait_ms: float = WAIT_MS, on_ready=None, max_pixels: int = MAX_PIXELS) -> None:
+    import logging
+
     import uvicorn
 
-    app = create_app(OnnxModel(model_path), max_bytes, max_files, wait_ms)
+    app = create_app(OnnxModel(model_path), max_bytes, max_files, wait_ms, max_pixels=max_pixels,
+                     server_pixels=max(SERVER_PIXELS, 3 * max_pixels))
+    handler = logging.StreamHandler()  # one line per request: time, status, photos, ms
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    request_log = logging.getLogger("maskcls.serve")
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
     if on_ready:
         on_ready()
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
