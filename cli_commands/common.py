@@ -62,6 +62,25 @@ def _find(util, module: str):
         return None
 
 
+def check_outputs(folders: dict | None = None, files: dict | None = None) -> None:
+    """Refuse, before any work, an output option that cannot be written: a folder option given an existing
+    file, a file option given a folder, or a path below a file. `folders`/`files`: {option: path or None}."""
+    from classify.errors import ConfigError
+
+    for kind, given in (("folder", folders or {}), ("file", files or {})):
+        for option, path in given.items():
+            if path is None:
+                continue
+            path = Path(path)
+            blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+            if kind == "folder" and blocker == path:
+                raise ConfigError(f"{option} {path} is a file: give a folder (a new one, or one this command wrote)")
+            if kind == "file" and path.is_dir():
+                raise ConfigError(f"{option} {path} is a folder: give a file name inside it")
+            if blocker is not None and blocker != path:
+                raise ConfigError(f"{option} {path}: {blocker} is a file, so nothing can be written below it")
+
+
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 

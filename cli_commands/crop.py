@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import LazyProgress, console, user_errors, warning
+from .common import LazyProgress, check_outputs, console, user_errors, warning
 
 
 @user_errors
@@ -31,6 +31,7 @@ def crop(
                                                     "the face of lone photos (eval): crop eval photos as training's."),
 ):
     """Find the face in every photo and write square crops plus CROPS/manifest.csv."""
+    check_outputs(folders={"--out": out})
     from preprocess import CropConfig, crop_dataset
     from preprocess.manifest import PROBLEMS
     from preprocess.runtime import dist_env

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import console, require_extra, user_errors
+from .common import check_outputs, console, require_extra, user_errors
 
 
 @user_errors
@@ -21,13 +21,10 @@ def export(
                                                     "run's own, from its config)."),
 ):
     """Export the classifier as one ONNX graph (uint8 crop in, probabilities out) for predict and serve without torch."""
-    from classify.errors import ConfigError
-
+    check_outputs(files={"--out": out})
     require_extra("export", "maskcls export")
     from classify.deploy.export import export as run_export
 
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: give a file name (e.g. {out / 'model.onnx'})")
     res = run_export(paths, out, int8=int8, check_crops=crops)
     console.print(f"exported {res.models} model(s) to {escape(str(res.path))} ({res.path.stat().st_size / 1e6:.1f} MB); "
                   f"onnxruntime vs torch on {res.checked} crops: max probability difference {res.parity:.2e}",

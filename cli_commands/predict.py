@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .common import (BATCH, CALIBRATE, CROP_CACHE, DEVICE, TTA, VOTE, WORKERS, LazyProgress, console, models_line,
-                     require_extra, user_errors, warning)
+                     check_outputs, require_extra, user_errors, warning)
 
 
 @user_errors
@@ -31,13 +31,10 @@ def predict(
     below: float = typer.Option(0.5, help="The --review threshold: a top probability below this is listed."),
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
-    from classify.errors import ConfigError
+    check_outputs(files={"--out": out, "--probs": probs, "--review": review})
     from classify.inference.onnx_model import is_onnx, the_one_onnx
 
     ckpts, source = _models_then(paths, "the folder to predict")
-    for name, path in (("--out", out), ("--probs", probs)):
-        if path is not None and path.is_dir():
-            raise ConfigError(f"{name} {path} is a folder: give a file name (e.g. {path / 'submission.csv'})")
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
         if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
@@ -90,6 +87,7 @@ def pseudo_label(
     calibrate: bool = CALIBRATE,
 ):
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
+    check_outputs(folders={"--out": out})
     from classify.inference.pseudo import pseudo_label as run
     from preprocess.labels import class_names
 
@@ -121,6 +119,7 @@ def evaluate(
     calibrate: bool = CALIBRATE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
+    check_outputs(files={"--confusion": confusion})
     from classify.inference.evaluate import evaluate as run_evaluate
 
     ckpts, crops_dir = _models_then(paths, "the crops folder")
@@ -159,6 +158,7 @@ def explain(
     device: str = DEVICE,
 ):
     """Grad-CAM per task for any photos, cropped as predict crops them: where the model looks."""
+    check_outputs(folders={"--out": out})
     import shutil
     import tempfile
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, require_extra, user_errors, warning
+from .common import check_outputs, console, require_extra, user_errors, warning
 
 
 @user_errors
@@ -21,6 +21,7 @@ def report(
     per_class: int = typer.Option(6, help="Crops shown per class in the grid."),
 ):
     """Figures of the data (and of a run) with their numbers as CSV, and one index.html."""
+    check_outputs(folders={"--out": out})
     from classify.study.report import report as run_report
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
@@ -33,6 +34,7 @@ def compare_runs(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.csv, the figures and index.html."),
 ):
     """Runs side by side: the configuration keys that differ, best scores per task, curves and bars."""
+    check_outputs(folders={"--out": out})
     from classify.study.compare import SCORES, cell, compare, config_cell
 
     results, keys, index = compare(runs, out)
@@ -68,6 +70,7 @@ def tune(
     config: Optional[Path] = typer.Option(None, help="TOML file of fixed train options."),
 ):
     """Search the training recipe with Optuna; any `train` option given here is fixed for every trial."""
+    check_outputs(folders={"--out": out})
     import dataclasses
 
     require_extra("tune", "maskcls tune")

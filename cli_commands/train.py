@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import LazyProgress, console, require_extra, user_errors, warning
+from .common import LazyProgress, check_outputs, console, require_extra, user_errors, warning
 
 
 @user_errors
@@ -74,6 +74,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the run already in --out."),
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
+    check_outputs(folders={"--out": out})
     from classify.errors import ConfigError
     from classify.training.config import load_config, resume_config
     from classify.training.train import fit

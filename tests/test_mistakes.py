@@ -36,6 +36,7 @@ def world(tmp_path_factory):
     (w / "weights.json").write_text('{"conv1.weight": [1, 2]}')
     (w / "model.json").write_text('{"format": "maskcls-checkpoint"}')
     (w / "model.txt").write_text("101\n")
+    (w / "afile.txt").write_text("a file where a folder is wanted\n")
     (w / "a.onnx").write_bytes(b"")  # two exported models where one graph is expected
     (w / "b.onnx").write_bytes(b"")
     (w / "out").mkdir()
@@ -116,7 +117,7 @@ MISTAKES = [
     ("train {w}/crops --out {w}/out/r --folds 20 --fold all", "--folds 20: more folds than the 12 people"),
     ("train {w}/crops --out {w}/out/r --folds 20 --fold 3", "--folds 20: more folds than the 12 people"),
     ("crop {w}/raw2 --out {w}/rawcrops", "rawcrops holds the crops of"),
-    ("crop {w}/raw --out {w}/model.txt", "model.txt is a file, not a folder"),
+    ("crop {w}/raw --out {w}/model.txt", "--out {w}/model.txt is a file: give a folder"),
     ("predict {w}/run {w}/crops --out {w}/out", "--out {w}/out is a folder: give a file name"),
     ("crop {w}/x[/y[/] --out {w}/out/c", "x[/y[/]"),
     ("crop {w}/br[red]x --out {w}/out/c", "br[red]x"),
@@ -133,6 +134,17 @@ MISTAKES = [
     ("predict {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/s.csv", "give one exported .onnx model"),
     ("pseudo-label {w}/a.onnx {w}/b.onnx {w}/crops --out {w}/out/p", "give one exported .onnx model"),
     ("evaluate {w}/a.onnx {w}/b.onnx {w}/crops", "give one exported .onnx model (export several checkpoints into one graph)"),
+    # every output option, checked before any work
+    ("crop {w}/raw --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("train {w}/crops --out {w}/afile.txt --epochs 1", "--out {w}/afile.txt is a file: give a folder"),
+    ("report {w}/crops --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("compare {w}/run {w}/run --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("tune {w}/crops --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("explain {w}/run {w}/model.txt --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("pseudo-label {w}/run {w}/crops --out {w}/afile.txt", "--out {w}/afile.txt is a file: give a folder"),
+    ("evaluate {w}/run {w}/crops --confusion {w}/crops", "--confusion {w}/crops is a folder: give a file name"),
+    ("predict {w}/run {w}/crops --out {w}/afile.txt/s.csv", "{w}/afile.txt is a file, so nothing can be written below it"),
+    ("export {w}/run --out {w}/crops", "--out {w}/crops is a folder: give a file name"),
 ]
 
 
