@@ -60,7 +60,7 @@ def tune(
     crops: Path = typer.Argument(..., metavar="CROPS", help="Crops folder written by `maskcls crop`."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: trial-<k>/ run folders, study.db, results."),
     trials: int = typer.Option(20, help="Finished trials wanted in the study, all processes together."),
-    storage: Optional[str] = typer.Option(None, help="An RDB URL Optuna accepts (postgresql://...) to share the "
+    storage: Optional[str] = typer.Option(None, envvar="MASKCLS_TUNE_STORAGE", help="An RDB URL Optuna accepts (postgresql://...; or the environment variable MASKCLS_TUNE_STORAGE, which keeps a password out of argv) to share the "
                                                      "study between machines (default: sqlite STUDY/study.db)."),
     space: Optional[Path] = typer.Option(None, help="TOML search space replacing the default (README)."),
     timeout: Optional[float] = typer.Option(None, help="Stop starting trials after this many seconds."),

@@ -23,7 +23,9 @@ history and parameter-importance figures, and `index.html` (`tune_results.py`). 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import json
 import math
 import os
 import socket
@@ -40,6 +42,8 @@ from classify.study.tune_space import Param, load_space
 HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose process stopped beating for GRACE_S is failed (another machine)
 CREATE_TRIES = 5  # opening a fresh shared database: tries when another machine creates its tables at once
 STUDY_NAME = "maskcls"
+MAX_FAILED_IN_A_ROW = 3  # trials of this process that failed one after another: the study stops, saying why
+PATH_OPTIONS = ("crops", "label_fixes", "weights")  # made absolute, so best.toml trains from any folder
 
 
 def _optuna():
@@ -187,17 +191,22 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
     if trials < 1:
         raise ConfigError(f"--trials {trials}: must be >= 1")
     out = Path(out)
-    base = {k: v for k, v in fixed.items() if v is not None}
-    TrainConfig(**(base | {"out": str(out / "trial-0")})).check()  # the fixed part is refused before any trial
+    base = _absolute({k: v for k, v in fixed.items() if v is not None})
+    first = TrainConfig(**(base | {"out": str(out / "trial-0")}))
+    first.check()  # the fixed part is refused before any trial, and so is data it cannot train on
+    from classify.data.dataset import prepare_data
+
+    prepare_data(dataclasses.replace(first, fold=0) if first.fold == "all" else first)
     params = load_space(space, base | {"out": str(out / "trial-0")})
     held = [p.name for p in params if p.name in fixed_names]
     if held:
         warn(f"fixed by your options, so not searched: {', '.join(held)}")
         params = [p for p in params if p.name not in fixed_names]
     study, store = open_study(out, storage, seed, prune_startup, prune_warmup)
+    study.set_user_attr("fixed", json.loads(json.dumps(base)))  # best.toml = these + the best trial's params
     optuna = _optuna()
     t_end = time.monotonic() + timeout if timeout else math.inf
-    mine = 0
+    mine, failed = 0, []
     while time.monotonic() < t_end:
         with _lock(out):
             _fail_orphans(study, store)
@@ -220,7 +229,24 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
             study.tell(trial, state=getattr(optuna.trial.TrialState, record["state"]))
         if on_trial:
             on_trial(record)
+        failed = failed + [record] if record["state"] == "FAIL" else []
+        if len(failed) >= MAX_FAILED_IN_A_ROW:
+            write_results(study, out, mine)
+            raise ConfigError(f"{len(failed)} trials in a row failed, so the study stops; the first, trial "
+                              f"{failed[0]['number']}: {failed[0]['why']}")
     return write_results(study, out, mine)
+
+
+def _absolute(base: dict) -> dict:
+    """The fixed options with their paths absolute (weights only where it names a file)."""
+    out = dict(base)
+    for k in PATH_OPTIONS:
+        v = out.get(k)
+        if isinstance(v, str) and v and (k != "weights" or Path(v).exists()):
+            out[k] = str(Path(v).resolve())
+    if out.get("extra"):
+        out["extra"] = [str(Path(v).resolve()) for v in out["extra"]]
+    return out
 
 
 def _run_trial(trial, params: list[Param], base: dict, out: Path, warn) -> dict:
@@ -248,9 +274,11 @@ def _run_trial(trial, params: list[Param], base: dict, out: Path, warn) -> dict:
         rundir.write_json(folder / "pruned.json", {"stopped_by": "maskcls tune (Optuna MedianPruner)", "why": str(e)})
         trial.set_user_attr("stopped", f"pruned: {e}")
         return record | {"state": "PRUNED", "value": None, "why": str(e)}
-    except ConfigError as e:  # a combination the space allows but the data refuses: this trial fails, not the study
-        trial.set_user_attr("stopped", f"failed: {e}")
-        return record | {"state": "FAIL", "value": None, "why": str(e)}
+    except Exception as e:  # noqa: BLE001 - a refused combination, a diverging loss, CUDA out of memory...:
+        # this trial fails with its reason, not the study (Ctrl-C, a BaseException, still stops everything)
+        why = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        trial.set_user_attr("stopped", f"failed: {why}")
+        return record | {"state": "FAIL", "value": None, "why": why}
     value = summary["oof"]["f1"] if "oof" in summary else summary["best"]["val_f1"]
     return record | {"state": "COMPLETE", "value": float(value)}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from preprocess.imageio import atomic_write_bytes
 
+from classify.errors import ConfigError
 from classify.inference import rundir
 from classify.training.config import TrainConfig
 
@@ -39,7 +40,7 @@ def write_results(study, out: Path, mine: int) -> TuneResult:
     if complete:
         b = complete[0]
         best = {"number": b.number, "value": b.value, "params": b.params, "run": b.user_attrs.get("run")}
-        _write_best_toml(out / "best.toml", Path(b.user_attrs["run"]))
+        _write_best_toml(out / "best.toml", b.number, study.user_attrs.get("fixed") or {}, b.params)
     figures = _figures(study, out)
     compared = _compare_best(out, [Path(t.user_attrs["run"]) for t in complete[:5]])
     _index(out, study, trials, best, figures, compared)
@@ -47,12 +48,15 @@ def write_results(study, out: Path, mine: int) -> TuneResult:
     return TuneResult(study, out, best, finished, mine)
 
 
-def _write_best_toml(path: Path, run: Path) -> None:
-    """The best trial's whole configuration as `maskcls train --config` reads it (crops included; give
-    --out on the command line)."""
-    config = rundir.read_config(run)
+def _write_best_toml(path: Path, number: int, fixed: dict, params: dict) -> None:
+    """The best trial's whole configuration as `maskcls train --config` reads it: the study's fixed options
+    (paths absolute, crops included) and the trial's parameters, both from the study itself, so a machine
+    without the trial's folder writes the same file. Give --out on the command line."""
+    if not fixed:
+        raise ConfigError("the study holds no fixed options (made by an older maskcls): best.toml cannot be written")
+    config = fixed | params
     keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
-    lines = [f"# maskcls tune: the best trial ({run.name}); train it with `maskcls train --config {path.name} --out RUN`",
+    lines = [f"# maskcls tune: the best trial (trial-{number}); train it with `maskcls train --config {path.name} --out RUN`",
              "[train]"]
     for k in sorted(keep & set(config)):
         v = config[k]
@@ -103,6 +107,7 @@ def _figures(study, out: Path) -> list[tuple[str, str]]:
 
 
 def _compare_best(out: Path, runs: list[Path]) -> bool:
+    runs = [r for r in runs if (r / "summary.json").is_file()]  # trials of other machines have no folder here
     if len(runs) < 2:
         return False
     from classify.study.compare import compare
