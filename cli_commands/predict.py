@@ -169,26 +169,35 @@ def explain(
     from classify.inference.cropping import crops_for
     from classify.inference.predict import checkpoint_paths
     from classify.inference.card import card_of
+    from classify.inference.onnx_model import is_onnx
+    from preprocess.imageio import content_digest
     from preprocess.manifest import read_manifest
 
     if len(paths) < 2:
         raise ConfigError("give a checkpoint (or run folder) and then one or more photos")
     ckpt_path, *photos = paths
+    if is_onnx(ckpt_path):
+        raise ConfigError(f"{ckpt_path}: explain needs a checkpoint (Grad-CAM follows the torch model's gradients); "
+                          "give the run folder or best.pt it was exported from")
     ckpt = load_checkpoint(checkpoint_paths([ckpt_path])[0])
     for p in photos:
         if not p.is_file():
             raise ConfigError(f"{p}: no such photo")
-    with tempfile.TemporaryDirectory(prefix="maskcls-explain-") as tmp:  # the photos as an eval folder
-        raw = Path(tmp) / "raw"
-        (raw / "images").mkdir(parents=True)
-        names = [f"{k:04d}_{p.name}" for k, p in enumerate(photos)]
+    names = [f"{k:04d}_{p.name}" for k, p in enumerate(photos)]
+    with tempfile.TemporaryDirectory(prefix="maskcls-explain-") as tmp:
+        # The photos as an eval folder. With --crops (a cache root) it lives there, one per set of photos, so
+        # a second call finds its crops (a crops folder holds the crops of one raw folder, at one path).
+        key = content_digest(b"".join(n.encode() + p.read_bytes() for n, p in zip(names, photos)))[:16]
+        base = crops / key if crops else Path(tmp)
+        raw = base / "raw"
+        (raw / "images").mkdir(parents=True, exist_ok=True)
         for p, n in zip(photos, names):
             shutil.copyfile(p, raw / "images" / n)
         (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
-        folder, warnings = crops_for(raw, card_of(ckpt).crop, crops or Path(tmp) / "crops", device)
+        folder, warnings = crops_for(raw, card_of(ckpt).crop, base / "crops", device)
         rows = read_manifest(folder)
         for r, p in zip(rows, photos):
-            r["image_id"] = p.name
+            r["image_id"] = str(p)  # the path as given: two photos named normal.jpg stay apart
         png, table = explain_crops(ckpt, folder, rows, out, f"Grad-CAM per task ({len(rows)} photos)", truth=False)
     for w in warnings:
         warning(w)

@@ -95,12 +95,16 @@ def tune(
 
     def show(rec):
         value = f"F1 {rec['value']:.4f}" if rec["value"] is not None else rec["state"].lower()
-        console.print(f"trial {rec['number']}: {value}  " + escape(", ".join(f"{k} {v}" for k, v in rec["params"].items())),
-                      highlight=False)
+        console.print(f"trial {rec['number']}: {value}  " + escape(_params(rec["params"])), highlight=False)
 
     res = run_tune(fixed, out, trials, storage, space, timeout, sampler_seed, prune_startup, prune_warmup,
                    on_trial=show, warn=warning, fixed_names=explicit)
     _tune_table(res)
+
+
+def _params(params: dict) -> str:
+    """A trial's parameters as a person reads them: 4 significant digits (0.0003162, not 0.00031622776601683794)."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
 
 def _tune_table(res) -> None:
@@ -110,7 +114,7 @@ def _tune_table(res) -> None:
     for c in ("trial", "F1", "parameters"):
         t.add_column(c, overflow="fold")
     for tr in best:
-        t.add_row(str(tr.number), f"{tr.value:.4f}", escape(", ".join(f"{k} {v}" for k, v in tr.params.items())))
+        t.add_row(str(tr.number), f"{tr.value:.4f}", escape(_params(tr.params)))
     console.print(t)
     if res.best:
         console.print(f"best: trial {res.best['number']} (F1 {res.best['value']:.4f}); train it with "

@@ -145,6 +145,7 @@ MISTAKES = [
     ("evaluate {w}/run {w}/crops --confusion {w}/crops", "--confusion {w}/crops is a folder: give a file name"),
     ("predict {w}/run {w}/crops --out {w}/afile.txt/s.csv", "{w}/afile.txt is a file, so nothing can be written below it"),
     ("export {w}/run --out {w}/crops", "--out {w}/crops is a folder: give a file name"),
+    ("explain {w}/a.onnx {w}/model.txt --out {w}/out/e", "explain needs a checkpoint (Grad-CAM follows the torch"),
 ]
 
 

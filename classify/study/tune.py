@@ -51,6 +51,7 @@ def _optuna():
         import optuna
     except ImportError:
         raise ConfigError("maskcls tune needs Optuna: pip install 'maskcls[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines would repeat ours
     return optuna
 
 

@@ -75,6 +75,15 @@ def _toml(v) -> str:
     return json.dumps(str(v))
 
 
+def _importance_caveat(study) -> str:
+    """Importances from a handful of trials are mostly noise: say so under the chart."""
+    import optuna
+
+    n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return (f"; from only {n} complete trials these importances are mostly noise: read them after 20 or more"
+            if n < 20 else "")
+
+
 def _figures(study, out: Path) -> list[tuple[str, str]]:
     """Optuna's own history and importance figures (matplotlib), where the study has enough for them."""
     import warnings
@@ -88,7 +97,8 @@ def _figures(study, out: Path) -> list[tuple[str, str]]:
     made = []
     for name, fn, caption in (("history.png", vm.plot_optimization_history, "Objective per trial and the best so far."),
                               ("importance.png", vm.plot_param_importances, "How much each parameter mattered "
-                                                                           "(fANOVA over the complete trials).")):
+                                                                           "(fANOVA over the complete trials)" +
+                                                                           _importance_caveat(study) + ".")):
         try:
             with warnings.catch_warnings():  # Optuna calls its matplotlib figures experimental
                 warnings.filterwarnings("ignore", category=ExperimentalWarning)
