@@ -192,3 +192,26 @@ def test_a_person_more_or_less_moves_at_most_one_other_person_per_stratum():
         moved = [p for p in b if a[p] != b[p]]
         # 2 genders x 3 age groups; k folds: one person per slice edge (the one-draw shuffle moved 50 and 84 here)
         assert len(moved) <= 6 * (split_kw.get("folds", 2) - 1), (split_kw, len(moved))
+
+
+def test_extra_photos_of_a_validation_person_are_refused_and_extra_ids_never_stand_for_main_people(tmp_path):
+    """--extra once took other photos of a validation person (only identical bytes were refused) and wrote its
+    person ids over the main people's entries in split.csv."""
+    import pytest
+
+    from classify.data.dataset import prepare_data
+    from classify.errors import ConfigError
+    from classify.training.config import TrainConfig
+    from preprocess.manifest import read_manifest, read_meta, write_manifest
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=12, size=16)
+    base = prepare_data(TrainConfig(crops=str(crops), out="x"))
+    extra = make_crops(tmp_path / "e", people=12, size=16, seed=9)  # the same ids, other pixels
+    with pytest.raises(ConfigError, match="photos of .* validation person"):
+        prepare_data(TrainConfig(crops=str(crops), out="x", extra=[str(extra)]))
+    rows = [r for r in read_manifest(extra) if base.split[r["person_id"]] == "train"]
+    write_manifest(extra, rows, read_meta(extra))
+    data = prepare_data(TrainConfig(crops=str(crops), out="x", extra=[str(extra)]))
+    assert data.split == base.split and data.extra == len(rows)
+    assert {r["person_id"] for r in data.train_rows[-data.extra:]} == {f"extra1:{r['person_id']}" for r in rows}

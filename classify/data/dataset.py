@@ -242,15 +242,17 @@ def prepare_data(cfg) -> Data:
                           "use more people or another --val-ratio/--folds")
     val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
     warnings: list[str] = []
-    extra = extra_rows(cfg, rows, warnings)
+    extra = extra_rows(cfg, rows, warnings, split)
     return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings)
 
 
-def extra_rows(cfg, main_rows: list[dict], warnings: list[str]) -> list[dict]:
+def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str, str] | None = None) -> list[dict]:
     """The usable rows of every --extra crops folder, for training only (never validation: each is
-    read from its own folder and joins no split). A folder pseudo-labelled at another --old, or holding
-    a photo of the training crops (same bytes), is refused. Their `index` is offset per folder so
-    that their augmentation seeds differ from the main folder's."""
+    read from its own folder and joins no split). A folder pseudo-labelled at another --old, holding
+    a photo of the training crops (same bytes), or holding photos of a validation person (same person id)
+    is refused. A person id that is also a main person's is prefixed with the folder (`extra1:000123`), so it
+    never stands for that person in split.csv; their `index` is offset per folder so that their augmentation
+    seeds differ from the main folder's."""
     out = []
     own = None
     for k, folder in enumerate(cfg.extra, start=1):
@@ -266,12 +268,20 @@ def extra_rows(cfg, main_rows: list[dict], warnings: list[str]) -> list[dict]:
             raise ConfigError(f"--extra {folder}: {len(same)} of its photos are photos of the training crops "
                               f"{cfg.crops} (same content: {examples}); their labels would carry validation photos "
                               "into training. Pseudo-label photos outside the training set (the eval set)")
+        val_people = sorted({r["person_id"] for r in usable if r["person_id"] and (split or {}).get(r["person_id"]) == "val"})
+        if val_people:
+            raise ConfigError(f"--extra {folder}: it holds photos of {len(val_people)} validation person(s) of {cfg.crops} "
+                              f"(same person id: {', '.join(val_people[:3])}); training on them would leak those people "
+                              "into validation. Remove them from the folder, or give them other ids if they are others")
         unknown = sum(d is None for d in digests)
         if unknown:
             warnings.append(f"--extra {folder}: {unknown} photo(s) could not be compared with the training photos "
                             "(no content hash in its manifest and the photo is not readable); crop them again to check")
+        main_people = {person_key(r) for r in main_rows}
         for r in usable:
-            out.append(r | {"root": str(folder.resolve()), "index": k * 10_000_000 + r["index"]})
+            pid = person_key(r)
+            out.append(r | {"root": str(folder.resolve()), "index": k * 10_000_000 + r["index"],
+                            "person_id": f"extra{k}:{pid}" if pid in main_people else r["person_id"]})
     return out
 
 
