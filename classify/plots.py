@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,5 +63,19 @@ def mask_legend(ax, absent: bool = False) -> None:
 
 
 def short(s: str, n: int = 28) -> str:
-    """`s` cut to its last n - 1 characters after an ellipsis."""
-    return s if len(s) <= n else "…" + s[-(n - 1):]
+    """The whole of `s` (an image id: the person's folder and the file) in lines of at most n characters,
+    broken after a '/' or '_' where it can be: two photos named normal.jpg, or two people whose ids end
+    alike, stay apart (an ellipsis once cut their start off)."""
+    lines, line = [], ""
+    for piece in re.findall(r"[^/_]*[/_]|[^/_]+$", s):
+        while len(piece) > n:
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(piece[:n])
+            piece = piece[n:]
+        if len(line) + len(piece) > n:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join(lines + [line] if line else lines)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from classify.inference.card import ModelCard
 from classify.checkpoint import save_checkpoint
 from classify.errors import CheckpointError
 from classify.models.nets import create_model, model_kwargs, register_model
@@ -15,7 +16,6 @@ from classify.inference.predict import predict
 from classify.training.train import TrainConfig, fit
 from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from preprocess import CropConfig
-from preprocess import labels as L
 from preprocess.manifest import read_manifest
 from tests.conftest import SAMPLES, photo, save_rgb
 
@@ -47,11 +47,10 @@ def make_ckpt(path, name="resnet18", seed=0, img_size=32, crop_size=48):
     torch.manual_seed(seed)
     kwargs = model_kwargs(name)
     model = create_model(name, **kwargs)
-    save_checkpoint(path, {"model": {"name": name, "kwargs": kwargs}, "model_state": model.state_dict(),
-                           "classes": L.class_names(), "img_size": img_size, "mean": list(IMAGENET_MEAN),
-                           "std": list(IMAGENET_STD), "preset": "base",
-                           "crop": {"config": asdict(CropConfig(size=crop_size)), "detector": {"detector": "fake"}},
-                           "config": {"amp": False, "old": 60}, "epoch": 0})
+    card = ModelCard(name, kwargs, img_size, "base", "bilinear", IMAGENET_MEAN, IMAGENET_STD, amp="off",
+                     crop={"config": asdict(CropConfig(size=crop_size)), "detector": {"detector": "fake"}})
+    save_checkpoint(path, {"card": card.to_dict(), "model_state": model.state_dict(), "config": {"amp": False, "old": 60},
+                           "epoch": 0})
     return path
 
 

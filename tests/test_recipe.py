@@ -280,6 +280,7 @@ def test_without_tensorboard_training_is_unchanged_and_says_so_once(crops, tmp_p
     warned = []
     fit(TrainConfig(crops=str(crops), out=str(tmp_path / "b"), **(FAST | {"epochs": 1, "folds": 2, "fold": "all"})),
         warn=warned.append)
+    warned = [w for w in warned if not w.startswith("validation holds")]  # this test's small folds say so too
     assert [w for w in warned if "TensorBoard" in w] == [warned[0]] and len(warned) == 1  # two folds, one note
     fit(TrainConfig(crops=str(crops), out=str(tmp_path / "c"), **(FAST | {"epochs": 1})), warn=warned.append)
     assert not (tmp_path / "c" / "tensorboard").exists()

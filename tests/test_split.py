@@ -215,3 +215,19 @@ def test_extra_photos_of_a_validation_person_are_refused_and_extra_ids_never_sta
     data = prepare_data(TrainConfig(crops=str(crops), out="x", extra=[str(extra)]))
     assert data.split == base.split and data.extra == len(rows)
     assert {r["person_id"] for r in data.train_rows[-data.extra:]} == {f"extra1:{r['person_id']}" for r in rows}
+
+
+def test_a_validation_set_of_few_people_is_warned_about():
+    from classify.data.dataset import FEW_VAL_PEOPLE, prepare_data
+    from classify.training.config import TrainConfig
+    from tests.conftest import make_crops
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small = make_crops(Path(tmp) / "s", people=20, size=8)
+        big = make_crops(Path(tmp) / "b", people=120, size=8)
+        few = prepare_data(TrainConfig(crops=str(small), out="x")).warnings
+        many = prepare_data(TrainConfig(crops=str(big), out="x")).warnings
+    assert [w for w in few if w.startswith("validation holds 4 people")] and FEW_VAL_PEOPLE > 4
+    assert not [w for w in many if w.startswith("validation holds")]

@@ -122,11 +122,12 @@ def test_auto_is_recorded_in_summary_and_checkpoint_when_it_falls_back(hub, monk
     warned = []
     summary = fit(TrainConfig(crops=str(crops), out=str(tmp_path / "r"), epochs=1, img_size=32, workers=0,
                               device="cpu", preset="none", weights="auto", val_ratio=0.25), warn=warned.append)
-    assert len(warned) == 1 and "random init" in warned[0]
-    assert summary["weights"] == "none" and summary["warnings"] == warned
+    few = lambda ws: [w for w in ws if not w.startswith("validation holds")]  # noqa: E731 - 3 validation people here
+    assert len(few(warned)) == 1 and "random init" in few(warned)[0]
+    assert summary["weights"] == "none" and few(summary["warnings"]) == few(warned)
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
     prov = card_of(ckpt).provenance
-    assert prov["weights"] == "none" and prov["weights_note"] == warned[0]
+    assert prov["weights"] == "none" and prov["weights_note"] == few(warned)[0]
 
 
 def _saved(tmp_path, name, obj) -> Path:

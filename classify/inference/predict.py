@@ -39,7 +39,7 @@ def load_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
         model.load_state_dict(upgrade_state(spec.name, ckpt["model_state"]))
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not match its model description "
-                              f"({(ckpt.get('model') or {}).get('name')}): {e}") from None
+                              f"({card_of(ckpt).name}): {e}") from None
     return model.to(device).eval()
 
 

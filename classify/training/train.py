@@ -226,7 +226,8 @@ def _resolve_weights(cfg: TrainConfig, d: Dist, state: dict | None) -> tuple[str
     rank 0 alone resolves (and downloads) and tells the others, so every replica starts from the same
     weights and learning rates whatever each node's cache holds; its error ends every rank alike."""
     if state is not None:
-        return state.get("weights", "none"), state.get("weights_note")
+        prov = card_of(state).provenance
+        return prov.get("weights") or "none", prov.get("weights_note")
     answer = None
     if d.main:
         try:
