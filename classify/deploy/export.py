@@ -53,7 +53,8 @@ class Deployable(nn.Module):
 class ExportResult:
     path: Path
     models: int
-    parity: float              # max |onnxruntime - torch| probability on the check crops (calibrated, soft mean)
+    parity: float              # max |onnxruntime - torch| probability on the check crops (calibrated, soft mean),
+                               # of the graph written (with --int8: the quantised one)
     checked: int               # crops the parity was checked on
     int8: dict | None          # {"fp32_f1", "int8_f1", "fp32_acc", "int8_acc", "agree", "photos"} with --int8
 
@@ -84,6 +85,7 @@ def export(checkpoints: list[Path], out: Path, int8: bool = False, check_crops: 
             raise ConfigError("--int8 calibrates on the run's validation crops: the checkpoint's crops folder "
                               "(or --crops) is not there")
         result8 = _quantise(out, crops, rows, meta)
+        parity, checked = _parity(deploy, out, crops, rows)  # the int8 graph's own difference, not the fp32 one's
     return ExportResult(out, len(ckpts), parity, checked, result8)
 
 
