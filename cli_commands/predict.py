@@ -32,21 +32,14 @@ def predict(
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     check_outputs(files={"--out": out, "--probs": probs, "--review": review})
-    from classify.inference.onnx_model import is_onnx, the_one_onnx
+    from classify.inference.predictor import predict as run_predict  # imports no torch: an .onnx runs without it
 
     ckpts, source = _models_then(paths, "the folder to predict")
     t0 = time.perf_counter()
     with LazyProgress("crop") as bar:
-        if any(is_onnx(c) for c in ckpts):  # an exported model: onnxruntime, and torch is never imported
-            from classify.inference.onnx_predict import predict_onnx
-            pred = predict_onnx(the_one_onnx(ckpts), source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                                batch_size=batch_size, on_progress=bar.update, review=review, below=below, vote=vote,
-                                calibrate=calibrate, workers=workers)
-        else:
-            from classify.inference.predict import predict as run_predict
-            pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
-                               batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote,
-                               calibrate=calibrate, review=review, below=below)
+        pred = run_predict(ckpts, source, out, tta=tta, probs_out=probs, cache=crops, device=device,
+                           batch_size=batch_size, workers=workers, on_progress=bar.update, vote=vote,
+                           calibrate=calibrate, review=review, below=below)
     secs = time.perf_counter() - t0
     for w in pred.warnings:
         warning(w)

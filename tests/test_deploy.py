@@ -32,7 +32,7 @@ def _export(cli_run, run, out, *args):
 
 @pytest.mark.parametrize("model", ["resnet18", "attention", "kfold"])
 def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model, cli_run):
-    from classify.inference.onnx_predict import predict_onnx
+    from classify.inference.predictor import predict as predict_onnx  # the one predict, given an .onnx
 
     crops = make_crops(tmp_path / "c", people=12)
     kw = dict(folds=2, fold="all", model="resnet18") if model == "kfold" else dict(model=model)
@@ -40,7 +40,7 @@ def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model,
     res = _export(cli_run, tmp_path / "r", tmp_path / "m.onnx")
     assert "max probability difference" in res.stderr
     want = predict([tmp_path / "r"], crops, None, device="cpu", workers=0)
-    got = predict_onnx(tmp_path / "m.onnx", crops)
+    got = predict_onnx([tmp_path / "m.onnx"], crops)
     assert (got.labels == want.labels).all() and np.abs(got.probs - want.probs).max() < 1e-4
     from classify.inference.onnx_model import OnnxModel
 

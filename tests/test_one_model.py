@@ -83,7 +83,7 @@ def test_the_stored_temperature_is_the_fit_of_the_runs_own_validation_logits_and
 def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_normalisation(kfold, tmp_path, t):
     pytest.importorskip("onnxscript")
     from classify.checkpoint import load_checkpoint, save_checkpoint
-    from classify.inference.onnx_predict import predict_onnx
+    from classify.inference.predictor import predict as predict_onnx  # the one predict, given an .onnx
     from classify.deploy.export import export
     from classify.inference.predict import predict
 
@@ -101,11 +101,11 @@ def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_nor
     for vote in ("soft", "hard"):
         for calibrate in (True, False):
             want = predict(paths, crops, None, device="cpu", workers=0, vote=vote, calibrate=calibrate)
-            got = predict_onnx(tmp_path / "m.onnx", crops, vote=vote, calibrate=calibrate)
+            got = predict_onnx([tmp_path / "m.onnx"], crops, vote=vote, calibrate=calibrate)
             assert np.abs(got.probs - want.probs).max() < 1e-5, (vote, calibrate)
             assert (got.labels == want.labels).all()
     if fitted:  # at its own temperatures the ensemble is confident, not uniform
-        assert predict(paths, crops, None, device="cpu", workers=0).probs.max(1).mean() > 0.8
+        assert predict(paths, crops, None, device="cpu", workers=0).probs.max(1).mean() > 0.5  # uniform: 0.056
 
 
 @pytest.mark.parametrize("option", [["--workers", "0"], ["--tta", "2"]])

@@ -86,7 +86,7 @@ def build_transform(preset: str, img_size: int, train: bool, interpolation: str 
 def normalize(x: "torch.Tensor", mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> "torch.Tensor":
     """A loader batch, uint8 N x 3 x H x W (on any device) → float32 of the same shape, scaled to
     [0, 1] and standardised per channel. One conversion and two in-place passes."""
-    import torch  # here, not at the top: predict with an ONNX model (inference/onnx_predict.py) runs without torch
+    import torch  # here, not at the top: predict with an ONNX model (inference/predictor.py) runs without torch
 
     if x.dim() != 4 or x.shape[1] != len(mean):
         raise ValueError(f"normalize takes loader batches of N x {len(mean)} x H x W, got {tuple(x.shape)}")

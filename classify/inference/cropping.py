@@ -1,6 +1,6 @@
 """The crops a model predicts from: a crops folder as it is, or raw photos cropped the way the model's
 training crops were (its detector settings, crop size and margin, face prior), into a cache keyed by
-the photos and those settings. Torch-free: predict with an ONNX model (onnx_predict.py) uses it too.
+the photos and those settings. Torch-free: predict with an ONNX model (predictor.py) uses it too.
 """
 from __future__ import annotations
 

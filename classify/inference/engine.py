@@ -14,7 +14,6 @@ from classify.errors import ConfigError
 from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-DEFAULT_WORKERS = 2  # predict's and evaluate's DataLoader workers when --workers is not given
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,15 +51,6 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda", drop_last=False, generator=torch.Generator().manual_seed(0),
                       persistent_workers=persistent and workers > 0)
-
-
-def check_infer_options(tta: int, batch_size: int, workers: int) -> None:
-    """The options of predict and evaluate, refused before any work when they cannot work."""
-    for name, ok, allowed in (("tta", 1 <= tta <= 4, "1..4 views (1 the crop, 2 + mirror, 3 + zoom, 4 + zoomed mirror)"),
-                              ("batch-size", batch_size >= 1, ">= 1"), ("workers", workers >= 0, ">= 0")):
-        if not ok:
-            raise ConfigError(f"--{name} {dict(tta=tta, batch_size=batch_size, workers=workers)[name.replace('-', '_')]}: "
-                              f"must be {allowed}")
 
 
 def resolve_amp(amp, device: torch.device) -> str:

@@ -20,8 +20,7 @@ from preprocess import labels as L
 from preprocess.manifest import TRAINABLE, read_meta, write_manifest
 
 from classify.errors import ConfigError
-from classify.inference.onnx_model import is_onnx, the_one_onnx
-from classify.inference.predict import checkpoint_paths, predict
+from classify.inference.predictor import predict
 
 
 @dataclass
@@ -48,16 +47,8 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     out = Path(out)
     if (out / "manifest.csv").exists():
         raise ConfigError(f"{out} already holds a crops folder; give a new --out")
-    if any(is_onnx(c) for c in checkpoints):  # an exported model: its logits go through the same answer()
-        from classify.inference.onnx_predict import predict_onnx
-
-        ckpt_paths = [the_one_onnx(checkpoints)]
-        pred = predict_onnx(ckpt_paths[0], source, None, tta, cache=cache, device=device, batch_size=batch_size,
-                            detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate, workers=workers)
-    else:
-        ckpt_paths = checkpoint_paths(checkpoints)
-        pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size,
-                       workers=workers, detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
+    pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size, workers=workers,
+                   detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
     old = pred.old
     top = pred.probs.max(1)
     rows, by_class = [], {}
@@ -70,11 +61,11 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
         shutil.copyfile(pred.crops / r["crop"], dst)
         rows.append(r | {"person_id": f"pseudo:{r['image_id']}", "gender": gender, "race": "", "mask": mask,
                          "age": representative_age(group, old), "age_group": group, "label": int(y),
-                         "prob": float(p), "reason": f"pseudo-label p={p:.4f} ({len(ckpt_paths)} model(s), {vote} vote)"})
+                         "prob": float(p), "reason": f"pseudo-label p={p:.4f} ({len(pred.models)} model(s), {vote} vote)"})
         by_class[int(y)] = by_class.get(int(y), 0) + 1
     meta = read_meta(pred.crops) | {
         "layout": "pseudo", "rows": len(rows),
-        "pseudo": {"checkpoints": [str(p) for p in ckpt_paths], "source": str(source), "min_prob": min_prob,
+        "pseudo": {"models": pred.models, "source": str(source), "min_prob": min_prob,
                    "tta": tta, "vote": vote, "old": old, "kept": len(rows), "predicted": len(pred.rows)}}
     meta.pop("counts", None)
     write_manifest(out, rows, meta)

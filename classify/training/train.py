@@ -130,8 +130,6 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     data = prepare_data(cfg)
     if resume and (out / rundir.SPLIT).is_file():
         _same_validation(out, data.split)
-    for w in data.warnings:
-        _warn_once(warn, w)
     weights, note = _resolve_weights(cfg, d, state)
     if note and d.main and state is None:
         warn(note)
@@ -140,6 +138,8 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     workers = cfg.workers if cfg.workers is not None else default_workers(d.world)
     if d.main:
         _write_start(out, cfg, data, t, weights, workers)
+    for w in data.warnings:  # once the run has started: a refused option or folder is the one line a user sees
+        _warn_once(warn, w)
     describe = {"card": new_card(cfg, kwargs, t.norm, weights, note, read_meta(Path(cfg.crops))).to_dict(),
                 "config": asdict(cfg)}
     interp = t.norm["interpolation"]
