@@ -37,14 +37,18 @@ def free_port() -> int:
 def start(cmd, port) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")  # serve logs a line per request: a pipe nobody reads would fill and block it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=ROOT)
     for _ in range(600):
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
             return proc
         except httpx.HTTPError:
             time.sleep(0.2)
-    raise SystemExit("server did not start: " + proc.stderr.read()[-2000:])
+    log.seek(0)
+    raise SystemExit("server did not start: " + log.read()[-2000:])
 
 
 def rss_mib(pid: int) -> float:
