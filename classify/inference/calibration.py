@@ -1,9 +1,9 @@
 """Calibrated probabilities: temperature scaling, fitted on validation predictions, and the expected
 calibration error (ECE) that says whether a probability of 0.9 is right nine times in ten.
 
-A model's logits z are calibrated as softmax(z / T), in float64, view by view before TTA averages the
-views (`answer.model_probs`): T > 1 softens an over-confident model, T < 1 sharpens an under-confident one,
-and the top class of a view never changes. T is fitted after training on the best epoch's validation
+A model's logits z are calibrated as softmax(z / T), in float64 (with TTA: softmax(log p / T) of the views'
+mean probability, `answer.model_probs`): T > 1 softens an over-confident model, T < 1 sharpens an
+under-confident one, and the top class never changes. T is fitted after training on the best epoch's validation
 logits (a k-fold run: the out-of-fold logits, read from each fold's binary val_logits.npz, never from a
 rounded CSV) by minimising their negative log-likelihood, in the very form it is applied: the torch and
 the ONNX path both hand logits to `answer`, so their probabilities agree. T is stored in the checkpoint
