@@ -86,7 +86,7 @@ def test_crop_handles_every_bad_photo_with_a_row_status_and_reason(corpus, tmp_p
     assert rows["000004_male_Asian_70/normal"]["label"] == 14
     assert any("000004_male_Asian_70 lacks mask2, mask3, mask4, mask5, incorrect_mask" in w for w in res.warnings)
     assert rows["000005_female_한국_33/normal"]["race"] == "한국" and rows["000005_female_한국_33/normal"]["label"] == 16
-    assert res.counts == {"ok": 13, "relaxed": 0, "person_box": 1, "prior_box": 0, "unreadable": 4, "missing": 0,
+    assert res.counts == {"ok": 13, "relaxed": 0, "person_box": 1, "prior_box": 0, "unreadable": 4, "too_small": 0, "missing": 0,
                           "bad_name": 3}
     with open(tmp_path / "c" / "manifest.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 21

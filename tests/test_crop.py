@@ -25,7 +25,7 @@ def test_every_photo_gets_one_row_with_labels_and_the_documented_status(raw_trai
     faceless = by_id["000010-1_male_Asian_22/normal"]
     assert faceless["status"] == "person_box"
     assert (faceless["x1"], faceless["y1"], faceless["x2"], faceless["y2"]) == (140, 160, 260, 280)
-    assert res.counts == {"ok": 19, "relaxed": 1, "person_box": 1, "prior_box": 0, "unreadable": 0, "missing": 0,
+    assert res.counts == {"ok": 19, "relaxed": 1, "person_box": 1, "prior_box": 0, "unreadable": 0, "too_small": 0, "missing": 0,
                           "bad_name": 0}
     r = by_id["000002_male_Asian_61/incorrect_mask"]
     assert (r["person_id"], r["gender"], r["age"], r["mask"], r["age_group"], r["label"]) == ("000002", 0, 61, 1, 2, 8)
