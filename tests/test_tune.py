@@ -134,4 +134,6 @@ def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_folder(crops, tmp_pat
         folder = tmp_path / "s" / f"trial-{r['number']}"
         assert "below the median" in json.loads((folder / "pruned.json").read_text())["why"]
         assert (folder / "metrics.csv").is_file() and not (folder / "summary.json").exists()
-    assert all(float(r["lr"]) == 1e-9 for r in pruned)
+    # Which trials fall below the median at their step depends on the split and the sampler's draws (optuna 5
+    # draws in another order; the stable split changed the people): only the recording is asserted.
+    assert all(r["note"].startswith("pruned: epoch") for r in pruned)
