@@ -127,6 +127,7 @@ MISTAKES = [
     ("tune {w}/crops --out {w}/out/t --trials 0", "--trials 0: must be >= 1"),
     ("tune {w}/crops --out {w}/out/t --lr -1", "--lr -1.0: must be > 0"),
     ("tune {w}/crops --out {w}/out/t --epochs notanumber", "Invalid value for '--epochs'"),
+    ("tune {w}/crops --out {w}/out/t --storage nonsense://user:secret@host/db", "--storage nonsense://***@host/db: not a database URL"),
     ("train {w}/raw/images --out {w}/out/r", "holds raw photos (person folders), not crops: crop them first with "
                                              "`maskcls crop {w}/raw/images --out CROPS`"),
     ("predict {w}/run {w}/evalraw/images --out {w}/out/s.csv", "holds the photos of an eval folder: give its parent "

@@ -28,6 +28,8 @@ import fcntl
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ def storage_url(out: Path, storage: str | None) -> str:
 def open_study(out: Path, storage: str | None, seed: int, startup: int, warmup: int):
     """The study (created, or joined when it exists) with its TPE sampler and MedianPruner."""
     optuna = _optuna()
+    made = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
     url = storage_url(out, storage)
     # Creating the tables and the study is not atomic in Optuna: two processes that start together on a
@@ -75,6 +78,12 @@ def open_study(out: Path, storage: str | None, seed: int, startup: int, warmup: 
             try:
                 return _open(optuna, url, seed, startup, warmup)
             except Exception as e:  # sqlalchemy's OperationalError / IntegrityError, whose module is optional
+                if type(e).__name__ in ("NoSuchModuleError", "ArgumentError"):  # a URL no driver opens: the user's
+                    shown = re.sub(r"//[^@/]*@", "//***@", url)  # never print a password
+                    if made:  # a refused option leaves nothing behind
+                        shutil.rmtree(out, ignore_errors=True)
+                    raise ConfigError(f"--storage {shown}: not a database URL Optuna can open "
+                                      f"({str(e).splitlines()[0][:160]})") from None
                 if attempt == CREATE_TRIES - 1 or type(e).__module__.split(".")[0] not in ("sqlalchemy", "sqlite3"):
                     raise
                 time.sleep(0.5 * (attempt + 1))
