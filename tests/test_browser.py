@@ -126,5 +126,17 @@ def test_the_serve_page_shows_a_photos_box_and_class(sample_model, server, tmp_p
         assert errors == []
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "serve.png"))
+        # then a photo the server refuses: its error alone, the first photo's answer gone (issue 29)
+        bad = tmp_path / "broken.jpg"
+        bad.write_bytes(b"this is not a photo" * 20)
+        driver.find_element(By.ID, "files").send_keys(str(bad))
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status .err"))
+        assert "broken.jpg" in driver.find_element(By.CSS_SELECTOR, "#status .err").text
+        assert driver.find_elements(By.CSS_SELECTOR, ".result") == []
+        # and a good photo after it: its answer, the error gone
+        driver.find_element(By.ID, "files").send_keys(str(photo))
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result h3.class"))
+        assert driver.find_elements(By.CSS_SELECTOR, "#status .err") == []
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".result")) == 1
     finally:
         driver.quit()

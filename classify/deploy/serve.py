@@ -4,6 +4,8 @@
   object per photo in upload order: `filename`, crop `status`, `box`, face `score`, `class` (0-17),
   `name`, `probs` (18), per task the label and its probability, and a `warning` where the mask is worn
   incorrectly or not at all. A bad request gets a 4xx `{"error": "..."}`; the server goes on.
+- `GET /openapi.json`: the OpenAPI schema of these routes, /predict's multipart body and every answer
+  included (schemathesis fuzzes the server against it in the tests).
 - `GET /health`, and `GET /`: a page to drop or choose photos (or take one with the webcam) that shows
   the photo with the face box, the crop, and bars per task. It loads nothing from the internet.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
@@ -40,6 +43,54 @@ MAX_FILES = 16
 WAIT_MS = 5
 MAX_PIXELS = 50_000_000      # decoded pixels in one request (a 131 KB PNG can decode to 119 MB)
 SERVER_PIXELS = 150_000_000  # decoded pixels held by all requests at once; past it: 503, Retry-After
+
+
+class TaskValue(BaseModel):
+    label: str = Field(description="the class's own part for this task (wear, male, <30, ...)")
+    prob: float = Field(ge=0, le=1, description="the marginal probability of that part")
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    filename: str
+    status: str = Field(description="how the face was found: ok, no_face, ... (as in a crop manifest)")
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 of the crop in the photo")
+    score: float | None = Field(description="the detector's face score; null where no face was found")
+    class_: int = Field(alias="class", ge=0, le=17, description="6*mask + 3*gender + age group")
+    name: str
+    probs: list[float] = Field(min_length=18, max_length=18)
+    tasks: dict[str, TaskValue] = Field(description="mask, gender and age: the class's parts, never another class")
+    warning: str | None = Field(None, description="present where the mask is worn incorrectly or not at all")
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction] = Field(description="one per uploaded photo, in upload order")
+
+
+class Error(BaseModel):
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str] = Field(description="the architecture of each model in the ensemble")
+    img_size: int
+
+
+def _upload_body(max_files: int) -> dict:
+    """/predict's request body for the OpenAPI schema (the route parses the multipart body itself, so
+    FastAPI cannot infer it)."""
+    photos = {"type": "array", "minItems": 1, "maxItems": max_files,
+              "items": {"type": "string", "format": "binary"},
+              "description": "the photos (JPEG, PNG, WebP, BMP, TIFF or GIF), one part per photo"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["file"], "properties": {"file": photos}}}}}}
+
+
+_ERRORS = {400: "a photo that cannot be read, a form without 'file', too many photos",
+           413: "over --max-bytes or --max-pixels", 415: "a body that is not multipart/form-data",
+           503: "the server holds too many decoded pixels: retry after Retry-After seconds",
+           500: "a bug of ours; the server goes on"}
 
 
 class BadRequest(Exception):
@@ -252,7 +303,8 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
         yield
         await batcher.stop()
 
-    app = FastAPI(title="maskcls", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="maskcls", lifespan=lifespan, docs_url=None, redoc_url=None,  # docs pages load a CDN
+                  openapi_url="/openapi.json")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # 404, 405: JSON like every other error
@@ -262,15 +314,16 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
     async def validation_error(request, exc):
         return JSONResponse({"error": str(exc).splitlines()[0]}, status_code=422)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
         return {"status": "ok", "models": model.models, "img_size": model.img_size}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return PAGE.replace("__MAX_FILES__", str(max_files))
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=_upload_body(max_files),
+              responses={200: {"model": Predictions}} | {k: {"model": Error, "description": v} for k, v in _ERRORS.items()})
     async def predict(request: Request):
         t0, photos, status = time.perf_counter(), 0, 200
         try:
