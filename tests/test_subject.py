@@ -108,6 +108,33 @@ def test_the_training_prior_is_saved_and_predict_crops_lone_photos_with_it(tmp_p
     assert read_meta(tmp_path / "cache")["prior_used"] == read_meta(crops)["prior"]
 
 
+def test_serve_crops_an_upload_with_the_models_learned_prior(tmp_path, fake_detector):
+    """The same two-face scene through serve's Engine (issue 29 a): the exported model carries the prior
+    learned from its training crops, and serve chooses the face where the training faces sat, not the
+    central one the built-in prior likes (one-face photos never let the prior decide)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("fastapi")
+    from classify.deploy.export import export
+    from classify.deploy.serve import Engine
+    from classify.inference.onnx_model import OnnxModel
+
+    _people(tmp_path / "train" / "images", CORNER)
+    crop_dataset(tmp_path / "train", tmp_path / "crops", CFG, detector=fake_detector)
+    fit(TrainConfig(crops=str(tmp_path / "crops"), out=str(tmp_path / "run"), model="resnet18", img_size=32, epochs=1,
+                    workers=0, weights="none", device="cpu", preset="none", val_ratio=0.34), warn=lambda m: None)
+    export([tmp_path / "run" / "best.pt"], tmp_path / "m.onnx")
+    model = OnnxModel(tmp_path / "m.onnx")
+    two_faces = scene(((150, 200, 310, 360), 255), (CORNER, 240))
+    (served,) = Engine(model, detector=fake_detector).predict([two_faces])
+    assert served["box"] == pytest.approx(CORNER, abs=1) and served["status"] == "ok"
+    # the built-in prior, given the same scene, takes the central face: the learned prior decided
+    engine = Engine(model, detector=fake_detector)
+    engine.prior = DEFAULT_PRIOR
+    (plain,) = engine.predict([two_faces])
+    assert plain["box"][:2] == pytest.approx([150, 200], abs=1)
+
+
 def test_a_lone_photo_with_no_plausible_face_gets_the_prior_box_not_the_stray_face():
     prior = Prior.learn([(CORNER, 384, 512)] * 30)
     c = choose_lone([((250.0, 380.0, 330.0, 460.0), 0.99, "ok", None)], 384, 512, prior)
