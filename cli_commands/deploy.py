@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import check_outputs, console, require_extra, user_errors
+from .common import check_outputs, console, require_extra, user_errors, warning
 
 
 @user_errors
@@ -34,6 +34,8 @@ def export(
         console.print(f"int8 on {q['photos']} validation photos: macro F1 {q['fp32_f1']:.4f} → {q['int8_f1']:.4f}, "
                       f"accuracy {q['fp32_acc']:.4f} → {q['int8_acc']:.4f}, same top class for {q['agree']:.1%}",
                       highlight=False)
+    for note in res.notes:
+        warning(f"onnxruntime's quantiser: {note}")
 
 
 @user_errors

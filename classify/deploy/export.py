@@ -14,10 +14,12 @@ of accuracy and macro F1 on those crops is printed and stored in the metadata.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ class ExportResult:
                                # of the graph written (with --int8: the quantised one)
     checked: int               # crops the parity was checked on
     int8: dict | None          # {"fp32_f1", "int8_f1", "fp32_acc", "int8_acc", "agree", "photos"} with --int8
+    notes: list[str] = field(default_factory=list)  # what onnxruntime's quantiser said that is worth reading
 
 
 def export(checkpoints: list[Path], out: Path, int8: bool = False, check_crops: Path | None = None) -> ExportResult:
@@ -79,14 +82,14 @@ def export(checkpoints: list[Path], out: Path, int8: bool = False, check_crops: 
     _export_graph(deploy, specs[0].img_size, out, meta)
     rows, crops = _check_rows(paths[0], check_crops)
     parity, checked = _parity(deploy, out, crops, rows)
-    result8 = None
+    result8, notes = None, []
     if int8:
         if not rows:
             raise ConfigError("--int8 calibrates on the run's validation crops: the checkpoint's crops folder "
                               "(or --crops) is not there")
-        result8 = _quantise(out, crops, rows, meta)
+        result8, notes = _quantise(out, crops, rows, meta)
         parity, checked = _parity(deploy, out, crops, rows)  # the int8 graph's own difference, not the fp32 one's
-    return ExportResult(out, len(ckpts), parity, checked, result8)
+    return ExportResult(out, len(ckpts), parity, checked, result8, notes)
 
 
 def _metadata(paths, ckpts, specs) -> dict:
@@ -153,10 +156,12 @@ def _parity(deploy: nn.Module, path: Path, crops: Path | None, rows: list[dict])
     return float(np.abs(got - answer(list(want), model.temperatures).scores).max()), len(x)
 
 
-def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
-    """Static int8 quantisation calibrated on the validation crops; the fp32 and int8 scores on them."""
+def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> tuple[dict, list[str]]:
+    """Static int8 quantisation calibrated on the validation crops; the fp32 and int8 scores on them, and
+    what the quantiser said beyond the expected (`_onnxruntime_log`)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from classify.inference.answer import answer
     from classify.metrics import scores
@@ -173,9 +178,11 @@ def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
             return None if b is None else {"crop": b}
 
     with tempfile.TemporaryDirectory() as tmp:
-        q = Path(tmp) / "int8.onnx"
-        quantize_static(str(path), str(q), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True)
+        q, pre = Path(tmp) / "int8.onnx", Path(tmp) / "pre.onnx"
+        with _onnxruntime_log() as notes:
+            quant_pre_process(str(path), str(pre))  # the shape inference and folding onnxruntime asks for
+            quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
         int8 = OnnxModel(q, check=False)
         x = np.concatenate(data)
         y = np.array([r["label"] for r in rows])
@@ -186,4 +193,32 @@ def _quantise(path: Path, crops: Path, rows: list[dict], meta: dict) -> dict:
         model = onnx.load(str(q))
     set_metadata(model, meta | {"int8": change})
     atomic_write_bytes(path, model.SerializeToString())
-    return change
+    return change, notes
+
+
+# onnxruntime's quantiser logs through the root logger. With per_channel=True it notes every 1-D weight
+# (a LayerNorm's, a head's bias) that it quantises per tensor instead ("Axis 1 is out-of-range for
+# weight ... with rank 1"): expected, nothing to act on. Anything else it says is passed on.
+_EXPECTED = re.compile(r"Axis \d+ is out-of-range for weight .* with rank 1")
+
+
+@contextlib.contextmanager
+def _onnxruntime_log():
+    import logging
+
+    notes: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage().strip()
+            if record.levelno >= logging.WARNING and not _EXPECTED.search(text) and text not in notes:
+                notes.append(text)
+
+    root, keep = logging.getLogger(), Keep()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = [keep]
+    root.setLevel(logging.WARNING)
+    try:
+        yield notes
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]

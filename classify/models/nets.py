@@ -214,7 +214,9 @@ class MultiTaskAttention(nn.Module):
         hidden = [self.branches[t](f) for t in self.tasks]
         out = {t: self.task_heads[t](h) for t, h in zip(self.tasks, hidden)}
         tokens = torch.stack(hidden, dim=1) + self.task_embed  # (B, 3, hidden)
-        fused, self.attn_weights = self.attn(tokens, tokens, tokens, need_weights=True)
+        fused, weights = self.attn(tokens, tokens, tokens, need_weights=True)
+        if not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+            self.attn_weights = weights  # kept for a look after a forward; an exported graph has no state
         fused = self.norm(tokens + fused)
         out["label"] = self.fused_head(fused.flatten(1)) + compose_task_logits(out["mask"], out["gender"], out["age"])
         return out
