@@ -145,6 +145,9 @@ def _calibration_line(c: dict | None) -> None:
     if c:
         console.print(f"calibration: temperature {c['temperature']:.3g} fitted on {c['photos']} validation photos; "
                       f"expected calibration error {c['ece_before']:.4f} before, {c['ece_after']:.4f} after", highlight=False)
+        for why in (c.get("kept"), c.get("caution")):
+            if why:
+                warning(why)
 
 
 def _train_summary(cfg, summary: dict, secs: float) -> None:

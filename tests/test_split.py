@@ -217,17 +217,28 @@ def test_extra_photos_of_a_validation_person_are_refused_and_extra_ids_never_sta
     assert {r["person_id"] for r in data.train_rows[-data.extra:]} == {f"extra1:{r['person_id']}" for r in rows}
 
 
-def test_a_validation_set_of_few_people_is_warned_about():
-    from classify.data.dataset import FEW_VAL_PEOPLE, prepare_data
+def test_a_validation_set_of_few_people_is_warned_about(tmp_path):
+    """A single run warns of its few validation people; a k-fold run of few people warns once of its
+    out-of-fold score (every person validates once), never of each fold's share."""
+    from classify.metrics import FEW_VAL_PEOPLE
     from classify.training.config import TrainConfig
+    from classify.training.train import fit
     from tests.conftest import make_crops
-    import tempfile
-    from pathlib import Path
 
-    with tempfile.TemporaryDirectory() as tmp:
-        small = make_crops(Path(tmp) / "s", people=20, size=8)
-        big = make_crops(Path(tmp) / "b", people=120, size=8)
-        few = prepare_data(TrainConfig(crops=str(small), out="x")).warnings
-        many = prepare_data(TrainConfig(crops=str(big), out="x")).warnings
-    assert [w for w in few if w.startswith("validation holds 4 people")] and FEW_VAL_PEOPLE > 4
-    assert not [w for w in many if w.startswith("validation holds")]
+    small = make_crops(tmp_path / "s", people=20, size=8)
+    fast = dict(img_size=16, epochs=1, workers=0, weights="none", device="cpu", preset="none", model="resnet18")
+    said: list[str] = []
+    one = fit(TrainConfig(crops=str(small), out=str(tmp_path / "one"), **fast), warn=said.append)
+    assert [w for w in one["warnings"] if w.startswith("validation holds 4 people")] and FEW_VAL_PEOPLE > 4
+    assert [w for w in said if w.startswith("validation holds 4 people")]
+    twelve = make_crops(tmp_path / "t", people=12, size=8)
+    k = fit(TrainConfig(crops=str(twelve), out=str(tmp_path / "k"), folds=3, fold="all", **fast), warn=said.append)
+    assert [w for w in k["warnings"] if w.startswith("the out-of-fold score holds 12 people")]
+    assert not [w for w in k["warnings"] if w.startswith("validation holds")]
+    # the temperature is fitted on those people too, and says so
+    assert one["calibration"]["people"] == 4 and one["calibration"]["caution"].startswith("the temperature's fit holds 4")
+    assert k["calibration"]["people"] == 12 and "holds 12 people" in k["calibration"]["caution"]
+    big = make_crops(tmp_path / "b", people=120, size=8)
+    many = fit(TrainConfig(crops=str(big), out=str(tmp_path / "many"), val_ratio=0.2, **fast), warn=said.append)
+    assert not [w for w in many["warnings"] if "people: a score from so few" in w]
+    assert many["calibration"]["people"] == 24 and "caution" not in many["calibration"]

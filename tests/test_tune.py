@@ -77,6 +77,12 @@ def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_pa
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    # 12 people, 2 validate: each process says so once (not once per trial), and the study's page says so
+    for _, err in outs:
+        assert " ".join(err.split()).count("validation holds 2 people") == 1, err[-2000:]
+        assert "every trial's validation holds 2 people" in " ".join(err.split())
+    assert "Caution: every trial&#x27;s validation holds 2 people" in (tmp_path / "s" / "index.html").read_text()
+    assert "caution'>Caution: trial-" in (tmp_path / "s" / "compare" / "index.html").read_text()
     finished = [t for t in _study(tmp_path / "s").get_trials() if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 5 and len({t.number for t in finished}) == 5
     assert len({t.user_attrs["pid"] for t in finished}) == 2  # both processes ran trials

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from classify.metrics import few_people
+
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)
 
@@ -86,11 +88,12 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
                      for b in reliability(probs, y, bins) if b["photos"]))
 
 
-def calibrate(logits: np.ndarray, y: np.ndarray, fitted_on: str = "validation logits") -> dict:
+def calibrate(logits: np.ndarray, y: np.ndarray, fitted_on: str = "validation logits",
+              people: int | None = None) -> dict:
     """{'temperature', 'fitted', 'ece_before', 'ece_after', 'nll_before', 'nll_after', ...} of validation
     logits N x 18. `fitted` is the NLL minimiser; `temperature` is what predict applies: `fitted`, or 1
     when the fit is not to be trusted (on an edge of T_RANGE: too few or too easy photos; or a worse ECE),
-    with the reason in `kept`."""
+    with the reason in `kept`. `people`: how many people the photos show; too few gives a `caution`."""
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=int)
     fitted = fit_temperature(logits, y)
     before, after = apply_temperature(logits), apply_temperature(logits, fitted)
@@ -104,4 +107,6 @@ def calibrate(logits: np.ndarray, y: np.ndarray, fitted_on: str = "validation lo
     out = {"temperature": t, "fitted": fitted, "fitted_on": fitted_on, "space": "logits",
            "ece_before": e0, "ece_after": ece(apply_temperature(logits, t), y),
            "nll_before": nll(logits, y, 1.0), "nll_after": nll(logits, y, t), "bins": ECE_BINS, "photos": int(len(y))}
-    return out | ({"kept": f"T = 1 kept: {kept}"} if kept else {})
+    caution = few_people(people, "the temperature's fit") if people is not None else None
+    return (out | ({"kept": f"T = 1 kept: {kept}"} if kept else {}) | ({"people": people} if people is not None else {})
+            | ({"caution": caution} if caution else {}))

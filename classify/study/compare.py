@@ -22,6 +22,7 @@ from preprocess.imageio import atomic_write_bytes
 from classify.inference import rundir
 from classify.inference.rundir import fold_dirs
 from classify.errors import ConfigError
+from classify.metrics import few_people
 from classify.plots import pyplot, save_figure
 
 SCORES = ("val_f1", "val_acc", "val_mask_f1", "val_gender_f1", "val_age_f1")
@@ -40,6 +41,7 @@ class RunScores:
     oof_f1: float | None
     curve: list[tuple[int, float]]  # (epoch, val_f1) of the run (k-fold: the folds' mean)
     band: list[float] | None = None  # k-fold: the folds' std per epoch of `curve`
+    val_people: int | None = None    # the people its scores come from (k-fold: every person, out of fold)
 
 
 def _best(run: Path) -> dict[str, float]:
@@ -55,7 +57,7 @@ def load_run(path: Path) -> RunScores:
         raise ConfigError(f"{path} is not a `maskcls train` run folder (no config.json)")
     folds = [f for f in fold_dirs(path) if (f / "metrics.csv").is_file()]
     if (path / "metrics.csv").is_file():
-        return RunScores(path.name, path, config, _best(path), None, 0, None, _curve(path))
+        return RunScores(path.name, path, config, _best(path), None, 0, None, _curve(path), None, _val_people(path))
     if not folds:
         raise ConfigError(f"{path} has no metrics.csv and no fold*/metrics.csv: has it finished an epoch?")
     if rundir.read_config(folds[0]):  # fold 0's resolved config (weights, normalisation), as one run's
@@ -67,7 +69,27 @@ def load_run(path: Path) -> RunScores:
     values = np.array([[c[e] for e in epochs] for c in curves])
     return RunScores(path.name, path, config, dict(zip(SCORES, per.mean(0).tolist())),
                      dict(zip(SCORES, per.std(0).tolist())), len(folds), oof,
-                     list(zip(epochs, values.mean(0).tolist())), values.std(0).tolist())
+                     list(zip(epochs, values.mean(0).tolist())), values.std(0).tolist(), _val_people(folds[0], True))
+
+
+def _val_people(run: Path, every: bool = False) -> int | None:
+    """The validation people of a run from its split.csv (`every`: a fold of a k-fold run, whose out-of-fold
+    scores cover every person of its split)."""
+    if not (run / rundir.SPLIT).is_file():
+        return None
+    split = rundir.read_split(run)
+    return len(split) if every else sum(v == "val" for v in split.values())
+
+
+def cautions(runs: list[RunScores]) -> list[str]:
+    """A caution per run whose scores come from few people (metrics.few_people)."""
+    out = []
+    for r in runs:
+        said = few_people(r.val_people, f"{r.name}'s " + ("out-of-fold score" if r.folds else "validation")) \
+            if r.val_people is not None else None
+        if said:
+            out.append(said)
+    return out
 
 
 def _curve(run: Path) -> list[tuple[int, float]]:
@@ -137,8 +159,8 @@ def compare(paths: list[Path], out: Path) -> tuple[list[RunScores], list[str], P
     keys = differing_keys(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ["run", "folds"] + keys + [f"{k}_mean" for k in SCORES] + [f"{k}_std" for k in SCORES] + ["oof_f1"]
-    lines = [header] + [[r.name, r.folds] + [config_cell(r, k) for k in keys]
+    header = ["run", "folds", "val_people"] + keys + [f"{k}_mean" for k in SCORES] + [f"{k}_std" for k in SCORES] + ["oof_f1"]
+    lines = [header] + [[r.name, r.folds, "" if r.val_people is None else r.val_people] + [config_cell(r, k) for k in keys]
                         + [f"{r.mean[k]:.6f}" for k in SCORES]
                         + [f"{r.std[k]:.6f}" if r.std else "" for k in SCORES]
                         + [f"{r.oof_f1:.6f}" if r.oof_f1 is not None else ""] for r in runs]
@@ -198,19 +220,22 @@ def _task_bars(out: Path, runs: list[RunScores]) -> None:
 
 
 def _index(out: Path, runs: list[RunScores], keys: list[str]) -> Path:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["run"] + keys + ["F1", "accuracy", "mask F1", "gender F1",
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["run", "people"] + keys + ["F1", "accuracy", "mask F1", "gender F1",
                                                                            "age F1", "out-of-fold F1"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in
-                                    [r.name + (f" ({r.folds} folds)" if r.folds else "")]
+                                    [r.name + (f" ({r.folds} folds)" if r.folds else ""),
+                                     "?" if r.val_people is None else r.val_people]
                                     + [config_cell(r, k) for k in keys]
                                     + [cell(r, k) for k in SCORES]
                                     + [f"{r.oof_f1:.4f}" if r.oof_f1 is not None else ""]) + "</tr>" for r in runs)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>maskcls compare</title><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}td,th{border:1px solid #ccc;"
-            "padding:.3em .6em}table{border-collapse:collapse}img{max-width:100%;border:1px solid #ddd}</style>"
+            "padding:.3em .6em}table{border-collapse:collapse}img{max-width:100%;border:1px solid #ddd}"
+            ".caution{color:#b03a2e}</style>"
             "</head><body><h1>maskcls compare</h1>"
             f"<p>{len(runs)} runs; configuration keys that differ: {html.escape(', '.join(keys) or 'none')}.</p>"
-            f"<table><tr>{head}</tr>{body}</table><p>Numbers: <a href='compare.csv'>compare.csv</a>.</p>"
+            + "".join(f"<p class='caution'>Caution: {html.escape(c)}.</p>" for c in cautions(runs))
+            + f"<table><tr>{head}</tr>{body}</table><p>Numbers: <a href='compare.csv'>compare.csv</a>.</p>"
             "<figure><img src='curves.png' alt='validation F1 per epoch'><figcaption>Validation macro F1 per "
             "epoch (a k-fold run: the folds' mean, the band ± one std). Numbers: <a href='curves.csv'>curves.csv</a>."
             "</figcaption></figure>"

@@ -38,6 +38,7 @@ from typing import Callable
 from classify.inference import rundir
 from classify.training.config import TrainConfig
 from classify.errors import ConfigError
+from classify.metrics import few_people
 from classify.study.tune_results import TuneResult, write_results
 from classify.study.tune_space import Param, load_space
 
@@ -204,9 +205,22 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
     base = _absolute({k: v for k, v in fixed.items() if v is not None})
     first = TrainConfig(**(base | {"out": str(out / "trial-0")}))
     first.check()  # the fixed part is refused before any trial, and so is data it cannot train on
-    from classify.data.dataset import prepare_data
+    from classify.data.dataset import people_of, prepare_data
 
-    prepare_data(dataclasses.replace(first, fold=0) if first.fold == "all" else first)
+    data = prepare_data(dataclasses.replace(first, fold=0) if first.fold == "all" else first)
+    every = first.fold == "all"  # the objective: out-of-fold F1 over every person, or one validation's
+    caution = few_people(len(data.split) if every else people_of(data.val_rows),
+                         "every trial's " + ("out-of-fold score" if every else "validation"))
+    # what each trial's fit would say of the same people (train.fit_one, kfold.fit_folds): said here, once
+    said = {few_people(len(data.split), "the out-of-fold score") if every else few_people(people_of(data.val_rows))}
+
+    def warn_once(message: str) -> None:  # a trial's fit says what the trial before it said: once is enough
+        if message not in said:
+            said.add(message)
+            warn(message)
+
+    if caution:
+        warn_once(caution)
     params = load_space(space, base | {"out": str(out / "trial-0")})
     held = [p.name for p in params if p.name in fixed_names]
     if held:
@@ -214,6 +228,7 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
         params = [p for p in params if p.name not in fixed_names]
     study, store = open_study(out, storage, seed, prune_startup, prune_warmup)
     study.set_user_attr("fixed", json.loads(json.dumps(base)))  # best.toml = these + the best trial's params
+    study.set_user_attr("caution", caution)  # shown beside the study's figures
     optuna = _optuna()
     t_end = time.monotonic() + timeout if timeout else math.inf
     mine, failed = 0, []
@@ -231,7 +246,7 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
             time.sleep(2)  # others' trials are running: if one fails, its budget comes back
             continue
         with _heartbeat(store, trial):
-            record = _run_trial(trial, params, base, out, warn)
+            record = _run_trial(trial, params, base, out, warn_once)
         mine += 1
         if record["state"] == "COMPLETE":
             study.tell(trial, record["value"])

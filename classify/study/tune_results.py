@@ -137,6 +137,9 @@ def _index(out: Path, study, trials, best, figures, compared: bool) -> None:
              "padding:.3em .6em}table{border-collapse:collapse}img{max-width:100%}</style></head><body>",
              f"<h1>maskcls tune</h1><p>{len(trials)} trials in the study; objective: validation macro F1 "
              "(k-fold: out-of-fold F1). Numbers: <a href='trials.csv'>trials.csv</a>.</p>"]
+    if study.user_attrs.get("caution"):
+        parts.append(f"<p style='color:#b03a2e'>Caution: {html.escape(study.user_attrs['caution'])}; the "
+                     "ranking of the trials below may be noise.</p>")
     if best:
         parts.append(f"<p>Best: trial {best['number']}, F1 {best['value']:.4f}, <a href='best.toml'>best.toml</a> "
                      f"(<code>maskcls train --config best.toml --out RUN</code>).</p>")

@@ -17,7 +17,7 @@ from classify.training.config import RESUMABLE, TrainConfig, resume_config
 from classify.training.distributed import Dist
 from classify.errors import ConfigError
 from classify.inference.calibration import calibrate
-from classify.metrics import scores
+from classify.metrics import few_people, scores
 
 
 def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, fit_one) -> dict:
@@ -26,7 +26,11 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, 
     from classify.data.dataset import prepare_data
 
     out = Path(cfg.out)
-    prepare_data(dataclasses.replace(cfg, fold=0))  # refuses what cannot work (--folds K > people) before any fold
+    data = prepare_data(dataclasses.replace(cfg, fold=0))  # refuses what cannot work (--folds K > people) first
+    people = len(data.split)  # every person of the split validates in one fold
+    caution = few_people(people, "the out-of-fold score")
+    if caution and d.main:
+        warn(caution)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, asdict(cfg))
@@ -41,10 +45,10 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, 
             again = resume and (Path(sub.out) / rundir.LAST).is_file()
             if again:
                 sub = resume_config(sub.out, {k2: getattr(cfg, k2) for k2 in RESUMABLE})
-            done = fit_one(sub, d, again, tag, on_step, warn, calibrate=False)
+            done = fit_one(sub, d, again, tag, on_step, warn, calibrate=False, in_folds=True)
         folds.append(done)
         d.barrier()
-    return write_out_of_fold(out, cfg, folds) if d.main else {}
+    return write_out_of_fold(out, cfg, folds, [caution] if caution else [], people) if d.main else {}
 
 
 def _check_fold(sub: TrainConfig) -> None:
@@ -71,13 +75,14 @@ def _oof(out: Path, folds: int, name: str) -> tuple[list[list], np.ndarray, np.n
     return rows, np.concatenate(ys), np.concatenate(ps)
 
 
-def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict]) -> dict:
+def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict], warnings: list[str] = (),
+                      people: int | None = None) -> dict:
     rows, y, p = _oof(out, cfg.folds, rundir.VAL_PREDICTIONS)
     calibration = None
     if cfg.calibrate:  # one temperature for every fold, fitted on the out-of-fold logits (binary, not the CSV)
         parts = [rundir.read_val_logits(out / f"fold{k}") for k in range(cfg.folds)]
         calibration = calibrate(np.concatenate([z for _, z, _ in parts]), np.concatenate([t for _, _, t in parts]),
-                                "out-of-fold logits")
+                                "out-of-fold logits", people=people)
         for k in range(cfg.folds):
             rundir.set_temperature(out / f"fold{k}", calibration)
     rundir.write_csv(out / rundir.OOF_PREDICTIONS, ["fold", "image_id", "label", "pred"] + [f"p{k}" for k in range(18)],
@@ -87,10 +92,10 @@ def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict]) -> dict:
     keys = [k for k in folds[0]["best"] if k.startswith("val_") and k != "val_loss"]
     per_fold = np.array([[f["best"][k] for k in keys] for f in folds])
     oof = {"oof": scores(y, p), "oof_last": last, "oof_photos": len(y)} | ({"calibration": calibration} if calibration else {})
-    return _write_summary(out, cfg, folds, oof, keys, per_fold)
+    return _write_summary(out, cfg, folds, oof, keys, per_fold, list(warnings))
 
 
-def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, keys, per_fold) -> dict:
+def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, keys, per_fold, warnings) -> dict:
     summary = {"folds": cfg.folds, **oof,
                "oof_note": "oof: each fold's best epoch, selected on that same fold (optimistic); "
                            "oof_last: every fold's last epoch (selects nothing)",
@@ -99,6 +104,6 @@ def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, ke
                "per_fold": [{"fold": k, "best_epoch": f["best_epoch"], **{key: f["best"][key] for key in keys}}
                             for k, f in enumerate(folds)],
                "val_old": cfg.val_old, "weights": folds[0].get("weights"),
-               "warnings": sorted({w for f in folds for w in f.get("warnings", [])})}
+               "warnings": warnings + sorted({w for f in folds for w in f.get("warnings", [])} - set(warnings))}
     rundir.write_summary(out, summary)
     return summary

@@ -36,14 +36,14 @@ from classify.models import weights as W
 from classify.inference.calibration import apply_temperature, calibrate as calibrate_logits
 from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.training.config import TrainConfig, changed_keys, config_from
-from classify.data.dataset import CropDataset, Data, expected_class_counts, person_key, prepare_data
+from classify.data.dataset import CropDataset, Data, expected_class_counts, people_of, person_key, prepare_data
 from classify.training.distributed import Dist, init_distributed
 from classify.inference.engine import EpochOrder, default_workers, make_loader, resolve_amp
 from classify.training.epoch import train_one_epoch, validate_epoch
 from classify.training.kfold import fit_folds
 from classify.errors import ConfigError
 from classify.training.losses import MultiTaskLoss, make_loss
-from classify.metrics import confusion
+from classify.metrics import confusion, few_people
 from classify.training.mixing import epoch_order
 from classify.models.nets import create_model, freeze_backbone, model_arch, model_kwargs, output_heads
 from classify.plots import plot_confusion
@@ -122,12 +122,16 @@ class Progress:
     stopped_early: bool = False
 
 
-def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, calibrate: bool = True) -> dict:
-    """Train one run (one fold of a k-fold run) into cfg.out. `calibrate`: fit the temperature on this
-    run's validation predictions (a k-fold run fits one on the out-of-fold predictions instead)."""
+def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, calibrate: bool = True,
+            in_folds: bool = False) -> dict:
+    """Train one run (one fold of a k-fold run: `in_folds`) into cfg.out. `calibrate`: fit the temperature
+    on this run's validation predictions (a k-fold run fits one on the out-of-fold predictions instead)."""
     out = Path(cfg.out)
     state = _resume_state(cfg, out) if resume else None
     data = prepare_data(cfg)
+    caution = None if in_folds else few_people(people_of(data.val_rows))  # k-fold: said of the out-of-fold score
+    if caution:
+        data.warnings.append(caution)
     if resume and (out / rundir.SPLIT).is_file():
         _same_validation(out, data.split)
     weights, note = _resolve_weights(cfg, d, state)
@@ -391,7 +395,7 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
                "weights": weights, "warnings": ([note] if note else []) + data.warnings, "device": str(d.device),
                "world_size": d.world}
     if calibrate:
-        summary["calibration"] = calibrate_logits(logits, y)
+        summary["calibration"] = calibrate_logits(logits, y, people=people_of(data.val_rows))
         rundir.set_temperature(out, summary["calibration"])
     rundir.write_summary(out, summary)
     return summary
