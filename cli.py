@@ -38,6 +38,7 @@ app.command(cls=Command)(deploy.serve)                   # model.onnx → HTTP w
 app.command(cls=Command)(predict.explain)                # RUN + photos → Grad-CAM per task
 app.command(cls=Command, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(study.tune)  # CROPS → study
 app.command("compare", cls=Command)(study.compare_runs)    # RUNs → side by side
+app.command(cls=Command)(study.audit)                    # k-fold RUN → suspect labels, label_fixes.csv
 
 if __name__ == "__main__":
     app()

@@ -39,7 +39,7 @@ CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
 
 # What each optional part imports, and the extra (pyproject's optional-dependencies) that brings it.
 EXTRAS = {"export": ("onnx", "onnxscript", "onnxruntime"), "serve": ("onnxruntime", "fastapi", "starlette", "uvicorn"),
-          "tune": ("optuna",), "explain": ("pytorch_grad_cam",), "timm": ("timm",)}
+          "tune": ("optuna",), "explain": ("pytorch_grad_cam",), "timm": ("timm",), "audit": ("cleanlab",)}
 
 
 def require_extra(extra: str, what: str, modules: tuple[str, ...] | None = None) -> None:

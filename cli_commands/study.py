@@ -2,6 +2,7 @@
 side) and tune (an Optuna study over the training recipe)."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -35,11 +36,12 @@ def compare_runs(
 ):
     """Runs side by side: the configuration keys that differ, best scores per task, curves and bars."""
     check_outputs(folders={"--out": out})
-    from classify.study.compare import SCORES, cell, compare, config_cell
+    from classify.study.compare import SCORES, cautions, cell, compare, config_cell
 
     results, keys, index = compare(runs, out)
     names = [r.name + (f" ({r.folds} folds)" if r.folds else "") for r in results]
-    rows = [(k, [config_cell(r, k) for r in results]) for k in keys]
+    rows = [("people", ["?" if r.val_people is None else str(r.val_people) for r in results])]
+    rows += [(k, [config_cell(r, k) for r in results]) for k in keys]
     rows += [(label, [cell(r, k) for r in results]) for label, k in zip(("F1", "acc", "mask F1", "gender F1", "age F1"), SCORES)]
     rows.append(("OOF F1", [f"{r.oof_f1:.4f}" if r.oof_f1 is not None else "" for r in results]))
     # One column per run, one row per key: a few runs stay readable at 80 columns; cells wrap, never "…".
@@ -51,6 +53,8 @@ def compare_runs(
     for label, cells in rows:
         t.add_row(escape(label), *map(escape, cells))
     console.print(t)
+    for caution in cautions(results):
+        warning(caution)
     console.print(f"compare: {escape(str(index))}", highlight=False)
 
 
@@ -120,3 +124,33 @@ def _tune_table(res) -> None:
         console.print(f"best: trial {res.best['number']} (F1 {res.best['value']:.4f}); train it with "
                       f"`maskcls train --config {escape(str(res.out / 'best.toml'))} --out RUN`", highlight=False)
     console.print(f"study: {escape(str(res.out / 'index.html'))}", highlight=False)
+
+
+@user_errors
+def audit(
+    run: Path = typer.Argument(..., metavar="RUN", help="A k-fold run folder (`train --folds K --fold all`): its "
+                                                        "out-of-fold predictions judge every photo."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for suspects.csv, label_fixes.csv and index.html."),
+    min_score: float = typer.Option(0.5, help="label_fixes.csv takes the suspects whose score (1 - the out-of-fold "
+                                              "probability of the given label) is at least this."),
+    crops: Optional[Path] = typer.Option(None, help="The run's crops folder, where it has moved (default: the one "
+                                                    "in the run's config)."),
+):
+    """The training labels most likely wrong (confident learning, cleanlab), with a page to review them."""
+    check_outputs(folders={"--out": out})
+    require_extra("audit", "maskcls audit")
+    from classify.study.audit import audit as run_audit
+
+    res = run_audit(run, out, min_score, crops)
+    by = Counter(s.field for s in res.suspects)
+    t = Table(title=f"{len(res.suspects)} suspects among {res.photos} photos of {res.people} people "
+                    f"({', '.join(f'{k} {by[k]}' for k in ('mask', 'gender', 'age')) or 'none'}); the first 10",
+              title_justify="left")
+    for c in ("#", "id", "field", "given", "suggested", "score"):
+        t.add_column(c, overflow="fold")
+    for k, s in enumerate(res.suspects[:10], start=1):
+        t.add_row(str(k), escape(s.id), s.field, escape(s.given), escape(s.suggested), f"{s.score:.3f}")
+    console.print(t)
+    console.print(f"{res.fixes} fix(es) with score >= {min_score} in {escape(str(res.out / 'label_fixes.csv'))}; review "
+                  f"them on {escape(str(res.out / 'index.html'))}, then `maskcls train CROPS --label-fixes "
+                  f"{escape(str(res.out / 'label_fixes.csv'))} ...`", highlight=False)

