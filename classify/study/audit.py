@@ -177,8 +177,9 @@ def _mask_suspects(rows, pm, find_label_issues, quality_scores) -> list[Suspect]
         if (flagged[i] or flagged[n]) and pm[i, 2] * pm[n, 1] > pm[i, 1] * pm[n, 2]:
             done |= {i, n}
             folder = _folder(rows[i])
-            out.append(Suspect("pair", folder, "mask", f"{_stem(rows[i])}: {names[1]}, {_stem(rows[n])}: {names[2]}",
-                               f"swapped: {_stem(rows[i])}: {names[2]}, {_stem(rows[n])}: {names[1]}",
+            out.append(Suspect("pair", folder, "mask",
+                               f"{_stem(rows[i])} labelled {names[1]}, {_stem(rows[n])} labelled {names[2]}",
+                               f"swap them: {_stem(rows[i])} {names[2]}, {_stem(rows[n])} {names[1]}",
                                1 - math.sqrt(max(q[i], 0) * max(q[n], 0)), [rows[i]["image_id"], rows[n]["image_id"]],
                                [(rows[i]["image_id"], "mask", "2"), (rows[n]["image_id"], "mask", "1")]))
     for k in np.flatnonzero(flagged):
