@@ -38,7 +38,7 @@ CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", metavar="",
 
 
 # What each optional part imports, and the extra (pyproject's optional-dependencies) that brings it.
-EXTRAS = {"export": ("onnx", "onnxscript", "onnxruntime"), "serve": ("onnxruntime", "fastapi", "starlette", "uvicorn"),
+EXTRAS = {"export": ("onnx", "onnxscript", "onnxruntime"), "serve": ("onnxruntime", "fastapi", "starlette", "uvicorn", "pydantic"),
           "tune": ("optuna",), "explain": ("pytorch_grad_cam",), "timm": ("timm",), "audit": ("cleanlab",)}
 
 

@@ -27,6 +27,7 @@ EXTRA_COMMANDS = [
     (["tune", "{crops}", "--out", "{tmp}/study", "--trials", "1", "--epochs", "1"], "tune", ("optuna",)),
     (["explain", "{run}", "{photo}", "--out", "{tmp}/explain"], "explain", ("pytorch_grad_cam",)),
     (["train", "{crops}", "--out", "{tmp}/timm", "--model", "timm/resnet18", "--epochs", "1"], "timm", ("timm",)),
+    (["audit", "{run}", "--out", "{tmp}/audit"], "audit", ("cleanlab",)),
 ]
 EXTRA_MODULES = sorted({m for _, _, mods in EXTRA_COMMANDS for m in mods} | {"tensorboard", "optuna", "onnxruntime"})
 
