@@ -86,6 +86,8 @@ def test_two_processes_share_one_study_and_finish_exactly_n_trials(crops, tmp_pa
     finished = [t for t in _study(tmp_path / "s").get_trials() if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 5 and len({t.number for t in finished}) == 5
     assert len({t.user_attrs["pid"] for t in finished}) == 2  # both processes ran trials
+    # two processes that opened a fresh study together once drew the same values (seeded alike): wasted trials
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 5, [t.params for t in finished]
     for t in finished:
         assert (tmp_path / "s" / f"trial-{t.number}" / "metrics.csv").is_file()
     _reproduce_the_best_trial(tmp_path, cli_run)
