@@ -75,6 +75,8 @@ MISTAKES = [
     ("train {w}/crops --out {w}/out/r --mix hcutmix", "--mix 'hcutmix': choose one of none, cutmix, mixup, vcutmix"),
     ("train {w}/crops --out {w}/out/r --extra {w}/raw", "--extra"),
     ("pseudo-label {w}/run {w}/crops --out {w}/out/p --min-prob 0", "--min-prob 0.0: must be in (0, 1]"),
+    ("audit {w}/run --out {w}/out/a", "is a single run: audit judges each photo by a model that never trained on it"),
+    ("audit {w}/run --out {w}/out/a --min-score 2", "--min-score 2.0: must be in [0, 1]"),
     ("pseudo-label {w}/crops --out {w}/out/p", "give at least one checkpoint and then the folder to pseudo-label"),
     ("pseudo-label {w}/run {w}/crops --out {w}/crops", "already holds a crops folder; give a new --out"),
     ("crop {w}/nophotos --out {w}/out/c", "holds 1 folder(s) but no photo"),
