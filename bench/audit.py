@@ -30,17 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from finetune import hub_with_mobilenet  # noqa: E402
 from workload import make_visible_workload, workdir  # noqa: E402
 
-
-def swap(crops: Path, persons: set[str]) -> None:
-    from preprocess import labels as L
-    from preprocess.manifest import read_manifest, read_meta, write_manifest
-
-    rows = read_manifest(crops)
-    for r in rows:
-        if r["person_id"] in persons and r["mask"] in (1, 2):
-            r["mask"] = 3 - r["mask"]
-            r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
-    write_manifest(crops, rows, read_meta(crops))
+from tests.synth import swap_incorrect_and_normal as swap  # noqa: E402
 
 
 def main() -> None:
@@ -82,7 +72,7 @@ def main() -> None:
                 warn=lambda m: None, overwrite=True)
         t_k = time.perf_counter() - t
         t = time.perf_counter()
-        a = audit(base / f"k_{rate}", base / f"audit_{rate}")
+        audit(base / f"k_{rate}", base / f"audit_{rate}")
         t_a = time.perf_counter() - t
         rows = read_suspects(base / f"audit_{rate}" / "suspects.csv")
         pair_of = [r["id"].split("_")[0] if r["kind"] == "pair" else None for r in rows]

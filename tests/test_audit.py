@@ -13,26 +13,15 @@ import time
 import pytest
 
 from preprocess import CropConfig, crop_dataset
-from preprocess import labels as L
-from preprocess.manifest import read_manifest, read_meta, write_manifest
+from preprocess.manifest import read_manifest
 from tests.conftest import REPO
+from tests.synth import swap_incorrect_and_normal
 from tests.test_weights import _real_mobilenet_file, needs_real_weights
 
 pytest.importorskip("cleanlab")
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(REPO / "bench"))
 SWAPPED = ("000004", "000011", "000019", "000027")  # 4 of 36 persons (11%)
-
-
-def swap_incorrect_and_normal(crops, persons) -> None:
-    """The competition's known error, made on purpose: these persons' incorrect_mask and normal photos
-    carry each other's mask label in the manifest."""
-    rows = read_manifest(crops)
-    for r in rows:
-        if r["person_id"] in persons and r["mask"] in (1, 2):
-            r["mask"] = 3 - r["mask"]
-            r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
-    write_manifest(crops, rows, read_meta(crops))
 
 
 @pytest.fixture(scope="module")
