@@ -217,8 +217,6 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
             said.add(message)
             warn(message)
 
-    if caution:
-        warn_once(caution)
     params = load_space(space, base | {"out": str(out / "trial-0")})
     held = [p.name for p in params if p.name in fixed_names]
     if held:
@@ -227,6 +225,8 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
     study, store = open_study(out, storage, seed, prune_startup, prune_warmup)
     study.set_user_attr("fixed", json.loads(json.dumps(base)))  # best.toml = these + the best trial's params
     study.set_user_attr("caution", caution)  # shown beside the study's figures
+    if caution:  # said once every up-front check has passed: a refused space or storage is one line alone
+        warn_once(caution)
     optuna = _optuna()
     t_end = time.monotonic() + timeout if timeout else math.inf
     mine, failed = 0, []

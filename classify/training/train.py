@@ -65,6 +65,7 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     """
     d = init_distributed(cfg.device)
     final = Path(cfg.out)
+    warn = _once_per_run(warn)  # a k-fold run's folds share their notes: each is said once for the run
     try:
         if d.main:
             rundir.recover_swap(final)
@@ -143,7 +144,7 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     if d.main:
         _write_start(out, cfg, data, t, weights, workers)
     for w in data.warnings:  # once the run has started: a refused option or folder is the one line a user sees
-        _warn_once(warn, w)
+        warn(w)
     describe = {"card": new_card(cfg, kwargs, t.norm, weights, note, read_meta(Path(cfg.crops))).to_dict(),
                 "config": asdict(cfg)}
     interp = t.norm["interpolation"]
@@ -346,6 +347,16 @@ def _write_start(out: Path, cfg: TrainConfig, data: Data, t: Trainer, weights: s
 
 
 _WARNED: set[str] = set()
+
+
+def _once_per_run(warn):
+    said: set[str] = set()
+
+    def once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            warn(message)
+    return once
 
 
 def _warn_once(warn, message: str) -> None:
