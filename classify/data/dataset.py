@@ -25,6 +25,7 @@ from preprocess.imageio import content_digest, read_crop
 from preprocess.manifest import TRAINABLE, packed_crops, read_manifest, read_meta
 
 from classify.errors import ConfigError
+from classify.metrics import few_people
 from classify.data.masks import SYNTH_INCORRECT, synthesize
 from classify.data.transforms import channels_first
 
@@ -249,6 +250,13 @@ def prepare_data(cfg) -> Data:
 
 def people_of(rows: list[dict]) -> int:
     return len({person_key(r) for r in rows})
+
+
+def validation_caution(data: Data, every_person: bool, what: str | None = None) -> str | None:
+    """The few-people caution of a run's score (metrics.few_people): its validation people's, or with
+    `every_person` (a k-fold run's out-of-fold score) every person of the split's."""
+    people = len(data.split) if every_person else people_of(data.val_rows)
+    return few_people(people, what or ("the out-of-fold score" if every_person else "validation"))
 
 
 def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str, str] | None = None) -> list[dict]:

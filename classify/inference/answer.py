@@ -77,14 +77,22 @@ def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarr
     return votes / len(probs), labels
 
 
+def task_marginals(probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Each task's marginal probabilities of 18-class probabilities (... x 18 → ... x 3, ... x 2, ... x 3):
+    the sum over the classes that have each value of the task."""
+    probs = np.asarray(probs)
+    return {task: np.stack([probs[..., part == k].sum(-1) for k in range(len(names))], axis=-1)
+            for (task, names), part in zip(L.TASKS.items(), L.task_parts(np.arange(L.NUM_CLASSES)))}
+
+
 def task_values(scores: np.ndarray, label: int, old: int = L.DEFAULT_OLD) -> dict:
     """Per task, the part of class `label` (mask, gender, age group) and its marginal probability under
     `scores` (18): {'mask': {'label': 'wear', 'prob': 0.34}, ...}. The labels are the class's own, so a
     served answer's task fields can never name another class than its `class` (a marginal's argmax can:
     .34 wear/m/<30, .33 incorrect/m/<30, .33 incorrect/f/<30 has class wear, marginal argmax incorrect)."""
-    parts = L.decode(int(label))
+    marginals = task_marginals(scores)
     out = {}
-    for (task, names), part, of_class in zip(L.TASKS.items(), parts, L.task_parts(np.arange(L.NUM_CLASSES))):
+    for (task, names), part in zip(L.TASKS.items(), L.decode(int(label))):
         names = L.age_names(old) if task == "age" else names
-        out[task] = {"label": names[part], "prob": float(np.asarray(scores)[of_class == part].sum())}
+        out[task] = {"label": names[part], "prob": float(marginals[task][part])}
     return out

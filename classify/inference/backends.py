@@ -81,9 +81,7 @@ class OnnxBackend(Backend):
         return "cpu" if device == "auto" else device  # resolving `auto` would import torch
 
     def logits(self, crops: Path, rows: list[dict], tta: int = 1, batch_size: int = 64) -> list[np.ndarray]:
-        if tta != 1:
-            raise ConfigError(f"--tta {tta}: an exported model predicts one view (its graph holds no TTA); use "
-                              "--tta 1 or predict with the checkpoint")
+        _one_view(tta)
         runs = [self.model.run(x) for _, x in batches(crops, rows, self.model, batch_size)]
         if not runs:
             return [np.zeros((1, 0, 18)) for _ in self.temperatures]
@@ -96,8 +94,12 @@ def open_backend(models: list[Path], device: str = "auto", workers: int | None =
     if not models:
         raise CheckpointError("give at least one checkpoint")
     if any(is_onnx(m) for m in models):
-        if tta != 1:
-            raise ConfigError(f"--tta {tta}: an exported model predicts one view (its graph holds no TTA); use "
-                              "--tta 1 or predict with the checkpoint")
+        _one_view(tta)
         return OnnxBackend(the_one_onnx(models), workers)
     return TorchBackend(models, device, workers)
+
+
+def _one_view(tta: int) -> None:
+    if tta != 1:
+        raise ConfigError(f"--tta {tta}: an exported model predicts one view (its graph holds no TTA); use "
+                          "--tta 1 or predict with the checkpoint")

@@ -12,7 +12,7 @@ Per task, the way the competition gives labels:
   are aggregated (the mean of their task probabilities) before judging, and the person is the suspect.
 
 The probabilities are the run's out-of-fold logits (each fold's val_logits.npz, full precision) under
-its temperature, summed into each task's marginal (`answer.task_values` uses the same marginals).
+its temperature, summed into each task's marginal (`answer.task_marginals`, as serve's task values).
 cleanlab flags a label issue where the model's confident prediction disagrees with the given label
 (`find_label_issues`, prune by noise rate, per-class thresholds: a rare class is not judged against a
 frequent one's confidence), and ranks by self-confidence: the probability of the given label. A
@@ -41,6 +41,7 @@ from preprocess.imageio import atomic_write_bytes
 
 from classify.errors import ConfigError
 from classify.inference import rundir
+from classify.inference.answer import task_marginals
 from classify.inference.calibration import apply_temperature
 
 MIN_SCORE = 0.5     # label_fixes.csv: the suspects whose given label has out-of-fold probability <= 0.5
@@ -102,13 +103,6 @@ def out_of_fold(run: Path) -> tuple[list[str], np.ndarray, dict]:
     return ids, np.concatenate(probs), config
 
 
-def marginals(probs: np.ndarray) -> dict[str, np.ndarray]:
-    """Each task's marginal probabilities (N x 3, N x 2, N x 3) of 18-class probabilities."""
-    parts = L.task_parts(np.arange(L.NUM_CLASSES))
-    return {task: np.stack([probs[:, part == k].sum(1) for k in range(len(names))], axis=1)
-            for (task, names), part in zip(L.TASKS.items(), parts)}
-
-
 def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None = None) -> AuditResult:
     """Find the suspect labels of a k-fold run's training photos; write suspects.csv, label_fixes.csv and
     index.html into `out`.
@@ -132,7 +126,7 @@ def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None
         raise ConfigError(f"{crops}/manifest.csv has no photo {unknown[0]!r} of the run's out-of-fold predictions "
                           f"({len(unknown)} in all): is it the crops folder the run trained on?")
     rows = [rows[i] for i in ids]
-    task = marginals(probs)
+    task = task_marginals(probs)
     suspects = _mask_suspects(rows, task["mask"], find_label_issues, quality_scores)
     for name in ("gender", "age"):
         suspects += _person_suspects(rows, task[name], name, val_old, find_label_issues, quality_scores)
@@ -153,11 +147,7 @@ def _issues(labels: np.ndarray, p: np.ndarray, find_label_issues, quality_scores
     quality = quality_scores(labels, p, method="self_confidence")
     if len(np.unique(labels)) < 2:
         return np.zeros(len(labels), bool), quality
-    import warnings
-
-    with warnings.catch_warnings():  # "labels miss class k": a task class no given label holds (e.g. no >= 60)
-        warnings.filterwarnings("ignore", message=".*(does not contain|missing|no examples).*")
-        flagged = find_label_issues(labels, p, filter_by="prune_by_noise_rate")
+    flagged = find_label_issues(labels, p, filter_by="prune_by_noise_rate")
     return np.asarray(flagged, bool), quality
 
 

@@ -38,7 +38,6 @@ from typing import Callable
 from classify.inference import rundir
 from classify.training.config import TrainConfig
 from classify.errors import ConfigError
-from classify.metrics import few_people
 from classify.study.tune_results import TuneResult, write_results
 from classify.study.tune_space import Param, load_space
 
@@ -203,19 +202,14 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
     base = _absolute({k: v for k, v in fixed.items() if v is not None})
     first = TrainConfig(**(base | {"out": str(out / "trial-0")}))
     first.check()  # the fixed part is refused before any trial, and so is data it cannot train on
-    from classify.data.dataset import people_of, prepare_data
+    from classify.data.dataset import prepare_data, validation_caution
+    from classify.training.train import once_each
 
     data = prepare_data(dataclasses.replace(first, fold=0) if first.fold == "all" else first)
     every = first.fold == "all"  # the objective: out-of-fold F1 over every person, or one validation's
-    caution = few_people(len(data.split) if every else people_of(data.val_rows),
-                         "every trial's " + ("out-of-fold score" if every else "validation"))
-    # what each trial's fit would say of the same people (train.fit_one, kfold.fit_folds): said here, once
-    said = {few_people(len(data.split), "the out-of-fold score") if every else few_people(people_of(data.val_rows))}
-
-    def warn_once(message: str) -> None:  # a trial's fit says what the trial before it said: once is enough
-        if message not in said:
-            said.add(message)
-            warn(message)
+    caution = validation_caution(data, every, "every trial's " + ("out-of-fold score" if every else "validation"))
+    # a trial's fit says what the trial before it said (and what `caution` says here, of the same people): once
+    warn_once = once_each(warn, already=[validation_caution(data, every)])
 
     params = load_space(space, base | {"out": str(out / "trial-0")})
     held = [p.name for p in params if p.name in fixed_names]

@@ -17,18 +17,18 @@ from classify.training.config import RESUMABLE, TrainConfig, resume_config
 from classify.training.distributed import Dist
 from classify.errors import ConfigError
 from classify.inference.calibration import calibrate
-from classify.metrics import few_people, scores
+from classify.metrics import scores
 
 
 def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, fit_one) -> dict:
     """Every fold into RUN/fold<k> (`fit_one`: train.fit_one), then the out-of-fold score. Resumable
     fold by fold: finished folds are kept, the interrupted one continues from its last.pt, the rest start."""
-    from classify.data.dataset import prepare_data
+    from classify.data.dataset import prepare_data, validation_caution
 
     out = Path(cfg.out)
     data = prepare_data(dataclasses.replace(cfg, fold=0))  # refuses what cannot work (--folds K > people) first
     people = len(data.split)  # every person of the split validates in one fold
-    caution = few_people(people, "the out-of-fold score")
+    caution = validation_caution(data, True)
     if caution and d.main:
         warn(caution)
     if d.main:

@@ -36,14 +36,15 @@ from classify.models import weights as W
 from classify.inference.calibration import apply_temperature, calibrate as calibrate_logits
 from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.training.config import TrainConfig, changed_keys, config_from
-from classify.data.dataset import CropDataset, Data, expected_class_counts, people_of, person_key, prepare_data
+from classify.data.dataset import (CropDataset, Data, expected_class_counts, people_of, person_key, prepare_data,
+                                   validation_caution)
 from classify.training.distributed import Dist, init_distributed
 from classify.inference.engine import EpochOrder, default_workers, make_loader, resolve_amp
 from classify.training.epoch import train_one_epoch, validate_epoch
 from classify.training.kfold import fit_folds
 from classify.errors import ConfigError
 from classify.training.losses import MultiTaskLoss, make_loss
-from classify.metrics import confusion, few_people
+from classify.metrics import confusion
 from classify.training.mixing import epoch_order
 from classify.models.nets import create_model, freeze_backbone, model_arch, model_kwargs, output_heads
 from classify.plots import plot_confusion
@@ -65,7 +66,7 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     """
     d = init_distributed(cfg.device)
     final = Path(cfg.out)
-    warn = _once_per_run(warn)  # a k-fold run's folds share their notes: each is said once for the run
+    warn = once_each(warn)  # a k-fold run's folds share their notes: each is said once for the run
     try:
         if d.main:
             rundir.recover_swap(final)
@@ -130,7 +131,7 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     out = Path(cfg.out)
     state = _resume_state(cfg, out) if resume else None
     data = prepare_data(cfg)
-    caution = None if in_folds else few_people(people_of(data.val_rows))  # k-fold: said of the out-of-fold score
+    caution = None if in_folds else validation_caution(data, False)  # k-fold: said of the out-of-fold score
     if caution:
         data.warnings.append(caution)
     if resume and (out / rundir.SPLIT).is_file():
@@ -349,8 +350,9 @@ def _write_start(out: Path, cfg: TrainConfig, data: Data, t: Trainer, weights: s
 _WARNED: set[str] = set()
 
 
-def _once_per_run(warn):
-    said: set[str] = set()
+def once_each(warn, already=()):
+    """`warn` that says each message once (and never those in `already`): one run's folds, one study's trials."""
+    said = set(already)
 
     def once(message: str) -> None:
         if message not in said:
@@ -398,8 +400,7 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
     summary = {"best_epoch": best["epoch"], "best": best, "last": p.history[-1], "epochs": len(p.history),
                "stopped_early": p.stopped_early, "train_photos": len(data.train_rows), "val_photos": len(data.val_rows),
                "extra_photos": data.extra,
-               "train_people": len({person_key(r) for r in data.train_rows}),
-               "val_people": len({person_key(r) for r in data.val_rows}),
+               "train_people": people_of(data.train_rows), "val_people": people_of(data.val_rows),
                "excluded_photos": len(data.rows) - (len(data.train_rows) - data.extra) - len(data.val_rows)
                - data.dropped_near_boundary,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
