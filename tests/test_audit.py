@@ -133,3 +133,9 @@ def test_a_single_run_is_refused_with_how_to_make_a_k_fold_run(tmp_path, cli_run
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "is a single run" in res.stderr and "--folds 5 --fold all" in res.stderr
     assert not (tmp_path / "a").exists()
+    fit(TrainConfig(crops=str(crops), out=str(tmp_path / "k"), epochs=1, img_size=16, workers=0, weights="none",
+                    device="cpu", preset="none", folds=2, fold="all"), warn=lambda m: None)
+    res = cli_run("audit", tmp_path / "k" / "fold0", "--out", tmp_path / "a")  # one fold of a k-fold run: name the run
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert f"is one fold of the k-fold run {tmp_path / 'k'}" in res.stderr and f"maskcls audit {tmp_path / 'k'}" in res.stderr
+    assert not (tmp_path / "a").exists()

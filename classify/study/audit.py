@@ -85,6 +85,10 @@ def out_of_fold(run: Path) -> tuple[list[str], np.ndarray, dict]:
     folds = rundir.fold_dirs(run)
     if not config:
         raise ConfigError(f"{run} is not a `maskcls train` run folder (no config.json)")
+    parent = rundir.read_config(run.parent)
+    if parent.get("fold") == "all" and run.name in {f.name for f in rundir.fold_dirs(run.parent)}:
+        raise ConfigError(f"{run} is one fold of the k-fold run {run.parent}, whose other folds judge the photos this "
+                          f"one trained on: audit the whole run (`maskcls audit {run.parent} --out DIR`)")
     if config.get("fold") != "all" or not folds:
         raise ConfigError(f"{run} is a single run: audit judges each photo by a model that never trained on it, "
                           "which takes out-of-fold predictions of every photo; train a k-fold run "
