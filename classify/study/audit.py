@@ -39,6 +39,7 @@ import numpy as np
 from preprocess import labels as L
 from preprocess.imageio import atomic_write_bytes
 
+from classify.data.dataset import load_rows, people_of, person_key
 from classify.errors import ConfigError
 from classify.inference import rundir
 from classify.inference.answer import task_marginals
@@ -117,8 +118,6 @@ def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None
         raise ConfigError(f"--min-score {min_score}: must be in [0, 1] (1 - the probability of the given label)")
     find_label_issues, quality_scores = _cleanlab()
     ids, probs, config = out_of_fold(run)
-    from classify.data.dataset import load_rows
-
     crops = Path(crops or config["crops"])
     if not (crops / "manifest.csv").is_file():
         raise ConfigError(f"{crops}: the run's crops folder is not there (give it with --crops)")
@@ -140,7 +139,7 @@ def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None
     _write_suspects(out / "suspects.csv", suspects)
     chosen = [s for s in suspects if s.score >= min_score]
     rundir.write_csv(out / "label_fixes.csv", ["image_id", "field", "value"], [list(f) for s in chosen for f in s.fixes])
-    people = len({r["person_id"] for r in rows})
+    people = people_of(rows)
     _page(out, crops, {r["image_id"]: r for r in rows}, suspects, min_score, len(rows), people, Path(run))
     return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out)
 
@@ -161,7 +160,7 @@ def _mask_suspects(rows, pm, find_label_issues, quality_scores) -> list[Suspect]
     flagged, q = _issues(labels, pm, find_label_issues, quality_scores)
     by_person: dict[str, dict[int, list[int]]] = {}
     for k, r in enumerate(rows):
-        by_person.setdefault(r["person_id"], {}).setdefault(r["mask"], []).append(k)
+        by_person.setdefault(person_key(r), {}).setdefault(r["mask"], []).append(k)
     out, done = [], set()
     for person, kinds in by_person.items():
         inc, nor = kinds.get(1, []), kinds.get(2, [])
@@ -192,7 +191,7 @@ def _person_suspects(rows, p, task: str, val_old: int, find_label_issues, qualit
     names = L.age_names(val_old) if task == "age" else L.GENDER_NAMES
     people: dict[str, list[int]] = {}
     for k, r in enumerate(rows):
-        people.setdefault(r["person_id"], []).append(k)
+        people.setdefault(person_key(r), []).append(k)
     keys = sorted(people)
     given = np.array([np.bincount([_given(rows[k], task, val_old) for k in people[key]]).argmax() for key in keys])
     mean = np.stack([p[people[key]].mean(0) for key in keys])
@@ -229,7 +228,7 @@ def _nearest_age(age: int, group: int, old: int) -> int:
 
 def _folder(r: dict) -> str:
     """The person's folder name (what `--label-fixes` takes for every photo of a person)."""
-    return r["image_id"].split("/")[0] if "/" in r["image_id"] else r["person_id"]
+    return r["image_id"].split("/")[0] if "/" in r["image_id"] else (r["person_id"] or r["image_id"])
 
 
 def _stem(r: dict) -> str:

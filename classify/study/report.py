@@ -23,6 +23,7 @@ from preprocess.manifest import FALLBACKS, STATUS_HELP, read_manifest, read_meta
 
 from classify.inference import rundir
 from classify.errors import ConfigError
+from classify.data.dataset import person_key
 from classify.data.masks import synthesize
 from classify.plots import MASK_COLOURS, mask_legend, pyplot, save_figure, short
 from classify.study.report_model import model_figures
@@ -105,7 +106,7 @@ def _sample_grid(out: Path, crops: Path, rows, seed: int, cols: int = 8, max_row
 
 def _class_counts(out: Path, rows, names):
     counts = np.bincount([r["label"] for r in rows if r["label"] >= 0], minlength=L.NUM_CLASSES)
-    people = [len({_person(r) for r in rows if r["label"] == k}) for k in range(L.NUM_CLASSES)]
+    people = [len({person_key(r) for r in rows if r["label"] == k}) for k in range(L.NUM_CLASSES)]
     write_csv(out / "class_counts.csv", ["label", "class", "photos", "people"],
                [[k, names[k], int(c), people[k]] for k, c in enumerate(counts)])
     plt = pyplot()
@@ -132,7 +133,7 @@ def _task_counts(out: Path, rows, old: int):
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
     for ax, (task, (values, labels)) in zip(axes, tasks.items()):
         counts = np.bincount([v for v in values if v >= 0], minlength=len(labels))
-        people = [len({_person(r) for r, v in zip(rows, values) if v == k}) for k in range(len(labels))]
+        people = [len({person_key(r) for r, v in zip(rows, values) if v == k}) for k in range(len(labels))]
         table += [[task, labels[k], int(c), people[k]] for k, c in enumerate(counts)]
         bars = ax.bar(labels, counts, color="#4c72b0")
         ax.bar_label(bars, labels=[f"{int(c)} ({p} p.)" for c, p in zip(counts, people)], fontsize=8, padding=2)
@@ -148,7 +149,7 @@ def _task_counts(out: Path, rows, old: int):
 
 def _ages(out: Path, rows, old: int):
     ages = np.array([r["age"] for r in rows if r["age"] >= 0])
-    person_age = {_person(r): r["age"] for r in rows if r["age"] >= 0}
+    person_age = {person_key(r): r["age"] for r in rows if r["age"] >= 0}
     edges = np.arange(0, max(int(ages.max()) if len(ages) else 0, old) + 3, 2)
     hist, _ = np.histogram(ages, bins=edges)
     people, _ = np.histogram(np.array(list(person_age.values())), bins=edges)
@@ -280,10 +281,6 @@ def _gallery(out: Path, crops: Path, rows):
                               + ". ok with a reason: the subject was chosen over another face. Reasons are in "
                               "fallbacks.csv."))
     return figures
-
-
-def _person(r: dict) -> str:
-    return r["person_id"] or f"photo:{r['image_id']}"
 
 
 # -- outputs ------------------------------------------------------------------------------------------
