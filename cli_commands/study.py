@@ -151,6 +151,8 @@ def audit(
     for k, s in enumerate(res.suspects[:10], start=1):
         t.add_row(str(k), escape(s.id), s.field, escape(s.given), escape(s.suggested), f"{s.score:.3f}")
     console.print(t)
+    for caution in res.cautions:
+        warning(caution)
     console.print(f"{res.fixes} fix(es) with score >= {min_score} in {escape(str(res.out / 'label_fixes.csv'))}; review "
                   f"them on {escape(str(res.out / 'index.html'))}, then `maskcls train CROPS --label-fixes "
                   f"{escape(str(res.out / 'label_fixes.csv'))} ...`", highlight=False)

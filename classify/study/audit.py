@@ -41,6 +41,7 @@ from preprocess.imageio import atomic_write_bytes
 
 from classify.data.dataset import load_rows, people_of, person_key
 from classify.errors import ConfigError
+from classify.metrics import FEW_VAL_PEOPLE
 from classify.inference import rundir
 from classify.inference.answer import task_marginals
 from classify.inference.calibration import apply_temperature
@@ -68,6 +69,7 @@ class AuditResult:
     photos: int               # photos judged
     people: int
     out: Path
+    cautions: list[str] = field(default_factory=list)  # why the suspects may say more about the model than the labels
 
 
 def _cleanlab():
@@ -118,6 +120,8 @@ def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None
         raise ConfigError(f"--min-score {min_score}: must be in [0, 1] (1 - the probability of the given label)")
     find_label_issues, quality_scores = _cleanlab()
     ids, probs, config = out_of_fold(run)
+    if crops is not None and not (Path(crops) / "manifest.csv").is_file():
+        raise ConfigError(f"--crops {crops}: not a crops folder (no manifest.csv); give the folder the run trained on")
     crops = Path(crops or config["crops"])
     if not (crops / "manifest.csv").is_file():
         raise ConfigError(f"{crops}: the run's crops folder is not there (give it with --crops)")
@@ -140,8 +144,31 @@ def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None
     chosen = [s for s in suspects if s.score >= min_score]
     rundir.write_csv(out / "label_fixes.csv", ["image_id", "field", "value"], [list(f) for s in chosen for f in s.fixes])
     people = people_of(rows)
-    _page(out, crops, {r["image_id"]: r for r in rows}, suspects, min_score, len(rows), people, Path(run))
-    return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out)
+    cautions = _cautions(rows, task, people, val_old)
+    _page(out, crops, {r["image_id"]: r for r in rows}, suspects, min_score, len(rows), people, Path(run), cautions)
+    return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out, cautions)
+
+
+def _cautions(rows: list[dict], task: dict[str, np.ndarray], people: int, val_old: int) -> list[str]:
+    """Why the suspects may be the model's mistakes rather than the labels': few people behind the
+    predictions, or a task the run has not learned (its out-of-fold accuracy no better than always
+    answering the task's most common given label)."""
+    out = []
+    if people < FEW_VAL_PEOPLE:
+        out.append(f"the run holds {people} people: out-of-fold predictions from models trained on so few are "
+                   "noisy, and so are the suspects; audit a run of more people")
+    for name, p in task.items():
+        given = np.array([r["mask"] if name == "mask" else _given(r, name, val_old) for r in rows])
+        counts = np.bincount(given)
+        if (counts > 0).sum() < 2:  # one class given: nothing to learn, nothing cleanlab can flag
+            continue
+        acc, base = float((p.argmax(1) == given).mean()), float(counts.max() / len(given))
+        if acc <= base:
+            out.append(f"{name}: the run's out-of-fold accuracy {acc:.3f} is no better than always answering the "
+                       f"most common given {name} label ({base:.3f}), so its {name} suspects are more likely the "
+                       "model's mistakes than wrong labels; audit a run that has learned the task (more epochs, "
+                       "pretrained weights, more people)")
+    return out
 
 
 def _issues(labels: np.ndarray, p: np.ndarray, find_label_issues, quality_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +274,7 @@ def read_suspects(path: Path) -> list[dict]:
 
 
 def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], min_score: float, photos: int, people: int,
-          run: Path) -> None:
+          run: Path, cautions: list[str]) -> None:
     """index.html: each suspect's crops, given and suggested labels, a tick per suspect (ticked: those in
     label_fixes.csv), and a button that downloads the ticked suspects' fixes as a label-fixes CSV."""
     shown = suspects[:PAGE_LIMIT]
@@ -276,8 +303,9 @@ def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], min_score
 body{{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em;color:#222}}
 section{{border-bottom:1px solid #ddd;padding:.6em 0}}.photos{{display:flex;flex-wrap:wrap;gap:.4em;margin-top:.4em}}
 figure{{margin:0;text-align:center;font-size:.8em}}img{{width:112px;height:112px;object-fit:cover;border:1px solid #ccc}}
-button{{font-size:1em}}</style></head><body>
+button{{font-size:1em}}.caution{{color:#b03a2e}}</style></head><body>
 <h1>maskcls audit</h1>
+{''.join(f"<p class='caution'>Caution: {html.escape(c)}.</p>" for c in cautions)}
 <p>{len(suspects)} suspect labels among {photos} photos of {people} people of {html.escape(str(run))}, judged by
 out-of-fold predictions (confident learning, cleanlab). Ticked: the {sum(s.score >= min_score for s in suspects)}
 suspects with score &ge; {min_score} (those in <a href='label_fixes.csv'>label_fixes.csv</a>). Look at each; untick
