@@ -12,6 +12,7 @@ PIP = $(PY) -m pip install -q -c $(LOCK)
 MASKCLS ?= $(dir $(shell $(PY) -c 'import sys; print(sys.executable)'))maskcls
 
 install:
+	@$(PY) -c "import shutil; print('make: ' + ('a GPU driver found (nvidia-smi): installing torch 2.14.1 as pip resolves it (a CUDA build)' if shutil.which('nvidia-smi') else 'no GPU driver found (no nvidia-smi): installing torch 2.14.1 as pip resolves it, which on Linux is the CUDA build (~6 GB); for the CPU-only build (~200 MB) first run: $(PY) -m pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu'))"
 	$(PIP) torch==2.14.1 torchvision==0.29.1
 	$(PIP) -e .
 
