@@ -21,8 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Face crops, training and prediction for mask status x gender x age group.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"maskcls {version('maskcls')}")
+        except PackageNotFoundError:
+            typer.echo("maskcls (not installed: run from a checkout; pip install -e . gives it a version)")
+        raise typer.Exit()
+
+
 @app.callback()
-def main():
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                      help="Print maskcls's version and exit.")):
     """maskcls: raw photos → face crops → trained classifier → submission."""
 
 

@@ -51,3 +51,40 @@ def scores(y, p) -> dict[str, float]:
         out[f"{task}_acc"] = float((yt == pt).mean()) if len(y) else 0.0
         out[f"{task}_f1"] = macro_f1(yt, pt, n)
     return out
+
+
+def unlearned_tasks(y, p, units=None) -> dict[str, tuple[float, float]]:
+    """{task: (accuracy, baseline)} of the tasks the predictions `p` have not learned: accuracy no better than
+    always answering the task's most common label among `y` (18-class labels). A task whose labels hold one
+    value is left out (nothing to learn). `units`: a key per photo (a person) to judge per unit instead, each
+    unit's answer its photos' most common predicted value against its most common label (gender and age are
+    a person's: judged per photo, a person with many photos counts many times)."""
+    y, p = np.asarray(y, int), np.asarray(p, int)
+    out = {}
+    for task, yt, pt in zip(L.TASKS, L.task_parts(y), L.task_parts(p)):
+        if units is not None and task != "mask":
+            yt, pt = _per_unit(yt, units), _per_unit(pt, units)
+        counts = np.bincount(yt, minlength=len(L.TASKS[task]))
+        if len(yt) == 0 or (counts > 0).sum() < 2:
+            continue
+        acc, base = float((yt == pt).mean()), float(counts.max() / len(yt))
+        if acc <= base:
+            out[task] = (acc, base)
+    return out
+
+
+def _per_unit(values: np.ndarray, units) -> np.ndarray:
+    groups: dict = {}
+    for v, u in zip(values, units):
+        groups.setdefault(u, []).append(int(v))
+    return np.array([np.bincount(g).argmax() for g in groups.values()], dtype=int)
+
+
+def not_learned_caution(unlearned: dict[str, tuple[float, float]], where: str = "validation") -> str | None:
+    """The one caution for a model that has not learned a task, wherever its numbers are shown."""
+    if not unlearned:
+        return None
+    parts = "; ".join(f"{t} accuracy {a:.3f} vs {b:.3f}" for t, (a, b) in unlearned.items())
+    return (f"the model has not learned {', '.join(unlearned)}: on {where} it is no better than always answering "
+            f"the most common label ({parts}); its {'/'.join(unlearned)} answers and probabilities say nothing yet "
+            "(train longer, from pretrained weights, or on more people)")

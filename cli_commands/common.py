@@ -28,7 +28,8 @@ class Command(TyperCommand):
 
 TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
                            "--tta alone is not valid: give a number.")
-CROP_CACHE = typer.Option(None, help="Where raw photos are cropped (default: ~/.cache/maskcls/crops/<photos + crop settings>).")
+CROP_CACHE = typer.Option(None, help="Where raw photos are cropped (default: one folder per photos and crop settings "
+                                     "under ~/.cache/maskcls/crops).")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda.")
 BATCH = typer.Option(64, help="Images per forward pass.")
 WORKERS = typer.Option(None, help="DataLoader worker processes (checkpoints only) [default: 2].")

@@ -27,12 +27,14 @@ def crop(
     pack: bool = typer.Option(True, metavar="", help="Also write crops.npy, the uint8 array training memory-maps."),
     strict: bool = typer.Option(False, "--strict", metavar="", help="Stop before any work if a photo is missing or badly named."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the crops in --out even if they were made from another RAW."),
-    prior: Optional[Path] = typer.Option(None, help="Training crops folder or checkpoint whose face prior chooses "
-                                                    "the face of lone photos (eval): crop eval photos as training's."),
+    prior: Optional[Path] = typer.Option(None, help="Training crops folder, checkpoint, run folder or .onnx whose face "
+                                                    "prior chooses the face of lone photos (eval): crop eval photos as "
+                                                    "training's.", show_default=False),
 ):
     """Find the face in every photo and write square crops plus CROPS/manifest.csv."""
     check_outputs(folders={"--out": out})
     from preprocess import CropConfig, crop_dataset
+    from classify.inference.cropping import prior_of
     from preprocess.manifest import PROBLEMS
     from preprocess.runtime import dist_env
 
@@ -51,7 +53,7 @@ def crop(
         with LazyProgress("crop") as bar:
             res = crop_dataset(raw, out, cfg, on_progress=bar.update if rank == 0 else None, rank=rank,
                                world=world, barrier=dist.barrier if dist else None,
-                               broadcast=dist.broadcast if dist else None, prior=load_prior(prior) if prior else None,
+                               broadcast=dist.broadcast if dist else None, prior=prior_of(prior) if prior else None,
                                overwrite=overwrite)
     except BaseException:
         if dist:
@@ -83,25 +85,3 @@ def crop(
         console.print(f"[yellow]… and {len(problems) - 20} more:[/] see the status and reason columns of the manifest")
     console.print(f"manifest: {escape(str(res.crops / 'manifest.csv'))}", highlight=False)
 
-
-def load_prior(path: Path):
-    """The face prior of a training crops folder (its crops.json) or of a checkpoint / run folder."""
-    from preprocess.layouts import LayoutError
-    from preprocess.manifest import META, read_meta
-    from preprocess.subject import Prior
-
-    if path.is_dir() and (path / META).is_file():
-        meta, what = read_meta(path), f"{path}/{META}"
-    elif path.is_dir() and not (path / "best.pt").is_file():
-        raise LayoutError(f"--prior {path}: neither a crops folder (no {META}) nor a run folder (no best.pt)")
-    else:
-        from classify.checkpoint import load_checkpoint  # imports torch: only for a checkpoint
-        ckpt = path / "best.pt" if path.is_dir() else path
-        meta, what = load_checkpoint(ckpt).get("crop") or {}, str(ckpt)
-    if "prior" not in meta:
-        raise LayoutError(f"--prior {path}: {what} records no face prior (made before maskcls learned one): "
-                          "crop the training photos again, or leave --prior out for the built-in one")
-    try:
-        return Prior.from_dict(meta["prior"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise LayoutError(f"--prior {path}: {what} holds a damaged face prior ({e}); crop the training photos again") from None

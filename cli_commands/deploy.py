@@ -20,7 +20,7 @@ def export(
     crops: Optional[Path] = typer.Option(None, help="Crops folder for the parity check and --int8 (default: the "
                                                     "run's own, from its config)."),
 ):
-    """Export the classifier as one ONNX graph (uint8 crop in, probabilities out) for predict and serve without torch."""
+    """Export the classifier as one ONNX graph (uint8 crops in, each model's logits out; predict and serve apply the card's temperature) for predict and serve without torch."""
     check_outputs(files={"--out": out})
     require_extra("export", "maskcls export")
     from classify.deploy.export import export as run_export

@@ -51,7 +51,7 @@ def predict(
                   f"in {secs:.1f}s ({len(pred.image_ids) / secs:.1f} photos/s, crop included)")
     console.print(f"submission: {escape(str(out))}", highlight=False)
     if review is not None:
-        unsure = int((pred.probs.max(1) < below).sum())
+        unsure = int((pred.confidence < below).sum())
         console.print(f"review: {escape(str(review))} ({unsure} photos with a top probability below {below})",
                       highlight=False)
 
@@ -82,7 +82,6 @@ def pseudo_label(
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
     check_outputs(folders={"--out": out})
     from classify.inference.pseudo import pseudo_label as run
-    from preprocess.labels import class_names
 
     ckpts, source = _models_then(paths, "the folder to pseudo-label")
     with LazyProgress("crop") as bar:
@@ -90,7 +89,7 @@ def pseudo_label(
                   calibrate=calibrate)
     for w in res.warnings:
         warning(w)
-    names = class_names()
+    names = res.classes
     table = Table(title=f"{res.kept} of {res.total} photos at p >= {min_prob}")
     table.add_column("class")
     table.add_column("photos", justify="right")
@@ -118,6 +117,8 @@ def evaluate(
     ckpts, crops_dir = _models_then(paths, "the crops folder")
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        confusion_png=confusion, vote=vote, calibrate=calibrate)
+    for w in res["warnings"]:
+        warning(w)
     sc = res["scores"]
     console.print(models_line(res["models"]), highlight=False)
     t = Table(title=f"{res['n']} labelled photos of {escape(str(crops_dir))}")
@@ -152,46 +153,13 @@ def explain(
 ):
     """Grad-CAM per task for any photos, cropped as predict crops them: where the model looks."""
     check_outputs(folders={"--out": out})
-    import shutil
-    import tempfile
-
     require_extra("explain", "maskcls explain")
-    from classify.checkpoint import load_checkpoint
     from classify.errors import ConfigError
-    from classify.study.explain import explain_crops
-    from classify.inference.cropping import crops_for
-    from classify.inference.predict import checkpoint_paths
-    from classify.inference.card import card_of
-    from classify.inference.onnx_model import is_onnx
-    from preprocess.imageio import content_digest
-    from preprocess.manifest import read_manifest
+    from classify.study.explain import explain_photos
 
     if len(paths) < 2:
         raise ConfigError("give a checkpoint (or run folder) and then one or more photos")
-    ckpt_path, *photos = paths
-    if is_onnx(ckpt_path):
-        raise ConfigError(f"{ckpt_path}: explain needs a checkpoint (Grad-CAM follows the torch model's gradients); "
-                          "give the run folder or best.pt it was exported from")
-    ckpt = load_checkpoint(checkpoint_paths([ckpt_path])[0])
-    for p in photos:
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such photo")
-    names = [f"{k:04d}_{p.name}" for k, p in enumerate(photos)]
-    with tempfile.TemporaryDirectory(prefix="maskcls-explain-") as tmp:
-        # The photos as an eval folder. With --crops (a cache root) it lives there, one per set of photos, so
-        # a second call finds its crops (a crops folder holds the crops of one raw folder, at one path).
-        key = content_digest(b"".join(n.encode() + p.read_bytes() for n, p in zip(names, photos)))[:16]
-        base = crops / key if crops else Path(tmp)
-        raw = base / "raw"
-        (raw / "images").mkdir(parents=True, exist_ok=True)
-        for p, n in zip(photos, names):
-            shutil.copyfile(p, raw / "images" / n)
-        (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
-        folder, warnings = crops_for(raw, card_of(ckpt).crop, base / "crops", device)
-        rows = read_manifest(folder)
-        for r, p in zip(rows, photos):
-            r["image_id"] = str(p)  # the path as given: two photos named normal.jpg stay apart
-        png, table = explain_crops(ckpt, folder, rows, out, f"Grad-CAM per task ({len(rows)} photos)", truth=False)
+    png, table, warnings = explain_photos(paths[0], paths[1:], out, crops, device)
     for w in warnings:
         warning(w)
     console.print(f"explain: {escape(str(png))}, {escape(str(table))}", highlight=False)

@@ -23,9 +23,11 @@ def report(
 ):
     """Figures of the data (and of a run) with their numbers as CSV, and one index.html."""
     check_outputs(folders={"--out": out})
-    from classify.study.report import report as run_report
+    from classify.study.report import report as run_report, run_cautions
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
+    for c in run_cautions(run) if run is not None else []:
+        warning(c)
     console.print(f"report: {escape(str(index))}", highlight=False)
 
 
@@ -131,8 +133,11 @@ def audit(
     run: Path = typer.Argument(..., metavar="RUN", help="A k-fold run folder (`train --folds K --fold all`): its "
                                                         "out-of-fold predictions judge every photo."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for suspects.csv, label_fixes.csv and index.html."),
-    min_score: float = typer.Option(0.5, help="label_fixes.csv takes the suspects whose score (1 - the out-of-fold "
-                                              "probability of the given label) is at least this."),
+    min_score: Optional[float] = typer.Option(None, help="One threshold for every kind of suspect in label_fixes.csv "
+                                                         "(a score: how likely the given label is wrong), instead of "
+                                                         "the per-kind defaults measured >= 90% right (README).",
+                                              show_default=False),
+    epoch: str = typer.Option("best", help="Judge by each fold's best or last epoch's out-of-fold predictions."),
     crops: Optional[Path] = typer.Option(None, help="The run's crops folder, where it has moved (default: the one "
                                                     "in the run's config)."),
 ):
@@ -141,7 +146,7 @@ def audit(
     require_extra("audit", "maskcls audit")
     from classify.study.audit import audit as run_audit
 
-    res = run_audit(run, out, min_score, crops)
+    res = run_audit(run, out, min_score, crops, epoch)
     by = Counter(s.field for s in res.suspects)
     t = Table(title=f"{len(res.suspects)} suspects among {res.photos} photos of {res.people} people "
                     f"({', '.join(f'{k} {by[k]}' for k in ('mask', 'gender', 'age')) or 'none'}); the first 10",
@@ -151,8 +156,9 @@ def audit(
     for k, s in enumerate(res.suspects[:10], start=1):
         t.add_row(str(k), escape(s.id), s.field, escape(s.given), escape(s.suggested), f"{s.score:.3f}")
     console.print(t)
-    for caution in res.cautions:
+    for caution in res.cautions + res.not_judged:
         warning(caution)
-    console.print(f"{res.fixes} fix(es) with score >= {min_score} in {escape(str(res.out / 'label_fixes.csv'))}; review "
+    which = f"with score >= {min_score}" if min_score is not None else "of the kinds and scores measured >= 90% right"
+    console.print(f"{res.fixes} fix(es) {which} in {escape(str(res.out / 'label_fixes.csv'))}; review "
                   f"them on {escape(str(res.out / 'index.html'))}, then `maskcls train CROPS --label-fixes "
                   f"{escape(str(res.out / 'label_fixes.csv'))} ...`", highlight=False)

@@ -16,7 +16,7 @@ from .common import LazyProgress, check_outputs, console, require_extra, user_er
 def train(
     ctx: typer.Context,
     crops: Optional[Path] = typer.Argument(None, metavar="CROPS", help="Crops folder written by `maskcls crop`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, split, metrics, checkpoints)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, split, metrics, checkpoints). (required, unless --config names out)"),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options (the command line wins)."),
     model: Optional[str] = typer.Option(None, help="Any torchvision classification model (resnet18, mobilenet_v2, "
                                                    "efficientnet_b4, convnext_tiny, ...), timm/<name>, or attention (default: resnet18)."),
@@ -141,13 +141,32 @@ class EpochView:
         self._close_bar()
 
 
+def calibration_line(c: dict) -> str:
+    """One sentence: what was fitted, what is applied, and the ECE before and after what is applied."""
+    on = f"{c['photos']} validation photos"
+    if c.get("kept"):
+        return (f"calibration: T = {c['fitted']:.3g} fitted on {on} but not trusted ({c['kept'].split(': ', 1)[-1]}); "
+                f"T = 1 applied, expected calibration error {c['ece_before']:.4f} (unchanged)")
+    return (f"calibration: T = {c['temperature']:.3g} fitted on {on} and applied; expected calibration error "
+            f"{c['ece_before']:.4f} before, {c['ece_after']:.4f} after")
+
+
+def not_learned_caution(unlearned: dict, on: str) -> str | None:
+    from classify.metrics import not_learned_caution as caution
+
+    return caution(unlearned, on)
+
+
+def label_fixes_line(f: dict) -> str:
+    return (f"label fixes: {escape(f['file'])}: {f['fixes']} fix(es) on {f['photos']} photos changed the label of "
+            f"{f['changed']} photos of {f['people']} people (recorded in summary.json)")
+
+
 def _calibration_line(c: dict | None) -> None:
     if c:
-        console.print(f"calibration: temperature {c['temperature']:.3g} fitted on {c['photos']} validation photos; "
-                      f"expected calibration error {c['ece_before']:.4f} before, {c['ece_after']:.4f} after", highlight=False)
-        for why in (c.get("kept"), c.get("caution")):
-            if why:
-                warning(why)
+        console.print(calibration_line(c), highlight=False)
+        if c.get("caution"):
+            warning(c["caution"])
 
 
 def _train_summary(cfg, summary: dict, secs: float) -> None:
@@ -181,6 +200,12 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
                       f"{summary['dropped_near_boundary']} by --drop-ages-near)", highlight=False)
         console.print(f"run: {escape(cfg.out)}  (best.pt, last.pt, metrics.csv, val_predictions.csv, confusion.png)", highlight=False)
     _calibration_line(summary.get("calibration"))
+    if summary.get("label_fixes"):
+        console.print(label_fixes_line(summary["label_fixes"]), highlight=False)
+    v = summary.get("validation") or {}
+    caution = not_learned_caution({t: tuple(ab) for t, ab in (v.get("not_learned") or {}).items()}, v.get("on", ""))
+    if caution:
+        warning(caution)
     if summary.get("warnings"):  # said in full when they arose; the summary points back at them
         console.print(f"[yellow]{len(summary['warnings'])} warning(s)[/] above (also in summary.json): "
                       + escape("; ".join(w.split(":")[0] for w in summary["warnings"])), highlight=False, soft_wrap=True)

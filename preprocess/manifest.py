@@ -132,15 +132,27 @@ def manifest_digest(crops: Path) -> str:
 
 
 def packed_crops(crops: Path) -> Path | None:
-    """crops.npy if it was packed from the current manifest, else None (callers then decode the JPEGs)."""
+    """crops.npy if it was packed from the current manifest and crop files, else None (callers then
+    decode the JPEGs). A crop edited after packing (its size or mtime changed) voids the pack: the
+    torch backend reads the pack, the ONNX backend the JPEGs, and both must see the same pixels."""
     target, stamp_file = Path(crops) / PACKED, Path(crops) / (PACKED + ".json")
     if not (target.is_file() and stamp_file.is_file()):
         return None
     try:
-        ok = json.loads(stamp_file.read_text()).get("manifest_sha256") == manifest_digest(crops)
-    except (OSError, ValueError):
+        info = json.loads(stamp_file.read_text())
+        if info.get("manifest_sha256") != manifest_digest(crops):
+            return None
+        with open(Path(crops) / MANIFEST, newline="") as f:
+            names = [r["crop"] for r in csv.DictReader(f)]
+        ok = info.get("stamp") == _crop_stamp(Path(crops), names)
+    except (OSError, ValueError, KeyError):
         return None
     return target if ok else None
+
+
+def _crop_stamp(out: Path, names: list[str]) -> str:
+    """The crop files as packed: each one's name, size and mtime."""
+    return hashlib.sha256(json.dumps([(n, fingerprint(out / n)) for n in names]).encode()).hexdigest()
 
 
 def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
@@ -148,7 +160,7 @@ def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
 
     Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
     Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
-    stamp = hashlib.sha256(json.dumps([(r["crop"], fingerprint(out / r["crop"])) for r in rows]).encode()).hexdigest()
+    stamp = _crop_stamp(out, [r["crop"] for r in rows])
     target, stamp_file = out / PACKED, out / (PACKED + ".json")
     info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
     if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == info:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
 import classify.inference.evaluate  # noqa: E402,F401
-import classify.inference.predict  # noqa: E402,F401
+import classify.inference.torch_backend  # noqa: E402,F401
 import classify.inference.pseudo  # noqa: E402,F401
 import classify.study.report  # noqa: E402,F401
 import classify.training.train  # noqa: E402,F401

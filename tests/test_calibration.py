@@ -12,7 +12,7 @@ from classify.inference.calibration import apply_temperature, calibrate, ece
 from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.training.config import TrainConfig
 from classify.metrics import scores
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.train import fit
 from classify.inference.card import card_of
 from tests.conftest import SAMPLES, make_crops
@@ -98,7 +98,7 @@ def test_the_review_list_holds_exactly_the_unsure_photos_least_sure_first_with_t
 def test_gradcam_maps_have_the_crops_shape_vary_and_differ_per_task(run):
     pytest.importorskip("pytorch_grad_cam")
     from classify.study.explain import cam_layer, task_maps
-    from classify.inference.predict import load_model
+    from classify.inference.torch_backend import load_model
 
     crops, r = run
     model = load_model(load_checkpoint(r / "best.pt"), torch.device("cpu"))
@@ -124,6 +124,23 @@ def test_gradcam_maps_have_the_crops_shape_vary_and_differ_per_task(run):
     assert not np.allclose(maps["mask"], maps["gender"], atol=1e-3) and not np.allclose(maps["gender"], maps["age"], atol=1e-3)
 
 
+def test_a_model_with_no_evidence_gets_flat_maps_marked_as_such(run, tmp_path):
+    """Issue 34, item 5: 7 of 9 maps of a weak model were all zero and shown like any other map."""
+    pytest.importorskip("pytorch_grad_cam")
+    from classify.study.explain import explain_crops, flat_maps
+    from preprocess.manifest import read_manifest
+
+    crops, r = run
+    ckpt = load_checkpoint(r / "best.pt")
+    dead = {k: (torch.zeros_like(v) if "head" in k and k.endswith("weight") else v)
+            for k, v in ckpt["model_state"].items()}  # every head answers 0 for every photo: no evidence
+    rows = read_manifest(crops)[:3]
+    _, table = explain_crops(ckpt | {"model_state": dead}, crops, rows, tmp_path / "dead", "dead")
+    assert flat_maps(table) == (9, 9)
+    _, table = explain_crops(ckpt, crops, rows, tmp_path / "alive", "alive")
+    assert flat_maps(table)[0] < 9
+
+
 @pytest.mark.slow
 def test_explain_draws_each_photos_task_maps(sample_crops, tmp_path, cli_run):
     pytest.importorskip("pytorch_grad_cam")
@@ -137,5 +154,9 @@ def test_explain_draws_each_photos_task_maps(sample_crops, tmp_path, cli_run):
     with open(tmp_path / "ex" / "gradcam.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["image_id"], r["task"]) for r in rows] == [(str(p), t) for p in photos for t in ("mask", "gender", "age")]
-    assert all(0 <= float(r["lower_face_share"]) <= float(r["face_share"]) <= 1 for r in rows)
+    drawn = [r for r in rows if r["flat"] == "0"]  # a flat map has no shares: it shows nothing
+    assert all(0 <= float(r["lower_face_share"]) <= float(r["face_share"]) <= 1 for r in drawn)
+    assert all(r["lower_face_share"] == r["face_share"] == "" for r in rows if r["flat"] == "1")
+    flat = len(rows) - len(drawn)
+    assert (f"{flat} of {len(rows)} Grad-CAM maps are flat" in res.stderr) == (flat > 0), res.stderr
     assert (tmp_path / "ex" / "gradcam.png").stat().st_size > 10_000

@@ -7,7 +7,7 @@ import torch
 from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.errors import CheckpointError
 from classify.models.nets import create_model
-from classify.inference.predict import load_model
+from classify.inference.torch_backend import load_model
 
 
 def test_round_trip_restores_model_and_description(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from preprocess import CropConfig, crop_dataset
 from preprocess.imageio import read_crop
 from tests.conftest import photo, save_rgb

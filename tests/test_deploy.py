@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from classify.training.config import TrainConfig
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.train import fit
 from tests.conftest import REPO, SAMPLES, make_crops
 
@@ -45,7 +45,7 @@ def test_export_gives_the_checkpoints_classes_and_probabilities(tmp_path, model,
     from classify.inference.onnx_model import OnnxModel
 
     from classify.checkpoint import load_checkpoint
-    from classify.inference.predict import checkpoint_paths
+    from classify.inference.torch_backend import checkpoint_paths
 
     exported = OnnxModel(tmp_path / "m.onnx")
     meta = exported.meta

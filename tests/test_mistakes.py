@@ -69,7 +69,7 @@ MISTAKES = [
     ("crop {w}/raw --out {w}/out/c --workers -1", "--workers -1: must be >= 1"),
     ("crop {w}/raw --out {w}/out/c --min-face 3", "--min-face 3.0: must be in (0, 1]"),
     ("crop {w}/download --out {w}/out/c", "is the competition download (it holds train/ and eval/): crop"),
-    ("crop {w}/raw --out {w}/out/c --prior {w}/out", "neither a crops folder (no crops.json) nor a run folder"),
+    ("crop {w}/raw --out {w}/out/c --prior {w}/out", "neither a crops folder (no crops.json) nor a model"),
     ("crop {w}/raw --out {w}/out/c --prior {w}/model.json", "is text (JSON?), not a PyTorch file"),
     ("train {w}/crops --out {w}/out/r --synth-mask 1.5", "--synth-mask 1.5: must be in [0, 1] (a probability)"),
     ("train {w}/crops --out {w}/out/r --mix hcutmix", "--mix 'hcutmix': choose one of none, cutmix, mixup, vcutmix"),

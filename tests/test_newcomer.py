@@ -167,15 +167,43 @@ def test_help_shows_every_default_and_no_type_for_flags():
 
 
 def test_ctrl_c_during_crop_says_it_was_interrupted_and_that_a_rerun_resumes(tmp_path):
+    """The real CLI in its own interpreter, interrupted for certain mid-crop: its second chunk's detection
+    marks that it has begun and waits (it was a race with the clock: on a busy machine the crop had finished
+    before the signal came)."""
     for p in range(30):
         make_person(tmp_path / "raw" / "images", f"{p:06d}_male_Asian_30")
-    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "crop", str(tmp_path / "raw"), "--out",
-                             str(tmp_path / "c"), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
-    deadline = time.time() + 120
-    while not list((tmp_path / "c").glob(".journal*.jsonl")) and time.time() < deadline:
-        time.sleep(0.2)  # working: its journal exists
+    marker = tmp_path / "mid-crop"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import preprocess.crop as C\n"
+            "real, calls, marker = C.detect_and_choose, [], sys.argv[2]\n"
+            "def held(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 2:\n"
+            "        open(marker, 'w').close()\n"
+            "        time.sleep(600)  # mid-crop until the signal\n"
+            "    return real(*a, **k)\n"
+            "C.detect_and_choose = held\n"
+            "sys.argv = ['maskcls'] + sys.argv[3:]\n"
+            "import cli; cli.app()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(marker), "crop", str(tmp_path / "raw"),
+                             "--out", str(tmp_path / "c"), "--device", "cpu", "--batch-size", "8", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate(timeout=60)[1][-2000:]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "interrupted: `maskcls crop` stopped" in " ".join(err.split()) and "rerun the same command" in err
+
+
+def test_version_and_every_help_in_an_80_column_terminal_cuts_no_word():
+    from importlib.metadata import version
+
+    assert _cli("--version", timeout=60).stdout.strip() == f"maskcls {version('maskcls')}"
+    for command in ("crop", "train", "predict", "pseudo-label", "evaluate", "report", "export", "serve", "explain",
+                    "tune", "compare", "audit"):
+        res = _cli(command, "--help", timeout=60, columns=80)
+        assert res.returncode == 0 and "…" not in res.stdout, (command, [x for x in res.stdout.splitlines() if "…" in x])
+    train = " ".join(_cli("train", "--help", timeout=60, columns=400).stdout.split())
+    assert "(required, unless --config names out)" in train

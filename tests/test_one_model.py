@@ -41,7 +41,7 @@ def test_the_out_of_fold_temperature_is_the_fit_of_the_folds_logits_recomputed_i
 
     from classify.inference.calibration import fit_temperature
     from classify.checkpoint import load_checkpoint
-    from classify.inference.predict import model_logits
+    from classify.inference.torch_backend import model_logits
 
     crops, run, summary = kfold
     z, y = [], []
@@ -85,7 +85,7 @@ def test_checkpoint_and_onnx_agree_on_probabilities_per_fold_temperature_and_nor
     from classify.checkpoint import load_checkpoint, save_checkpoint
     from classify.inference.predictor import predict as predict_onnx  # the one predict, given an .onnx
     from classify.deploy.export import export
-    from classify.inference.predict import predict
+    from classify.inference.predictor import predict
 
     crops, run, summary = kfold
     fitted = t == "fitted"
@@ -134,6 +134,7 @@ def test_a_served_answer_names_its_class_in_every_task_field():
     engine = Engine.__new__(Engine)
     engine.model = dataclasses.make_dataclass("M", [("old", int)])(60)
     engine.names = L.class_names(60)
+    engine.tasks = None  # the card's task names; None: rebuilt at old
     choice = dataclasses.make_dataclass("C", [("status", str), ("box", tuple), ("index", object)])("ok", (0, 0, 1, 1), None)
     ans = engine.describe(p, int(p.argmax()), choice, None)
     assert ans["name"] == engine.names[L.encode(0, 0, 0)] and "warning" not in ans

@@ -14,7 +14,7 @@ import pytest
 
 from classify.inference import rundir
 from classify.training.config import TrainConfig
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.train import fit
 from tests.conftest import REPO, make_crops
 
@@ -70,6 +70,28 @@ def test_a_killed_overwrite_leaves_the_old_run_intact(tmp_path):
     assert _tree(run) == before  # byte for byte: nothing of the new run got in, nothing of the old went
     fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, seed=1, **FAST), overwrite=True, warn=lambda m: None)
     assert not rundir.staging(run).exists() and _tree(run) != before
+
+
+def test_a_swap_killed_between_its_renames_rolls_forward_to_the_whole_new_run(tmp_path):
+    """Issue 34, item 9: the old run renamed away, the new one (whole: its summary.json written) not yet in
+    place. Recovery restored the old run and stranded the new one for the next --overwrite to delete; and
+    until a train ran, predict on RUN failed. Now the next reader finishes the swap."""
+    crops = make_crops(tmp_path / "c", people=12)
+    run, new = tmp_path / "r", tmp_path / "new"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, **FAST), warn=lambda m: None)
+    fit(TrainConfig(crops=str(crops), out=str(new), epochs=1, seed=1, **FAST), warn=lambda m: None)
+    want = predict([new], crops, None, device="cpu", workers=0).probs
+    run.rename(rundir.retired(run))  # swap_in's first rename, then the kill
+    new.rename(rundir.staging(run))
+    got = predict([run], crops, None, device="cpu", workers=0).probs  # predict on RUN: the new run
+    assert np.array_equal(got, want)
+    assert not rundir.retired(run).exists() and not rundir.staging(run).exists()
+    # a new run that was not finished (no summary.json) is not rolled forward: the old run comes back
+    old_tree = _tree(run)
+    run.rename(rundir.retired(run))
+    rundir.staging(run).mkdir()
+    (rundir.staging(run) / "best.pt").write_bytes(b"half")
+    assert "undid" in rundir.recover_swap(run) and _tree(run) == old_tree
 
 
 def test_a_kfold_resume_refuses_a_finished_fold_of_another_run(tmp_path):

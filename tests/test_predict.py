@@ -12,7 +12,7 @@ from classify.inference.card import ModelCard
 from classify.checkpoint import save_checkpoint
 from classify.errors import CheckpointError
 from classify.models.nets import create_model, model_kwargs, register_model
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.train import TrainConfig, fit
 from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from preprocess import CropConfig
@@ -100,7 +100,7 @@ def test_tta_changes_nothing_for_a_flip_symmetric_model_and_averages_views_other
     tta = predict([res], eval_raw, tta=2, **kw).probs
     assert not np.allclose(plain.probs, tta, atol=1e-6)
     from classify.checkpoint import load_checkpoint
-    from classify.inference.predict import load_model
+    from classify.inference.torch_backend import load_model
     from classify.data.transforms import build_transform, normalize
     from preprocess.imageio import read_crop
     model = load_model(load_checkpoint(res), torch.device("cpu"))

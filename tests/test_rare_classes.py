@@ -9,7 +9,7 @@ import torch
 from classify.checkpoint import load_checkpoint
 from classify.data.dataset import CropDataset
 from classify.data.masks import face_box, synthesize
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.inference.pseudo import pseudo_label
 from classify.training.config import TrainConfig
 from classify.data.dataset import prepare_data

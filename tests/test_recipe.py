@@ -15,7 +15,7 @@ import torch
 
 from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.config import TrainConfig, resume_config
 from classify.data.dataset import boundary_distance, prepare_data
 from classify.training.schedule import create_optimizer, create_scheduler
@@ -231,7 +231,7 @@ def test_the_weights_normalisation_is_stored_and_used_by_predict(crops, tmp_path
     from classify.data.dataset import CropDataset, load_rows
     from classify.inference.answer import model_probs
     from classify.inference.engine import infer, make_loader
-    from classify.inference.predict import load_model
+    from classify.inference.torch_backend import load_model
     from classify.data.transforms import build_transform
 
     _fit(crops, tmp_path / "r", model="timm/test_convnext.r160_in1k", epochs=1, img_size=56)  # enlarged: interpolation matters

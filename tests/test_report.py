@@ -3,6 +3,7 @@ import csv
 import re
 
 import numpy as np
+import pytest
 
 from classify.study.report import report
 from classify.training.train import TrainConfig, fit
@@ -87,3 +88,28 @@ def test_report_numbers_match_the_manifest_and_the_run(tmp_path, fake_detector):
     for name in re.findall(r"href='([^']+\.csv)'", page):
         assert (out / name).is_file()
     assert "<img src='confusion_mask.png'" in page and "href='confusion_mask.csv'" in page
+
+
+def test_report_takes_a_kfold_run_folder_as_predict_and_compare_do(tmp_path):
+    """Issue 34, item 7: `report CROPS RUN` refused a k-fold run ("give one fold")."""
+    import csv
+
+    import numpy as np
+
+    from classify.training.config import TrainConfig
+    from classify.training.train import fit
+    from classify.study.report import report
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=12, size=16)
+    summary = fit(TrainConfig(crops=str(crops), out=str(tmp_path / "k"), model="resnet18", img_size=32, epochs=1,
+                              folds=2, fold="all", workers=0, weights="none", device="cpu", preset="none"),
+                  warn=lambda m: None)
+    index = report(crops, tmp_path / "rep", run=tmp_path / "k")
+    with open(tmp_path / "rep" / "confusion.csv", newline="") as f:
+        cm = np.array([[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]])
+    assert cm.sum() == summary["oof_photos"] == 12 * 7  # every person once, out of fold
+    (curve,) = _csv(tmp_path / "rep" / "curves.csv")  # one epoch: the folds' mean
+    folds = [float(_csv(tmp_path / "k" / f"fold{k}" / "metrics.csv")[0]["val_f1"]) for k in range(2)]
+    assert float(curve["val_f1"]) == pytest.approx(np.mean(folds))
+    assert index.is_file() and "calibration.png" in index.read_text()

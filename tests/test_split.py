@@ -85,7 +85,10 @@ def test_a_label_fix_of_an_id_without_folder_applies_once():
     with tempfile.TemporaryDirectory() as d:
         fixes = Path(d) / "f.csv"
         fixes.write_text("image_id,field,value\na.jpg,age,65\n")
-        assert apply_label_fixes(rows, fixes, old=60) == 1
+        done = apply_label_fixes(rows, fixes, old=60)
+        assert (done["fixes"], done["photos"], done["changed"], done["people"]) == (1, 1, 1, 1)
+        fixes.write_text("image_id,field,value\na.jpg,age,70\n")  # the same group: no label changes
+        assert apply_label_fixes(rows, fixes, old=60)["changed"] == 0
     assert rows[0]["age_group"] == 2 and rows[0]["label"] == 2
 
 

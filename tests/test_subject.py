@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from classify.checkpoint import load_checkpoint
-from classify.inference.predict import predict
+from classify.inference.predictor import predict
 from classify.training.train import TrainConfig, fit
 from preprocess import CropConfig, crop_dataset
 from preprocess.manifest import read_manifest, read_meta
@@ -106,6 +106,15 @@ def test_the_training_prior_is_saved_and_predict_crops_lone_photos_with_it(tmp_p
     assert (row["x1"], row["y1"], row["x2"], row["y2"]) == pytest.approx(CORNER, abs=1)
     assert row["status"] == "ok" and "not the larger" in row["reason"]
     assert read_meta(tmp_path / "cache")["prior_used"] == read_meta(crops)["prior"]
+    # `maskcls crop EVAL --prior X` (issue 34, item 1: it refused every checkpoint with a card): a run
+    # folder, its best.pt and the training crops folder give the prior predict used, and the same box
+    from classify.inference.cropping import prior_of
+
+    for k, given in enumerate((run, run / "best.pt", crops)):
+        prior = prior_of(given)
+        assert prior.to_dict() == read_meta(crops)["prior"]
+        (mine,) = crop_dataset(ev, tmp_path / f"prior{k}", CFG, detector=fake_detector, prior=prior).rows
+        assert (mine["x1"], mine["y1"], mine["x2"], mine["y2"]) == (row["x1"], row["y1"], row["x2"], row["y2"])
 
 
 def test_serve_crops_an_upload_with_the_models_learned_prior(tmp_path, fake_detector):

@@ -1,14 +1,16 @@
-"""The eval transform without albumentations gives albumentations' pixels, and the ONNX predict path
-imports neither torch nor albumentations.pytorch, and opens no socket, with both installed."""
+"""The eval transform and the `base` training transform without albumentations give albumentations'
+pixels, and the ONNX predict path imports neither torch nor albumentations.pytorch, and opens no
+socket, with both installed."""
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from classify.data.transforms import INTERPOLATIONS, build_transform
+from classify.data.transforms import INTERPOLATIONS, CropFlip, build_transform
 
 from .conftest import REPO, SAMPLES
 
@@ -22,6 +24,41 @@ def test_the_eval_transform_gives_albumentations_resize_pixels(shape, interpolat
     want = A.Compose([A.Resize(64, 64, interpolation=INTERPOLATIONS[interpolation], area_for_downscale="image")])
     got = build_transform("base", 64, train=False, interpolation=interpolation)(image=img)["image"]
     assert got.dtype == np.uint8 and np.array_equal(got, want(image=img)["image"])
+
+
+@pytest.mark.parametrize("shape,size", [((256, 256), 224), ((160, 160), 128), ((200, 150), 96), ((64, 64), 112),
+                                        ((40, 300), 32)])
+@pytest.mark.parametrize("interpolation", list(INTERPOLATIONS))
+def test_the_base_training_transform_is_albumentations_crop_and_flip_pixel_for_pixel(shape, size, interpolation):
+    """CropFlip replaces A.Compose([RandomResizedCrop, HorizontalFlip]) for speed: under the same per-sample seed
+    it must draw the same box and flip and give the same pixels (a changed draw order, rounding or crop origin
+    would move the augmentation, and with it the accuracy measured in BENCHMARKS §5). (40, 300) is too thin for
+    any draw to fit: the central fallback."""
+    import albumentations as A
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ref = A.Compose([A.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(0.85, 1.18),
+                                         interpolation=INTERPOLATIONS[interpolation]), A.HorizontalFlip(p=0.5)])
+    ours = build_transform("base", size, train=True, interpolation=interpolation)
+    assert isinstance(ours, CropFlip)
+    flips = 0
+    seen = set()
+    for seed in range(150):
+        ref.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        ours.set_seed(seed)
+        got, want = ours(image=img)["image"], ref(image=img)["image"]
+        assert got.shape == (size, size, 3) and got.dtype == np.uint8
+        assert np.array_equal(got, want), f"seed {seed}"
+        ours.set_seed(seed)  # the loader's path: straight to 3 x H x W planes, from a read-only input
+        ro = img.copy()
+        ro.flags.writeable = False
+        assert np.array_equal(ours.planes(ro), want.transpose(2, 0, 1)), f"planes, seed {seed}"
+        ours.set_seed(seed)
+        box = ours.box(*shape)
+        seen.add(box)
+        flips += ours._rng.random() < 0.5
+    assert len(seen) > (1 if shape != (40, 300) else 0)  # random boxes (one central box for the thin photo)
+    assert 40 < flips < 110  # about half flipped
 
 
 @pytest.mark.slow

@@ -238,7 +238,7 @@ def test_wce_counts_the_class_mix_that_synth_mask_makes(tmp_path):
 
 def test_kfold_gives_the_out_of_fold_score_of_the_last_epochs_too(crops, tmp_path):
     from classify.metrics import scores
-    from classify.inference.predict import predict
+    from classify.inference.predictor import predict
 
     summary = _fit(crops, tmp_path / "kf", folds=2, fold="all", epochs=2)
     assert "selected on that same fold" in summary["oof_note"]

@@ -113,3 +113,86 @@ def test_best_toml_comes_from_the_study_with_absolute_paths_and_a_given_option_i
     best = tomllib.loads((tmp_path / "s" / "best.toml").read_text())["train"]
     assert best["crops"] == str(rel.resolve()) and best["lr"] == 0.002
     assert best["dropout"] == res.best["params"]["dropout"] and best["epochs"] == 1 and best["model"] == "resnet18"
+
+
+def test_a_heartbeat_the_storage_refuses_is_said_once_and_the_beats_go_on(monkeypatch):
+    """Issue 34, item 10: the heartbeat thread died on the first storage error, so another process took the
+    still-running trial for a dead one."""
+    import time
+
+    import classify.study.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "HEARTBEAT_S", 0.02)
+    beats, said = [], []
+
+    class Store:
+        def record_heartbeat(self, trial_id):
+            beats.append(time.monotonic())
+            if len(beats) in (2, 3):
+                raise RuntimeError("server closed the connection unexpectedly")
+
+    trial = type("Trial", (), {"_trial_id": 7, "number": 3})()
+    with tune_mod._heartbeat(Store(), trial, said.append):
+        deadline = time.monotonic() + 5
+        while len(beats) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(beats) >= 6  # beating on after the refusals
+    assert len(said) == 1 and "trial 3: the study's storage refused a heartbeat (RuntimeError" in said[0]
+    n = len(beats)
+    time.sleep(0.1)
+    assert len(beats) == n  # and the beats stop with the trial
+
+
+def test_a_trial_another_process_failed_keeps_its_result_and_raises_nothing(tmp_path):
+    import json
+
+    import optuna
+
+    from classify.study.tune import _tell
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # "stale" elsewhere
+    (tmp_path / "trial-0").mkdir()
+    said = []
+    record = {"number": trial.number, "params": {"lr": 0.001}, "run": str(tmp_path / "trial-0"),
+              "state": "COMPLETE", "value": 0.81}
+    _tell(study, trial, record, tmp_path, said.append)
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    kept = json.loads((tmp_path / "trial-0" / "result.json").read_text())
+    assert kept["value"] == 0.81 and kept["recorded_as"] == "FAIL"
+    assert len(said) == 1 and "another process had already marked it FAIL" in said[0]
+    fresh = study.ask()  # and a running trial is told as usual
+    _tell(study, fresh, record | {"number": fresh.number, "value": 0.5}, tmp_path, said.append)
+    assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
+
+
+def test_a_study_of_diverging_trials_ends_by_itself_every_trial_failed(crops, tmp_path, cli_run):
+    """Real training at --lr 1e6: each trial stops at its divergence (FAIL, with the reason), and the study
+    stops after MAX_FAILED_IN_A_ROW of them with one error line, no traceback."""
+    res = cli_run("tune", crops, "--out", tmp_path / "s", "--trials", "5", "--lr", "1e6", "--epochs", "1",
+                  "--img-size", "32", "--workers", "0", "--weights", "none", "--device", "cpu", "--preset", "none",
+                  "--model", "resnet18", timeout=600)
+    out = res.stdout + res.stderr
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and "3 trials in a row failed" in errors[0], out[-3000:]
+    assert "diverged" in errors[0] and "Traceback" not in out
+    rows = _trials(tmp_path / "s")
+    assert [r["state"] for r in rows] == ["FAIL"] * 3 and all("diverged" in r["note"] for r in rows)
+
+
+def test_a_study_with_no_complete_trial_draws_no_figure_and_says_nothing_on_the_terminal(tmp_path, capfd):
+    """A study whose trials all failed (a diverged recipe): Optuna's history figure logged "[W ...] There are
+    no complete trials." onto the user's terminal."""
+    import optuna
+
+    from classify.study.tune_results import _figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    made = _figures(study, tmp_path)
+    out, err = capfd.readouterr()
+    assert "There are no complete trials" not in out + err and err.strip() == ""
+    assert [m[0] for m in made] == [None, None] and all("no trial has completed" in m[1] for m in made)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,23 +33,29 @@ LABEL_RANGES = {"mask": (0, 2), "gender": (0, 1), "age": (0, 120)}
 
 
 def load_rows(crops: Path, old: int = L.DEFAULT_OLD, label_fixes: Path | None = None,
-              statuses: tuple[str, ...] = TRAINABLE) -> tuple[list[dict], list[dict]]:
+              statuses: tuple[str, ...] = TRAINABLE, fixes: dict | None = None) -> tuple[list[dict], list[dict]]:
     """(all manifest rows, the rows to train/validate on). Each row keeps its manifest position in 'index'.
 
     Trainable: status in `statuses` (by default `manifest.TRAINABLE`: the fallbacks' crops still show
     the person, and dropping them would drop mostly masked faces, the ones MTCNN misses) and a known label.
+    `fixes`: a dict that receives what `label_fixes` did (`apply_label_fixes`'s counts).
     """
     rows = read_manifest(crops, old=old)
     for i, r in enumerate(rows):
         r["index"] = i
     if label_fixes:
-        apply_label_fixes(rows, Path(label_fixes), old)
+        done = apply_label_fixes(rows, Path(label_fixes), old)
+        if fixes is not None:
+            fixes.update(done)
     usable = [r for r in rows if r["status"] in statuses and r["label"] >= 0]
     return rows, usable
 
 
-def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
-    """Apply `image_id,field,value` corrections (field: gender, age, mask) in place; returns how many.
+def apply_label_fixes(rows: list[dict], path: Path, old: int) -> dict:
+    """Apply `image_id,field,value` corrections (field: gender, age, mask) in place; returns the counts
+    {'fixes': lines applied, 'photos': photos they named, 'changed': photos whose label (class at `old`)
+    changed, 'people': people among those, 'file': path}: a fix that names the value a photo already has
+    changes nothing, and says so by its count.
 
     A gender fix applies to the named photo; to fix a whole person, list each photo (or use
     `image_id` = the person folder name, e.g. `006359_female_Asian_18`, which matches all its photos).
@@ -62,7 +67,8 @@ def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
         by_id.setdefault(r["image_id"], []).append(r)
         if "/" in r["image_id"]:  # also reachable by its person folder (an eval id has none)
             by_id.setdefault(r["image_id"].split("/")[0], []).append(r)
-    bad, n = [], 0
+    before = {id(r): r["label"] for r in rows}
+    bad, n, touched = [], 0, {}
     for k, fx in enumerate(fixes, start=2):
         iid, field, value = (fx.get("image_id") or "").strip(), (fx.get("field") or "").strip(), (fx.get("value") or "").strip()
         targets = by_id.get(iid)
@@ -82,16 +88,19 @@ def apply_label_fixes(rows: list[dict], path: Path, old: int) -> int:
             r[field] = v
             r["age_group"] = L.age_group(r["age"], old)
             r["label"] = L.encode(r["mask"], r["gender"], r["age_group"])
-            n += 1
+            touched[id(r)] = r
+        n += 1
     if bad:
         raise ConfigError(f"--label-fixes {path}: {len(bad)} fix(es) name no photo or field, or give a value out of "
                           f"range (fields: mask 0..2, gender 0/1 or male/female, age 0..120): " + "; ".join(bad[:20]))
-    return n
+    changed = [r for k, r in touched.items() if before[k] != r["label"]]
+    return {"file": str(path), "fixes": n, "photos": len(touched), "changed": len(changed),
+            "people": len({person_key(r) for r in changed})}
 
 
 def person_key(r: dict) -> str:
     """The unit of a split: the person id, or the photo itself when the data set has no person ids."""
-    return r["person_id"] or f"photo:{r['image_id']}"
+    return r.get("person_id") or f"photo:{r['image_id']}"
 
 
 def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, folds: int = 0, fold: int = 0,
@@ -167,29 +176,34 @@ class CropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def image(self, i: int) -> np.ndarray:
+    def image(self, i: int, copy: bool = True) -> np.ndarray:
+        """Row i's crop, H x W x 3 uint8; with copy=False possibly a read-only view of crops.npy."""
         r = self.rows[i]
         if r.get("root") is not None:  # a row of another crops folder (train --extra)
             return read_crop(Path(r["root"]) / r["crop"])
         if self._packed_path is not None:
             if self._packed is None:  # opened lazily: each DataLoader worker maps it itself
-                self._packed = np.load(self._packed_path, mmap_mode="r")
-            return np.array(self._packed[r["index"]])
+                self._packed = np.load(self._packed_path, mmap_mode="r").view(np.ndarray)  # a plain view indexes faster
+            return np.array(self._packed[r["index"]]) if copy else self._packed[r["index"]]
         return read_crop(self.crops / r["crop"])
 
     def __getitem__(self, key):
         """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         s = _sample_seed(self.seed, epoch, self.rows[i]["index"])
-        img, label = self.image(i), self.labels[i]
-        if self.synth_mask and self.rows[i]["mask"] == 2 and self.rows[i].get("landmarks"):
+        label = self.labels[i]
+        synth = self.synth_mask and self.rows[i]["mask"] == 2 and self.rows[i].get("landmarks")
+        # a view of crops.npy where nothing writes it: the OpenCV transforms only read their input
+        img = self.image(i, copy=bool(synth) or not getattr(self.transform, "reads_only", False))
+        if synth:
             rng = np.random.default_rng([s, 1])
             if rng.random() < self.synth_mask:
                 img, new = synthesize(img, self.rows[i]["landmarks"], int(label), rng)
                 label = torch.tensor(new)
-        self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
-        x = torch.from_numpy(channels_first(self.transform(image=img)["image"]))
-        return x, label, self.rows[i]["index"]
+        self.transform.set_seed(s)
+        planes = getattr(self.transform, "planes", None)  # CropFlip: straight to the batch's layout
+        x = planes(img) if planes else channels_first(self.transform(image=img)["image"])
+        return torch.from_numpy(x), label, self.rows[i]["index"]
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -210,6 +224,7 @@ class Data:
     dropped_near_boundary: int    # training photos left out by --drop-ages-near
     extra: int = 0                # training photos from --extra folders (the last ones of train_rows)
     warnings: list[str] = field(default_factory=list)
+    label_fixes: dict | None = None  # --label-fixes: what it changed (apply_label_fixes)
 
 
 def boundary_distance(age: int, old: int) -> int:
@@ -223,7 +238,8 @@ def prepare_data(cfg) -> Data:
     """Manifest rows → person-level split (stratified at --val-old) → training rows labelled at --old
     (less --drop-ages-near), validation labels at --val-old, then the --extra folders' rows."""
     crops = Path(cfg.crops)
-    rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None)
+    fixes: dict = {}
+    rows, usable = load_rows(crops, cfg.old, Path(cfg.label_fixes) if cfg.label_fixes else None, fixes=fixes)
     if not usable:
         raise ConfigError(f"{crops}/manifest.csv has no photo with a known label and a usable crop")
     # Split on the labels as cropped: a run with --label-fixes validates on the same people as one without,
@@ -245,7 +261,7 @@ def prepare_data(cfg) -> Data:
     val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
     warnings: list[str] = []
     extra = extra_rows(cfg, rows, warnings, split)
-    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings)
+    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings, fixes or None)
 
 
 def people_of(rows: list[dict]) -> int:

@@ -32,7 +32,8 @@ from classify.inference import rundir
 from classify.checkpoint import load_checkpoint
 from classify.errors import CheckpointError, ConfigError
 from classify.inference.onnx_model import FORMAT, VERSION, OnnxModel, batches
-from classify.inference.predict import check_ensemble, checkpoint_paths, load_model
+from classify.inference.torch_backend import check_ensemble, checkpoint_paths, load_model
+from classify.data.transforms import normalize_factors
 from classify.inference.card import ModelCard, card_of
 
 
@@ -42,13 +43,13 @@ class Deployable(nn.Module):
     def __init__(self, models: list[nn.Module], specs: list[ModelCard]):
         super().__init__()
         self.models = nn.ModuleList(models)
-        k = len(models)
-        self.register_buffer("mean", torch.tensor([s.mean for s in specs], dtype=torch.float32).view(k, 1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([s.std for s in specs], dtype=torch.float32).view(k, 1, 3, 1, 1))
+        factors = [normalize_factors(s.mean, s.std) for s in specs]  # what training's `normalize` applies
+        self.register_buffer("scale", torch.stack([f[0] for f in factors]))
+        self.register_buffer("shift", torch.stack([f[1] for f in factors]))
 
     def forward(self, crop: torch.Tensor) -> torch.Tensor:
-        x = crop.to(torch.float32) / 255.0
-        return torch.stack([model((x - self.mean[k]) / self.std[k])["label"] for k, model in enumerate(self.models)], 1)
+        x = crop.to(torch.float32)
+        return torch.stack([model(x * self.scale[k] - self.shift[k])["label"] for k, model in enumerate(self.models)], 1)
 
 
 @dataclass

@@ -43,6 +43,7 @@ MAX_FILES = 16
 WAIT_MS = 5
 MAX_PIXELS = 50_000_000      # decoded pixels in one request (a 131 KB PNG can decode to 119 MB)
 SERVER_PIXELS = 150_000_000  # decoded pixels held by all requests at once; past it: 503, Retry-After
+SERVER_BYTES_REQUESTS = 4      # request bodies buffered at once, in --max-bytes: past it a new body gets 503
 
 
 class TaskValue(BaseModel):
@@ -114,7 +115,8 @@ class Engine:
         self.detector = detector or build_detector(crop.get("detector", {}), "cpu", self.config.batch_size)
         self.prior = Prior.from_dict(crop["prior"]) if crop.get("prior") else DEFAULT_PRIOR
         self.model = model
-        self.names = L.class_names(model.old)
+        self.names = list(model.cards[0].classes)  # the card's names: at the model's own `old`
+        self.tasks = model.cards[0].tasks
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         from preprocess.faces import crop_lone_photos
@@ -129,7 +131,7 @@ class Engine:
 
     def describe(self, p: np.ndarray, y: int, choice, cand) -> dict:
         """One photo's answer: its class, and the task fields of that very class (`answer.task_values`)."""
-        tasks = task_values(p, y, self.model.old)
+        tasks = task_values(p, y, self.model.old, self.tasks)
         mask = L.decode(y)[0]
         warning = {1: "the mask is worn incorrectly", 2: "no mask"}.get(mask)
         return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box],
@@ -268,8 +270,9 @@ def read_request(content_type: str, body: bytes, max_files: int, max_pixels: int
 
 
 class PixelBudget:
-    """Decoded pixels held by requests at once, across threads: a burst of large photos gets 503s instead
-    of swelling the server's memory."""
+    """Decoded pixels (or buffered body bytes) held by requests at once, across threads: a burst of large
+    photos gets 503s instead of swelling the server's memory. `used` is back at 0 once every request has
+    ended, whether it was answered, refused, failed or cancelled by its client."""
 
     def __init__(self, limit: int):
         import threading
@@ -296,6 +299,7 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
 
     batcher = Batcher(Engine(model, detector), wait_ms)
     budget = PixelBudget(max(server_pixels, max_pixels))
+    body_budget = PixelBudget(SERVER_BYTES_REQUESTS * max_bytes)
     log = logging.getLogger("maskcls.serve")
 
     async def lifespan(app):
@@ -305,6 +309,7 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
 
     app = FastAPI(title="maskcls", lifespan=lifespan, docs_url=None, redoc_url=None,  # docs pages load a CDN
                   openapi_url="/openapi.json")
+    app.state.pixels, app.state.body_bytes, app.state.batcher = budget, body_budget, batcher  # for tests and probes
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # 404, 405: JSON like every other error
@@ -325,11 +330,15 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
     @app.post("/predict", openapi_extra=_upload_body(max_files),
               responses={200: {"model": Predictions}} | {k: {"model": Error, "description": v} for k, v in _ERRORS.items()})
     async def predict(request: Request):
-        t0, photos, status = time.perf_counter(), 0, 200
+        t0, photos, status, body_held = time.perf_counter(), 0, 200, [0]
         try:
-            body = await _read_body(request, max_bytes)
-            files, images, held = await asyncio.get_running_loop().run_in_executor(
-                None, read_request, request.headers.get("content-type", ""), body, max_files, max_pixels, budget)
+            try:
+                body = await _read_body(request, max_bytes, body_budget, body_held)
+                files, images, held = await _decoded(request.headers.get("content-type", ""), body, max_files,
+                                                     max_pixels, budget)
+            finally:
+                body_budget.release(body_held[0])  # the body is parsed (or refused): its bytes are not held
+                body = None
             photos = len(files)
             try:
                 results = await batcher.submit(images)
@@ -352,15 +361,42 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
     return app
 
 
-async def _read_body(request, max_bytes: int) -> bytes:
+async def _decoded(content_type: str, body: bytes, max_files: int, max_pixels: int, budget: PixelBudget):
+    """read_request in a worker thread. A client that goes away while its photos decode cancels this
+    coroutine, not the thread: the thread's pixels are then given back when it ends, so the budget
+    cannot leak (it did: 503s for good)."""
+    fut = asyncio.get_running_loop().run_in_executor(None, read_request, content_type, body, max_files, max_pixels,
+                                                     budget)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_give_back(budget))
+        raise
+
+
+def _give_back(budget: PixelBudget):
+    def done(f) -> None:
+        if not f.cancelled() and f.exception() is None:
+            budget.release(f.result()[2])
+    return done
+
+
+async def _read_body(request, max_bytes: int, budget: PixelBudget | None = None, held: list | None = None) -> bytes:
+    """The body, at most `max_bytes`; its bytes are taken from `budget` as they arrive (`held[0]` says how
+    many, for the caller to release), so a burst of bodies gets 503s before it is buffered."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise BadRequest(413, f"the request is {int(declared)} bytes, over the {max_bytes}-byte limit (--max-bytes)")
+    held = held if held is not None else [0]
     chunks, n = [], 0
     async for chunk in request.stream():
         n += len(chunk)
         if n > max_bytes:
             raise BadRequest(413, f"the request is over the {max_bytes}-byte limit (--max-bytes)")
+        if budget is not None:
+            if not budget.take(len(chunk)):
+                raise BadRequest(503, "the server is busy receiving other uploads; retry in a second")
+            held[0] += len(chunk)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -26,9 +26,21 @@ VOTES = ("soft", "hard")
 
 @dataclass
 class Answer:
-    scores: np.ndarray   # N x 18: the mean probability (hard vote: the share of models voting for each class)
-    labels: np.ndarray   # N classes
+    scores: np.ndarray   # N x 18: the models' mean probability, whatever the vote (never a vote share)
+    labels: np.ndarray   # N classes (the vote's)
     probs: np.ndarray    # M x N x 18: each model's probabilities
+    votes: np.ndarray | None = None  # hard vote: N x 18, the share of models voting for each class
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """N: the mean probability of each photo's own class (its label's, not the vote's share)."""
+        return class_probability(self.scores, self.labels)
+
+
+def class_probability(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """N: each row's probability of its own class `labels` (scores N x 18): what every threshold reads."""
+    labels = np.asarray(labels, dtype=int)
+    return np.asarray(scores)[np.arange(len(labels)), labels] if len(labels) else np.zeros(0)
 
 
 def model_probs(views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -52,8 +64,8 @@ def answer(logits: list[np.ndarray], temperatures: list[float], calibrate: bool 
     if len(logits) != len(temperatures):
         raise ValueError(f"{len(logits)} models but {len(temperatures)} temperatures")
     probs = np.stack([model_probs(z, t if calibrate else 1.0) for z, t in zip(logits, temperatures)])
-    scores, labels = combine(probs, vote)
-    return Answer(scores, labels, probs)
+    scores, labels, votes = combine(probs, vote)
+    return Answer(scores, labels, probs, votes)
 
 
 def check_vote(vote: str) -> None:
@@ -61,20 +73,22 @@ def check_vote(vote: str) -> None:
         raise ConfigError(f"--vote {vote!r}: choose soft or hard")
 
 
-def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
-    """M x N x 18 → (scores N x 18, labels N). soft: the mean probability and its top class. hard:
-    the share of models voting for each class, and the majority; a tie goes to the tied class with
-    the highest mean probability."""
+def combine(probs: np.ndarray, vote: str = "soft") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """M x N x 18 → (mean probability N x 18, labels N, vote shares N x 18 or None). soft: the top class
+    of the mean. hard: the majority of the models' top classes; a tie goes to the tied class with the
+    highest mean probability. The shares are a count of models, not a probability (one model's share is
+    1.0 for every photo): thresholds read the mean probability of the voted class, `Answer.confidence`."""
     check_vote(vote)
+    probs = np.asarray(probs, dtype=np.float64)
     mean = probs.mean(0)
     if vote == "soft":
-        return mean, mean.argmax(1)
+        return mean, mean.argmax(1), None
     votes = np.zeros_like(mean)
     for top in probs.argmax(2):
         votes[np.arange(len(top)), top] += 1
     tied = votes == votes.max(1, keepdims=True)
     labels = np.where(tied, mean, -1.0).argmax(1)
-    return votes / len(probs), labels
+    return mean, labels, votes / len(probs)
 
 
 def task_marginals(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -85,14 +99,15 @@ def task_marginals(probs: np.ndarray) -> dict[str, np.ndarray]:
             for (task, names), part in zip(L.TASKS.items(), L.task_parts(np.arange(L.NUM_CLASSES)))}
 
 
-def task_values(scores: np.ndarray, label: int, old: int = L.DEFAULT_OLD) -> dict:
+def task_values(scores: np.ndarray, label: int, old: int = L.DEFAULT_OLD, tasks: dict | None = None) -> dict:
     """Per task, the part of class `label` (mask, gender, age group) and its marginal probability under
     `scores` (18): {'mask': {'label': 'wear', 'prob': 0.34}, ...}. The labels are the class's own, so a
     served answer's task fields can never name another class than its `class` (a marginal's argmax can:
-    .34 wear/m/<30, .33 incorrect/m/<30, .33 incorrect/f/<30 has class wear, marginal argmax incorrect)."""
+    .34 wear/m/<30, .33 incorrect/m/<30, .33 incorrect/f/<30 has class wear, marginal argmax incorrect). `tasks`: each task's names, from the
+    model's card (its `tasks`); without it they are rebuilt at `old`."""
     marginals = task_marginals(scores)
     out = {}
     for (task, names), part in zip(L.TASKS.items(), L.decode(int(label))):
-        names = L.age_names(old) if task == "age" else names
+        names = tasks[task] if tasks else (L.age_names(old) if task == "age" else names)
         out[task] = {"label": names[part], "prob": float(marginals[task][part])}
     return out

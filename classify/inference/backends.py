@@ -42,12 +42,20 @@ class Backend:
         """The device the detector runs on for raw photos: `auto` resolves in torch (cuda when there is one)."""
         return device
 
+    def check_options(self, tta: int = 1) -> None:
+        """Refuse options this backend cannot honour (open_backend does it when it opens one)."""
+
+    def trained_people(self) -> set[str] | None:
+        """The people (split.csv's person keys) any of the models trained on, or None where that is not
+        recorded (an exported model carries no split)."""
+        return None
+
 
 class TorchBackend(Backend):
     def __init__(self, models: list[Path], device: str = "auto", workers: int | None = None):
         from classify.checkpoint import load_checkpoint
         from classify.inference.card import card_of
-        from classify.inference.predict import check_ensemble, checkpoint_paths, describe_models
+        from classify.inference.torch_backend import check_ensemble, checkpoint_paths, describe_models
         from preprocess.runtime import resolve_device
 
         self.paths = checkpoint_paths(models)
@@ -58,8 +66,18 @@ class TorchBackend(Backend):
         self.device = resolve_device(device)
         self.workers = DEFAULT_WORKERS if workers is None else workers
 
+    def trained_people(self) -> set[str] | None:
+        from classify.inference.rundir import SPLIT, read_split
+
+        seen = set()
+        for p in self.paths:
+            if not (p.parent / SPLIT).is_file():
+                return None
+            seen |= {k for k, v in read_split(p.parent).items() if v in ("train", "extra")}
+        return seen
+
     def logits(self, crops: Path, rows: list[dict], tta: int = 1, batch_size: int = 64) -> list[np.ndarray]:
-        from classify.inference.predict import model_logits
+        from classify.inference.torch_backend import model_logits
 
         return model_logits(self.ckpts, Path(crops), rows, self.device, tta, batch_size, self.workers)
 
@@ -79,6 +97,9 @@ class OnnxBackend(Backend):
 
     def crop_device(self, device: str) -> str:
         return "cpu" if device == "auto" else device  # resolving `auto` would import torch
+
+    def check_options(self, tta: int = 1) -> None:
+        _one_view(tta)
 
     def logits(self, crops: Path, rows: list[dict], tta: int = 1, batch_size: int = 64) -> list[np.ndarray]:
         _one_view(tta)

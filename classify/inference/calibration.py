@@ -6,8 +6,9 @@ mean probability, `answer.model_probs`): T > 1 softens an over-confident model, 
 under-confident one, and the top class never changes. T is fitted after training on the best epoch's validation
 logits (a k-fold run: the out-of-fold logits, read from each fold's binary val_logits.npz, never from a
 rounded CSV) by minimising their negative log-likelihood, in the very form it is applied: the torch and
-the ONNX path both hand logits to `answer`, so their probabilities agree. T is stored in the checkpoint
-(`temperature`) and applied by predict, evaluate, pseudo-label and serve (`--no-calibrate` skips it).
+the ONNX path both hand logits to `answer`, so their probabilities agree. T is stored in the model card's
+`calibration` (card.py; best.pt and the ONNX metadata carry the card) and applied by predict, evaluate,
+pseudo-label and serve (`--no-calibrate` skips it).
 A fit that lands on the edge of T_RANGE, or that makes the ECE worse, is not trusted: T stays 1 and the
 calibration record says why (`kept`). Numpy only.
 """
@@ -17,7 +18,18 @@ import math
 
 import numpy as np
 
+from classify.errors import CheckpointError
 from classify.metrics import few_people
+
+
+def check_finite(values: np.ndarray, what: str = "logits") -> None:
+    """Non-finite logits or probabilities (a diverged model) are refused: a temperature or an ECE of them
+    would be a number that means nothing (an ECE of NaN rows printed 0.0000)."""
+    bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
+    if bad.any():
+        rows = int(bad.reshape(len(bad), -1).any(axis=1).sum()) if bad.ndim > 1 else int(bad.sum())
+        raise CheckpointError(f"the model's {what} are not finite for {rows} of {len(bad)} photos (it diverged in "
+                              "training): no calibration or ECE can be made of them; train again with a lower --lr")
 
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)
@@ -48,6 +60,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, dtype=int)
     if len(y) == 0:
         return 1.0
+    check_finite(logits)
     lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
@@ -84,6 +97,7 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     n = len(y)
     if n == 0:
         return 0.0
+    check_finite(probs, "probabilities")
     return float(sum(b["photos"] / n * abs(b["accuracy"] - b["confidence"])
                      for b in reliability(probs, y, bins) if b["photos"]))
 
@@ -95,7 +109,7 @@ def calibrate(logits: np.ndarray, y: np.ndarray, fitted_on: str = "validation lo
     when the fit is not to be trusted (on an edge of T_RANGE: too few or too easy photos; or a worse ECE),
     with the reason in `kept`. `people`: how many people the photos show; too few gives a `caution`."""
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=int)
-    fitted = fit_temperature(logits, y)
+    fitted = fit_temperature(logits, y)  # refuses non-finite logits (check_finite)
     before, after = apply_temperature(logits), apply_temperature(logits, fitted)
     e0, e1 = ece(before, y), ece(after, y)
     kept = None

@@ -16,6 +16,7 @@ checkpoint dict in one place.
 | crop | the training crops' settings, face prior and key (crops.json): how predict crops raw photos |
 | calibration | the temperature (`temperature`) and how it was fitted (`fitted`, `fitted_on`, ECE, NLL) |
 | provenance | the weights it started from (and the note about them), the training crops folder |
+| validation | what its validation (a k-fold run: out of fold) said of it: the tasks it has not learned |
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from preprocess import labels as L
 
 from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from classify.errors import CheckpointError
 
 VERSION = 1
 
@@ -44,6 +46,7 @@ class ModelCard:
     calibration: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     classes: list = None
+    validation: dict = field(default_factory=dict)
     tasks: dict = None
     version: int = VERSION
 
@@ -72,6 +75,18 @@ class ModelCard:
     def calibrated(self, calibration: dict) -> "ModelCard":
         return replace(self, calibration=dict(calibration))
 
+    def validated(self, validation: dict) -> "ModelCard":
+        return replace(self, validation=dict(validation))
+
+    @property
+    def caution(self) -> str | None:
+        """The caution of a model that has not learned a task (metrics.not_learned_caution), or None."""
+        from classify.metrics import not_learned_caution
+
+        v = self.validation or {}
+        return not_learned_caution({t: tuple(ab) for t, ab in (v.get("not_learned") or {}).items()},
+                                   v.get("on", "validation"))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -85,12 +100,28 @@ def new_card(cfg, model_kwargs: dict, norm: dict, weights: str, note: str | None
                      {"weights": weights, "weights_note": note, "crops": str(cfg.crops)})
 
 
+def card_of_run(run) -> ModelCard:
+    """The card of a run folder's (or one fold's) best.pt; a k-fold run folder: its first fold's (the folds
+    share their crops, classes and temperature). Loads the checkpoint, so torch is imported here."""
+    from pathlib import Path
+
+    from classify.checkpoint import load_checkpoint
+    from classify.inference.rundir import BEST, fold_dirs
+
+    run = Path(run)
+    ckpt = run / BEST if (run / BEST).is_file() else next((f / BEST for f in fold_dirs(run)), run / BEST)
+    return card_of(load_checkpoint(ckpt))
+
+
 def card_of(obj: dict) -> ModelCard:
     """The card of a checkpoint, of an ONNX model's metadata entry, or a card dict; a checkpoint from
     before cards is read from its top-level keys (temperature 1 where it had none)."""
     if "card" in obj:
         obj = obj["card"]
     if "version" in obj and "name" in obj:  # a card dict
+        if not isinstance(obj["version"], int) or obj["version"] > VERSION:
+            raise CheckpointError(f"the model's card is of version {obj['version']!r}, newer than this maskcls reads "
+                                  f"({VERSION}): upgrade maskcls to use this model")
         known = set(ModelCard.__dataclass_fields__)
         return ModelCard(**{k: v for k, v in obj.items() if k in known})
     cfg = obj.get("config") or {}

@@ -51,6 +51,34 @@ def crops_for(source: Path, crop_meta: dict, cache: Path | None, device: str, de
     return cache, res.warnings
 
 
+def prior_of(path: Path) -> Prior:
+    """The face prior that `maskcls crop --prior PATH` and predict crop lone photos with: a training crops
+    folder's (its crops.json), or a model's (a checkpoint, a run folder, a k-fold run, an .onnx export:
+    read from its card, the prior its training crops learned)."""
+    from preprocess.layouts import LayoutError
+    from preprocess.manifest import META, read_meta
+
+    path = Path(path)
+    if path.is_dir() and (path / META).is_file():
+        meta, what = read_meta(path), f"{path}/{META}"
+    elif not path.exists():
+        raise LayoutError(f"--prior {path}: no such file or folder")
+    else:
+        from classify.inference.backends import open_backend  # the card, whichever backend holds it
+
+        try:
+            meta, what = open_backend([path], workers=None).card.crop, str(path)
+        except CheckpointError as e:
+            raise LayoutError(f"--prior {path}: neither a crops folder (no {META}) nor a model ({e})") from None
+    if not meta.get("prior"):
+        raise LayoutError(f"--prior {path}: {what} records no face prior (made before maskcls learned one): "
+                          "crop the training photos again, or leave --prior out for the built-in one")
+    try:
+        return Prior.from_dict(meta["prior"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LayoutError(f"--prior {path}: {what} holds a damaged face prior ({e}); crop the training photos again") from None
+
+
 def default_cache(source: Path, crop_meta: dict, detector: FaceDetector) -> Path:
     """~/.cache/maskcls/crops/<key>: one folder per (photos folder, crop settings, detector, face prior),
     so checkpoints trained on crops made otherwise never overwrite each other's crops."""

@@ -27,7 +27,7 @@ def evaluate(models: list[Path], crops: Path, tta: int = 1, device: str = "auto"
     photos of `crops` (the trainable statuses, `manifest.TRAINABLE`). Labels are taken at the models'
     `val_old` (60, the competition's boundary, unless training said otherwise), whatever `old` they were
     trained with: the score is the competition's."""
-    from classify.data.dataset import load_rows
+    from classify.data.dataset import load_rows, person_key
 
     check_infer_options(tta, batch_size, workers)
     check_device(device)
@@ -46,6 +46,15 @@ def evaluate(models: list[Path], crops: Path, tta: int = 1, device: str = "auto"
         plot_confusion(Path(confusion_png), cm, L.class_names(old),
                        f"{Path(crops).name}, {len(rows)} photos\n{', '.join(backend.names)}; tta {tta}, vote {vote}",
                        blocks=6)
-    return {"scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
+    warnings = []
+    seen = backend.trained_people()
+    if seen:
+        trained = [r for r in rows if person_key(r) in seen]
+        if trained:
+            warnings.append(f"{len(trained)} of {len(rows)} photos ({len({person_key(r) for r in trained})} people) show "
+                            "people the model trained on (its split.csv): this score measures memory, not new people; "
+                            "evaluate on people it never saw (a single run's validation people are in split.csv; a "
+                            "k-fold run's honest score is its out-of-fold one, in summary.json)")
+    return {"warnings": warnings, "scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": backend.names,
             "ece_before": ece(before, y), "ece_after": ece(after, y), "temperatures": temps}

@@ -4,7 +4,7 @@
 One path for both backends (backends.py): raw photos are cropped with the settings and face prior the
 training crops were made with (`cropping.crops_for`, cached like `crop`), the backend returns each
 model's logits for the crops (its own eval transform and normalisation), and `answer.answer` turns them
-into probabilities and classes (temperature per view, TTA mean, soft or hard vote). Validation during
+into probabilities and classes (the views' mean probability, then the temperature, then a soft or hard vote). Validation during
 training used the same dataset class, eval transform and `engine.infer`, so the validation score is the
 score of this code path. This module imports no torch: an exported model predicts without it.
 """
@@ -35,7 +35,7 @@ def check_infer_options(tta: int, batch_size: int, workers: int | None) -> None:
 def predict(models: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
             cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int | None = None,
             detector=None, on_progress=None, vote: str = "soft", calibrate: bool = True,
-            review: Path | None = None, below: float = 0.5) -> Prediction:
+            review: Path | None = None, below: float = 0.5, backend=None) -> Prediction:
     """Predict every photo of `source` (an eval folder with info.csv, or a crops folder) and write the
     submission `ImageID,ans` in info.csv's (or the manifest's) order. `models`: checkpoints or run folders
     (a k-fold run folder stands for every fold's best.pt), or one exported .onnx. Several models are
@@ -44,13 +44,19 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
     >>> predict([Path("run/best.pt")], Path("data_samples/eval"), Path("submission.csv"), tta=2)
     >>> predict([Path("runs/kfold")], Path("eval"), Path("submission.csv"), vote="hard")
     >>> predict([Path("model.onnx")], Path("eval"), Path("submission.csv"))
+
+    `backend`: a model already opened (`backends.open_backend`, as `classify.load` holds one); `models` is
+    then ignored.
     """
     check_infer_options(tta, batch_size, workers)
     check_device(device)
     if not 0 < below <= 1:
         raise ConfigError(f"--below {below}: must be in (0, 1] (a probability)")
     check_vote(vote)
-    backend = open_backend(models, device, workers, tta)
+    if backend is None:
+        backend = open_backend(models, device, workers, tta)
+    else:
+        backend.check_options(tta)  # refused before any work, as open_backend refuses
     crop = backend.card.crop
     crops, warnings = crops_for(Path(source), crop, cache, backend.crop_device(device), detector, on_progress)
     given_key, trained_key = read_meta(crops).get("key"), crop.get("key")
@@ -58,6 +64,7 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
         warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
                         f"{trained_key}): predictions may be worse than validation said; pass the raw folder to "
                         "crop it the training way")
+    warnings += list(dict.fromkeys(c.caution for c in backend.cards if c.caution))  # a model that has not learned
     rows = read_manifest(crops)
     for i, r in enumerate(rows):
         r["index"] = i
@@ -65,5 +72,5 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
         raise LayoutError(f"{source} holds no photo to predict")
     ans = answer(backend.logits(crops, rows, tta, batch_size), backend.temperatures, calibrate, vote)
     return conclude(rows, ans.scores, ans.labels, crops, warnings, backend.card.old, backend.names, out, probs_out,
-                    review, below)
+                    review, below, ans.votes, list(backend.card.classes))
 

@@ -30,6 +30,7 @@ class PseudoResult:
     total: int                # photos predicted
     by_class: dict[int, int]  # kept photos per predicted class
     warnings: list[str]
+    classes: list[str]        # the model's 18 class names (its card's: at its own `old`)
 
 
 def representative_age(group: int, old: int) -> int:
@@ -50,7 +51,7 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     pred = predict(checkpoints, source, None, tta, cache=cache, device=device, batch_size=batch_size, workers=workers,
                    detector=detector, on_progress=on_progress, vote=vote, calibrate=calibrate)
     old = pred.old
-    top = pred.probs.max(1)
+    top = pred.confidence  # the voted class's mean probability: a vote share is no probability
     rows, by_class = [], {}
     for r, p, y in zip(pred.rows, top, pred.labels):
         if r["status"] not in TRAINABLE or p < min_prob:
@@ -69,4 +70,5 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
                    "tta": tta, "vote": vote, "old": old, "kept": len(rows), "predicted": len(pred.rows)}}
     meta.pop("counts", None)
     write_manifest(out, rows, meta)
-    return PseudoResult(out, len(rows), len(pred.rows), dict(sorted(by_class.items())), pred.warnings)
+    return PseudoResult(out, len(rows), len(pred.rows), dict(sorted(by_class.items())), pred.warnings,
+                        pred.classes)

@@ -15,7 +15,8 @@ RUN/ (one run, or one fold of a k-fold run in RUN/fold<k>/):
 | oof_predictions.csv | a k-fold run folder only: every fold's best-epoch validation predictions |
 
 The best epoch is the first epoch with the highest validation macro F1 (`best_record`). What a checkpoint
-says about its model is its card (card.py); `set_temperature` stores a fitted calibration in best.pt's card.
+says about its model is its card (card.py). Numpy only: the writers that load checkpoints (`swap_in`,
+`set_temperature`, `saved_config`) are training's, in training/runs.py.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import numpy as np
 from preprocess import labels as L
 from preprocess.imageio import atomic_write_bytes
 
-from classify.checkpoint import load_checkpoint
 from classify.errors import ConfigError
 
 CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.csv", "metrics.csv", "summary.json"
@@ -64,17 +64,6 @@ def read_summary(run: Path) -> dict:
 
 def write_summary(out: Path, summary: dict) -> None:
     write_json(Path(out) / SUMMARY, summary)
-
-
-def saved_config(out: Path) -> dict:
-    """The config of the run in `out`: from its last.pt, or (a k-fold run, or one stopped before its
-    first epoch ended) from its config.json."""
-    out = Path(out)
-    if (out / LAST).is_file():
-        return load_checkpoint(out / LAST)["config"]
-    if (out / CONFIG).is_file():
-        return read_config(out)
-    raise ConfigError(f"--resume: {out} holds no run (no last.pt or config.json); nothing to resume")
 
 
 def write_csv(path: Path, header: list[str], rows) -> None:
@@ -149,16 +138,6 @@ def read_val_logits(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return ids, np.log(np.clip(probs, 1e-12, 1.0)), y
 
 
-def set_temperature(run: Path, calibration: dict) -> None:
-    """Store a fitted temperature (and the calibration it came from) in the run's best.pt."""
-    from classify.checkpoint import save_checkpoint
-
-    from .card import card_of
-
-    ckpt = load_checkpoint(Path(run) / BEST)
-    save_checkpoint(Path(run) / BEST, ckpt | {"card": card_of(ckpt).calibrated(calibration).to_dict()})
-
-
 # -- k-fold -----------------------------------------------------------------------------------------
 
 def fold_dirs(run: Path) -> list[Path]:
@@ -179,7 +158,7 @@ def staging(out: Path) -> Path:
     return out.parent / f".{out.name}.overwrite"
 
 
-def _retired(out: Path) -> Path:
+def retired(out: Path) -> Path:
     return Path(out).parent / f".{Path(out).name}.replaced"
 
 
@@ -190,35 +169,22 @@ def clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def swap_in(new: Path, out: Path) -> None:
-    """Replace the run in `out` by the one trained in `new`: the recorded output folder is set to `out`
-    in every config.json and checkpoint, then two renames (the old run is removed last)."""
-    from classify.checkpoint import save_checkpoint
-
-    new, out = Path(new), Path(out)
-    for cfg_file in new.rglob(CONFIG):
-        c = read_json(cfg_file)
-        write_json(cfg_file, c | {"out": str(out / cfg_file.parent.relative_to(new))})
-    for ckpt_file in list(new.rglob("*.pt")):
-        ckpt = load_checkpoint(ckpt_file)
-        if isinstance(ckpt.get("config"), dict):
-            ckpt["config"] = ckpt["config"] | {"out": str(out / ckpt_file.parent.relative_to(new))}
-            save_checkpoint(ckpt_file, ckpt)
-    old = _retired(out)
-    clear(old)
-    out.rename(old)
-    new.rename(out)
-    clear(old)
-
-
-def recover_swap(out: Path) -> None:
-    """A swap killed between its two renames left no `out`: put the old run back (the new one is kept
-    aside under its staging name, and the next --overwrite clears it)."""
-    out, old = Path(out), _retired(out)
+def recover_swap(out: Path) -> str | None:
+    """Finish a swap (`train --overwrite`) killed between its two renames, which left no `out`: roll
+    forward to the new run when it is whole (its summary.json is written last), else put the old run back.
+    Train calls it before it looks at `out`, and every reader of a run folder before it reads one, so a
+    kill never leaves RUN missing for predict, evaluate or serve. Returns what it did, or None."""
+    out, old, new = Path(out), retired(out), staging(out)
     if old.exists() and not out.exists():
+        if (new / SUMMARY).is_file():
+            new.rename(out)
+            clear(old)
+            return f"{out}: finished an interrupted --overwrite (the new run was whole: it replaced the old one)"
         old.rename(out)
-    elif old.exists():
+        return f"{out}: undid an interrupted --overwrite (the new run was not finished: the old run is back)"
+    if old.exists():
         clear(old)
+    return None
 
 
 def existing_run(out: Path) -> list[str]:

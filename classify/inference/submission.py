@@ -13,29 +13,42 @@ import numpy as np
 from preprocess import labels as L
 from preprocess.imageio import atomic_write_bytes
 
+from classify.inference.answer import class_probability
+
 
 @dataclass
 class Prediction:
     image_ids: list[str]
-    probs: np.ndarray          # N x 18: mean probabilities (--vote hard: the share of models voting each class)
+    probs: np.ndarray          # N x 18: the models' mean (calibrated) probabilities, whatever the vote
     rows: list[dict]           # the manifest rows predicted, same order
     crops: Path
     warnings: list[str]
     labels: np.ndarray         # N predicted classes (the vote's)
     old: int = L.DEFAULT_OLD   # the checkpoints' training age boundary (one for all: check_ensemble)
     models: list[str] = None   # each checkpoint, as "path (model)"
+    votes: np.ndarray | None = None  # --vote hard: N x 18, the share of models voting each class
+    classes: list[str] = None  # the 18 class names, from the model's card
+
+    def __post_init__(self):
+        if self.classes is None:
+            self.classes = L.class_names(self.old)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """N: the mean probability of each photo's predicted class (under a hard vote too: never a share)."""
+        return class_probability(self.probs, self.labels)
 
 
 def conclude(rows: list[dict], probs: np.ndarray, labels: np.ndarray, crops: Path, warnings: list[str], old: int,
              models: list[str], out: Path | None, probs_out: Path | None, review: Path | None,
-             below: float) -> Prediction:
+             below: float, votes: np.ndarray | None = None, classes: list[str] | None = None) -> Prediction:
     """The Prediction of a model (or ensemble) over `rows`, with a warning per photo that had no pixels,
     and the files asked for: the submission, the probabilities, the review list."""
     from preprocess.manifest import NO_PIXELS
 
     warnings += [f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop"
                  for r in rows if r["status"] in NO_PIXELS]
-    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, old, models)
+    pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, old, models, votes, classes)
     if out is not None:
         write_submission(Path(out), pred)
     if probs_out is not None:
@@ -55,11 +68,11 @@ def write_submission(path: Path, pred: Prediction) -> None:
 
 
 def write_review(path: Path, pred: Prediction, below: float) -> int:
-    """The photos whose top (calibrated) probability is below `below`, least sure first, with their top
-    three classes: the list a person looks at. Returns how many."""
-    names = L.class_names(pred.old)
+    """The photos whose predicted class has a (calibrated, mean) probability below `below`, least sure
+    first, with their top three classes: the list a person looks at. Returns how many."""
+    names = pred.classes
     top = np.argsort(-pred.probs, axis=1)[:, :3]
-    sure = pred.probs.max(1)
+    sure = pred.confidence
     picked = [i for i in np.argsort(sure, kind="stable") if sure[i] < below]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

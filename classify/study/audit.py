@@ -1,28 +1,30 @@
-"""`maskcls audit RUN --out DIR`: the training labels most likely wrong, found by confident learning
-(cleanlab: Northcutt et al., "Confident Learning: Estimating Uncertainty in Dataset Labels", JAIR 2021)
-over a k-fold run's out-of-fold predictions, so that no photo is judged by a model that trained on it.
+"""`maskcls audit RUN --out DIR`: the training labels most likely wrong, judged by a k-fold run's out-of-fold
+predictions (no photo is judged by a model that trained on it), and the fixes a user can apply unreviewed.
 
 Per task, the way the competition gives labels:
-- **mask, per photo**, with the competition's structure: each person has one `incorrect_mask` and one
-  `normal` photo, so their swap (the known error of this data set) shows as a pair, and a pair is one
-  suspect. A pair is a swap suspect when confident learning flags one of its photos and the model
-  prefers the swapped labels (p_i(normal) p_n(incorrect) > p_i(incorrect) p_n(normal)); any other
-  flagged photo is a photo suspect.
-- **gender and age group, per person**: every photo of a person shares them, so the person's photos
-  are aggregated (the mean of their task probabilities) before judging, and the person is the suspect.
+- **mask, per person, on the competition's structure**: a competition person has five `wear` photos, one
+  `incorrect` and one `not wear`. For each such person the 42 ways to give its seven photos that 5/1/1 are
+  scored exactly by the out-of-fold probabilities (the product of each photo's probability of its mask);
+  where the likeliest differs from the given one, the person is an `assignment` suspect (a `pair` where it
+  is the incorrect/normal swap, the known error of this data set). Its score is the posterior probability
+  that the given assignment is wrong (1 - its share of the 42 assignments' likelihood).
+  A single photo that confident learning (cleanlab) flags but the structure does not explain is a `photo`
+  suspect to review, never a default fix (changing it alone leaves its person with two incorrect photos,
+  or none). Persons without the structure (the generic layout, partial persons) are judged per photo.
+- **gender and age group, per person**: every photo of a person shares them, so the person's photos are
+  aggregated (the mean of their task probabilities) and judged once by confident learning. Age is judged at
+  the boundary the model's classes use (its `--old`), against the labels at that boundary.
 
-The probabilities are the run's out-of-fold logits (each fold's val_logits.npz, full precision) under
-its temperature, summed into each task's marginal (`answer.task_marginals`, as serve's task values).
-cleanlab flags a label issue where the model's confident prediction disagrees with the given label
-(`find_label_issues`, prune by noise rate, per-class thresholds: a rare class is not judged against a
-frequent one's confidence), and ranks by self-confidence: the probability of the given label. A
-suspect's `score` is 1 - that probability (a pair: 1 - the geometric mean of its two photos'), so the
-most suspect come first.
+Defaults a user can apply unreviewed: label_fixes.csv (and the page's pre-ticked rows) holds only the kinds
+and scores whose precision was measured at >= 90% (DEFAULT_MIN, from bench/audit.py, BENCHMARKS §18); every
+other suspect is listed unticked. A task the run has not learned (judged per unit: per photo for mask, per
+person for gender and age; `metrics.unlearned_tasks`) gets no fixes and one caution. People without an
+out-of-fold prediction (made usable only by the run's own --label-fixes) and image ids that are not unique
+are named, not judged.
 
-Writes `suspects.csv` (every suspect, most suspect first), `label_fixes.csv` (the suspects with score
->= `min_score`, in `train --label-fixes` format: `image_id,field,value`; an age-group suggestion is
-written as the nearest age of the suggested group), and `index.html` (each suspect's crops with the
-given and suggested labels, a tick per fix, and a button that downloads the ticked fixes).
+Writes `suspects.csv` (every suspect, most suspect first, with its fixes), `label_fixes.csv` (the default fixes,
+in `train --label-fixes` format, each row naming exactly one person's photos: the person's folder where the
+folder holds that person alone, else one row per photo), and `index.html`.
 """
 from __future__ import annotations
 
@@ -41,18 +43,24 @@ from preprocess.imageio import atomic_write_bytes
 
 from classify.data.dataset import load_rows, people_of, person_key
 from classify.errors import ConfigError
-from classify.metrics import FEW_VAL_PEOPLE
+from classify.metrics import FEW_VAL_PEOPLE, unlearned_tasks
 from classify.inference import rundir
 from classify.inference.answer import task_marginals
 from classify.inference.calibration import apply_temperature
 
-MIN_SCORE = 0.5     # label_fixes.csv: the suspects whose given label has out-of-fold probability <= 0.5
+# The default fixes: per kind of suspect, the lowest score whose fixes were right >= 90% of the time on every
+# one of bench/audit.py's six noisy workloads (BENCHMARKS §18: pairs at >= 0.8 49 of 51 right, no workload under
+# 90.9%; gender at >= 0.5 19 of 19). None: never a default fix, review it: other 5/1/1 assignments (0 of 3
+# right), single photos (0 of 28) and age (no age error was measured).
+DEFAULT_MIN = {"pair": 0.8, "assignment": None, "photo": None, "gender": 0.5, "age": None}
 PAGE_LIMIT = 300    # suspects shown on index.html (all of them are in suspects.csv)
+WEAR, INCORRECT, NORMAL = 0, 1, 2
+STRUCTURE = (5, 1, 1)  # a competition person's photos per mask status
 
 
 @dataclass
 class Suspect:
-    kind: str           # "pair" (mask swap), "photo" (mask), "person" (gender or age)
+    kind: str           # "pair" (incorrect/normal swap), "assignment" (another 5/1/1), "photo" (mask), "person"
     id: str             # the image id (photo) or the person folder (pair, person)
     field: str          # mask, gender, age
     given: str
@@ -60,6 +68,8 @@ class Suspect:
     score: float
     photos: list[str]   # the image ids the page shows
     fixes: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, field, value) rows
+    default: bool = False  # in label_fixes.csv and ticked on the page
+    note: str = ""         # why it is not a default fix, where it is not
 
 
 @dataclass
@@ -70,6 +80,7 @@ class AuditResult:
     people: int
     out: Path
     cautions: list[str] = field(default_factory=list)  # why the suspects may say more about the model than the labels
+    not_judged: list[str] = field(default_factory=list)  # what the audit could not judge, and why
 
 
 def _cleanlab():
@@ -81,8 +92,15 @@ def _cleanlab():
     return find_label_issues, get_label_quality_scores
 
 
-def out_of_fold(run: Path) -> tuple[list[str], np.ndarray, dict]:
-    """(image ids, calibrated probabilities N x 18, the run's config) of a k-fold run's out-of-fold photos."""
+EPOCHS = ("best", "last")
+
+
+def out_of_fold(run: Path, epoch: str = "best") -> tuple[list[str], np.ndarray, dict]:
+    """(image ids, calibrated probabilities N x 18, the run's config) of a k-fold run's out-of-fold photos:
+    each fold's best epoch's logits (val_logits.npz), or its last epoch's probabilities (`epoch="last"`:
+    val_predictions_last.csv, an epoch chosen by nothing, so not tilted toward the given labels)."""
+    if epoch not in EPOCHS:
+        raise ConfigError(f"--epoch {epoch!r}: choose best or last")
     run = Path(run)
     config = rundir.read_config(run)
     folds = rundir.fold_dirs(run)
@@ -96,131 +114,231 @@ def out_of_fold(run: Path) -> tuple[list[str], np.ndarray, dict]:
         raise ConfigError(f"{run} is a single run: audit judges each photo by a model that never trained on it, "
                           "which takes out-of-fold predictions of every photo; train a k-fold run "
                           f"(`maskcls train {config.get('crops', 'CROPS')} --out RUN --folds 5 --fold all`) and audit it")
-    missing = [f.name for f in folds if not (f / rundir.VAL_LOGITS).is_file()]
+    need = rundir.VAL_LOGITS if epoch == "best" else rundir.VAL_PREDICTIONS_LAST
+    missing = [f.name for f in folds if not (f / need).is_file()]
     missing += [f"fold{k}" for k in range(len(folds), int(config.get("folds") or 0))]
     if missing:
         raise ConfigError(f"{run}: the k-fold run has not finished ({', '.join(missing)} without validation "
                           f"logits); finish it with `maskcls train --resume --out {run}`")
-    t = float((rundir.read_summary(run).get("calibration") or {}).get("temperature", 1.0))
+    from classify.inference.card import card_of_run
+
+    t = card_of_run(folds[0]).temperature  # what predict applies: the card's, one for every fold
     ids, probs = [], []
     for f in folds:
-        i, z, _ = rundir.read_val_logits(f)
+        if epoch == "best":
+            i, z, _ = rundir.read_val_logits(f)
+        else:
+            i, p, _ = rundir.read_val_predictions(f / rundir.VAL_PREDICTIONS_LAST)
+            z = np.log(np.clip(p, 1e-12, 1.0))
         ids += i
         probs.append(apply_temperature(z, t))
     return ids, np.concatenate(probs), config
 
 
-def audit(run: Path, out: Path, min_score: float = MIN_SCORE, crops: Path | None = None) -> AuditResult:
+def audit(run: Path, out: Path, min_score: float | None = None, crops: Path | None = None,
+          epoch: str = "best") -> AuditResult:
     """Find the suspect labels of a k-fold run's training photos; write suspects.csv, label_fixes.csv and
-    index.html into `out`.
+    index.html into `out`. `min_score`: one threshold for every kind of suspect instead of the measured
+    defaults (DEFAULT_MIN), for a user who reviews what it lets in.
 
     >>> audit(Path("runs/k5"), Path("runs/k5-audit"))   # then: maskcls train CROPS --label-fixes runs/k5-audit/label_fixes.csv
     """
-    if not 0 <= min_score <= 1:
-        raise ConfigError(f"--min-score {min_score}: must be in [0, 1] (1 - the probability of the given label)")
+    if min_score is not None and not 0 <= min_score <= 1:
+        raise ConfigError(f"--min-score {min_score}: must be in [0, 1] (a suspect's score: how likely the given "
+                          "label is wrong)")
     find_label_issues, quality_scores = _cleanlab()
-    ids, probs, config = out_of_fold(run)
+    ids, probs, config = out_of_fold(run, epoch)
     if crops is not None and not (Path(crops) / "manifest.csv").is_file():
         raise ConfigError(f"--crops {crops}: not a crops folder (no manifest.csv); give the folder the run trained on")
     crops = Path(crops or config["crops"])
     if not (crops / "manifest.csv").is_file():
         raise ConfigError(f"{crops}: the run's crops folder is not there (give it with --crops)")
-    val_old = int(config.get("val_old") or L.DEFAULT_OLD)
+    old = int(config.get("old") or L.DEFAULT_OLD)  # the model's age classes: judged at its own boundary
     fixes = Path(config["label_fixes"]) if config.get("label_fixes") else None
-    rows = {r["image_id"]: r for r in load_rows(crops, val_old, fixes)[0]}  # the labels the run trained on
+    every, usable = load_rows(crops, old, fixes)  # the labels the run trained on
+    not_judged = _not_judged(every, usable, ids)
+    rows = {r["image_id"]: r for r in every}
     unknown = [i for i in ids if i not in rows]
     if unknown:
         raise ConfigError(f"{crops}/manifest.csv has no photo {unknown[0]!r} of the run's out-of-fold predictions "
                           f"({len(unknown)} in all): is it the crops folder the run trained on?")
     rows = [rows[i] for i in ids]
     task = task_marginals(probs)
+    unlearned = unlearned_tasks([r["label"] for r in rows], probs.argmax(1), [person_key(r) for r in rows])
     suspects = _mask_suspects(rows, task["mask"], find_label_issues, quality_scores)
     for name in ("gender", "age"):
-        suspects += _person_suspects(rows, task[name], name, val_old, find_label_issues, quality_scores)
+        suspects += _person_suspects(rows, task[name], name, old, find_label_issues, quality_scores)
+    targets = _fix_targets(every)
+    twice = _repeated_ids(every)
+    for s in suspects:
+        s.fixes = [f for fx in s.fixes for f in targets(fx)]
+        s.default, s.note = _default(s, min_score, unlearned)
+        if any(i in twice for i in s.photos):
+            s.default, s.note = False, "an image id that names more than one photo: a fix would change them all"
     suspects.sort(key=lambda s: (-s.score, s.id, s.field))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_suspects(out / "suspects.csv", suspects)
-    chosen = [s for s in suspects if s.score >= min_score]
+    chosen = [s for s in suspects if s.default]
     rundir.write_csv(out / "label_fixes.csv", ["image_id", "field", "value"], [list(f) for s in chosen for f in s.fixes])
     people = people_of(rows)
-    cautions = _cautions(rows, task, people, val_old)
-    _page(out, crops, {r["image_id"]: r for r in rows}, suspects, min_score, len(rows), people, Path(run), cautions)
-    return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out, cautions)
+    cautions = _cautions(people, unlearned)
+    structured = sum(1 for s in _by_person(rows).values() if _structure_of(rows, s) is not None)
+    _page(out, crops, {r["image_id"]: r for r in rows}, suspects, len(rows), people, Path(run), cautions,
+          not_judged, structured, old)
+    return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out, cautions, not_judged)
 
 
-def _cautions(rows: list[dict], task: dict[str, np.ndarray], people: int, val_old: int) -> list[str]:
+def _default(s: Suspect, min_score: float | None, unlearned: dict) -> tuple[bool, str]:
+    """(a default fix?, why not): the measured threshold of its kind, never for a task the run has not learned."""
+    task = s.field
+    if task in unlearned:
+        return False, f"the run has not learned {task}: its suspects are more likely its own mistakes"
+    kind = s.kind if s.kind in ("pair", "assignment", "photo") else task
+    floor = min_score if min_score is not None else DEFAULT_MIN[kind]
+    if floor is None:
+        return False, {"assignment": "another 5/1/1 assignment than the incorrect/normal swap: such fixes were not "
+                                     "measured right 90% of the time (BENCHMARKS §18), review it",
+                       "age": "age fixes were not measured right 90% of the time (BENCHMARKS §18): review it"}.get(
+            kind, "a single photo's mask against its person's 5/1/1 structure: review it" if s.note == "structure"
+            else "judged per photo, whose fixes were not measured right 90% of the time: review it")
+    if s.score < floor:
+        return False, f"score {s.score:.3f} below the {floor:g} whose fixes were measured >= 90% right"
+    return True, ""
+
+
+def _not_judged(every: list[dict], usable: list[dict], ids: list[str]) -> list[str]:
+    """What the audit cannot judge: people with no out-of-fold prediction, ids that are not unique."""
+    out = []
+    seen = set(ids)
+    left = [r for r in usable if r["image_id"] not in seen]
+    if left:
+        out.append(f"{len(left)} photos of {people_of(left)} people have no out-of-fold prediction (made usable "
+                   "only by the run's --label-fixes, they trained in every fold), so they are not judged")
+    # (a repeated id's suspects are listed, never ticked)
+    twice = sorted(_repeated_ids(every))
+    if twice:
+        out.append(f"{len(twice)} image ids name more than one photo in the manifest (first: {twice[0]!r}): a fix "
+                   "of such an id would change every photo it names, so no fix of theirs is ticked")
+    return out
+
+
+def _repeated_ids(every: list[dict]) -> set[str]:
+    counts: dict[str, int] = {}
+    for r in every:
+        counts[r["image_id"]] = counts.get(r["image_id"], 0) + 1
+    return {i for i, n in counts.items() if n > 1}
+
+
+def _cautions(people: int, unlearned: dict[str, tuple[float, float]]) -> list[str]:
     """Why the suspects may be the model's mistakes rather than the labels': few people behind the
-    predictions, or a task the run has not learned (its out-of-fold accuracy no better than always
-    answering the task's most common given label)."""
+    predictions, or a task the run has not learned (per unit: photos for mask, people for gender and age)."""
     out = []
     if people < FEW_VAL_PEOPLE:
         out.append(f"the run holds {people} people: out-of-fold predictions from models trained on so few are "
                    "noisy, and so are the suspects; audit a run of more people")
-    for name, p in task.items():
-        given = np.array([r["mask"] if name == "mask" else _given(r, name, val_old) for r in rows])
-        counts = np.bincount(given)
-        if (counts > 0).sum() < 2:  # one class given: nothing to learn, nothing cleanlab can flag
-            continue
-        acc, base = float((p.argmax(1) == given).mean()), float(counts.max() / len(given))
-        if acc <= base:
-            out.append(f"{name}: the run's out-of-fold accuracy {acc:.3f} is no better than always answering the "
-                       f"most common given {name} label ({base:.3f}), so its {name} suspects are more likely the "
-                       "model's mistakes than wrong labels; audit a run that has learned the task (more epochs, "
-                       "pretrained weights, more people)")
+    for name, (acc, base) in unlearned.items():
+        unit = "photo" if name == "mask" else "person"
+        out.append(f"{name}: the run's out-of-fold accuracy per {unit} {acc:.3f} is no better than always answering "
+                   f"the most common given {name} label ({base:.3f}), so its {name} suspects are more likely the "
+                   f"model's mistakes than wrong labels: no {name} fix is written; audit a run that has learned the "
+                   "task (more epochs, pretrained weights, more people)")
     return out
 
 
 def _issues(labels: np.ndarray, p: np.ndarray, find_label_issues, quality_scores) -> tuple[np.ndarray, np.ndarray]:
     """(flagged, self-confidence quality) per example; a task whose labels hold one class has no issues
     cleanlab can find (it needs two classes to estimate the noise)."""
+    import warnings
+
     quality = quality_scores(labels, p, method="self_confidence")
     if len(np.unique(labels)) < 2:
         return np.zeros(len(labels), bool), quality
-    flagged = find_label_issues(labels, p, filter_by="prune_by_noise_rate")
+    with warnings.catch_warnings():  # cleanlab warns of classes absent from a fold's labels: it still judges
+        warnings.filterwarnings("ignore", category=UserWarning, module="cleanlab")
+        flagged = find_label_issues(labels, p, filter_by="prune_by_noise_rate")
     return np.asarray(flagged, bool), quality
+
+
+def _by_person(rows: list[dict]) -> dict[str, list[int]]:
+    people: dict[str, list[int]] = {}
+    for k, r in enumerate(rows):
+        people.setdefault(person_key(r), []).append(k)
+    return people
+
+
+def _structure_of(rows: list[dict], ks: list[int]) -> list[int] | None:
+    """The person's given mask labels when they are the competition's 5 wear, 1 incorrect, 1 normal."""
+    given = [rows[k]["mask"] for k in ks]
+    return given if tuple(given.count(m) for m in (WEAR, INCORRECT, NORMAL)) == STRUCTURE else None
+
+
+def assignments(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every way to give 7 photos the 5/1/1 structure: (pairs A x 2 of (incorrect photo, normal photo), their
+    log-likelihoods A) under per-photo mask log-probabilities `lp` (7 x 3). 42 for 7 photos: exact."""
+    n = len(lp)
+    pairs = np.array([(i, j) for i in range(n) for j in range(n) if i != j])
+    base = lp[:, WEAR].sum()
+    ll = base - lp[pairs[:, 0], WEAR] - lp[pairs[:, 1], WEAR] + lp[pairs[:, 0], INCORRECT] + lp[pairs[:, 1], NORMAL]
+    return pairs, ll
+
+
+def best_assignment(pm: np.ndarray, given: list[int]) -> tuple[list[int], float]:
+    """(the likeliest 5/1/1 labels of a person's photos, the posterior probability that `given` is wrong) from
+    their mask probabilities `pm` (7 x 3), each assignment a priori equally likely."""
+    lp = np.log(np.clip(np.asarray(pm, dtype=np.float64), 1e-300, None))
+    pairs, ll = assignments(lp)
+    post = np.exp(ll - ll.max())
+    post /= post.sum()
+    g = (given.index(INCORRECT), given.index(NORMAL))
+    at = int(np.flatnonzero((pairs[:, 0] == g[0]) & (pairs[:, 1] == g[1]))[0])
+    i, j = pairs[int(ll.argmax())]
+    best = [WEAR] * len(given)
+    best[i], best[j] = INCORRECT, NORMAL
+    return best, float(1 - post[at])
 
 
 def _mask_suspects(rows, pm, find_label_issues, quality_scores) -> list[Suspect]:
     names = L.MASK_NAMES
     labels = np.array([r["mask"] for r in rows])
     flagged, q = _issues(labels, pm, find_label_issues, quality_scores)
-    by_person: dict[str, dict[int, list[int]]] = {}
-    for k, r in enumerate(rows):
-        by_person.setdefault(person_key(r), {}).setdefault(r["mask"], []).append(k)
-    out, done = [], set()
-    for person, kinds in by_person.items():
-        inc, nor = kinds.get(1, []), kinds.get(2, [])
-        if len(inc) != 1 or len(nor) != 1:
+    out, explained = [], set()
+    for person, ks in _by_person(rows).items():
+        given = _structure_of(rows, ks)
+        if given is None:
             continue
-        i, n = inc[0], nor[0]
-        if (flagged[i] or flagged[n]) and pm[i, 2] * pm[n, 1] > pm[i, 1] * pm[n, 2]:
-            done |= {i, n}
-            folder = _folder(rows[i])
-            out.append(Suspect("pair", folder, "mask",
-                               f"{_stem(rows[i])} labelled {names[1]}, {_stem(rows[n])} labelled {names[2]}",
-                               f"swap them: {_stem(rows[i])} {names[2]}, {_stem(rows[n])} {names[1]}",
-                               1 - math.sqrt(max(q[i], 0) * max(q[n], 0)), [rows[i]["image_id"], rows[n]["image_id"]],
-                               [(rows[i]["image_id"], "mask", "2"), (rows[n]["image_id"], "mask", "1")]))
+        explained |= set(ks)  # a structured person's photos are judged by the structure
+        best, score = best_assignment(pm[ks], given)
+        if best == given:
+            continue
+        changed = [(k, b) for k, b, g in zip(ks, best, given) if b != g]
+        swap = len(changed) == 2 and {rows[k]["mask"] for k, _ in changed} == {INCORRECT, NORMAL} and \
+            all(b == 3 - rows[k]["mask"] for k, b in changed)
+        folder = _folder(rows[ks[0]])
+        given_text = ", ".join(f"{_stem(rows[k])} labelled {names[rows[k]['mask']]}" for k, _ in changed)
+        fix_text = ", ".join(f"{_stem(rows[k])} {names[b]}" for k, b in changed)
+        out.append(Suspect("pair" if swap else "assignment", folder, "mask", given_text,
+                           ("swap them: " if swap else "5/1/1 likelier as: ") + fix_text, score,
+                           [rows[k]["image_id"] for k, _ in changed],
+                           [(rows[k]["image_id"], "mask", str(b)) for k, b in changed]))
     for k in np.flatnonzero(flagged):
-        if k in done:
-            continue
         r, s = rows[k], int(pm[k].argmax())
         if s == r["mask"]:
             continue
+        if k in explained and any(rows[k]["image_id"] in x.photos for x in out):
+            continue  # its person's assignment suspect already names it
         out.append(Suspect("photo", r["image_id"], "mask", names[r["mask"]], names[s], 1 - float(q[k]), [r["image_id"]],
-                           [(r["image_id"], "mask", str(s))]))
+                           [(r["image_id"], "mask", str(s))], note="structure" if k in explained else ""))
     return out
 
 
-def _person_suspects(rows, p, task: str, val_old: int, find_label_issues, quality_scores) -> list[Suspect]:
-    """Gender or age group per person: the mean of the person's photos' probabilities, judged once."""
-    names = L.age_names(val_old) if task == "age" else L.GENDER_NAMES
-    people: dict[str, list[int]] = {}
-    for k, r in enumerate(rows):
-        people.setdefault(person_key(r), []).append(k)
+def _person_suspects(rows, p, task: str, old: int, find_label_issues, quality_scores) -> list[Suspect]:
+    """Gender or age group per person: the mean of the person's photos' probabilities, judged once; age at
+    the model's own boundary `old`, against the labels at that boundary."""
+    names = L.age_names(old) if task == "age" else L.GENDER_NAMES
+    people = _by_person(rows)
     keys = sorted(people)
-    given = np.array([np.bincount([_given(rows[k], task, val_old) for k in people[key]]).argmax() for key in keys])
+    given = np.array([np.bincount([_given(rows[k], task, old) for k in people[key]]).argmax() for key in keys])
     mean = np.stack([p[people[key]].mean(0) for key in keys])
     mean = mean / mean.sum(1, keepdims=True)
     flagged, q = _issues(given, mean, find_label_issues, quality_scores)
@@ -232,19 +350,45 @@ def _person_suspects(rows, p, task: str, val_old: int, find_label_issues, qualit
         ks = people[key]
         first = rows[ks[0]]
         if task == "age":
-            age = _nearest_age(first["age"], s, val_old)
+            age = _nearest_age(first["age"], s, old)
             value, given_text = str(age), f"{names[given[j]]} (age {first['age']})"
-            suggested = f"{names[s]} (age {age} in label_fixes.csv: the nearest age of that group)"
+            suggested = f"{names[s]} (age {age} in label_fixes.csv: the nearest age of that group at --old {old})"
         else:
             value, given_text, suggested = L.GENDER_NAMES[s], names[given[j]], names[s]
-        folder = _folder(first)
-        out.append(Suspect("person", folder, task, given_text, suggested, 1 - float(q[j]),
-                           [rows[k]["image_id"] for k in ks], [(folder, "gender" if task == "gender" else "age", value)]))
+        out.append(Suspect("person", _folder(first), task, given_text, suggested, 1 - float(q[j]),
+                           [rows[k]["image_id"] for k in ks],
+                           [(f"person:{key}", "gender" if task == "gender" else "age", value)]))
     return out
 
 
-def _given(r: dict, task: str, val_old: int) -> int:
-    return r["gender"] if task == "gender" else L.age_group(r["age"], val_old)
+def _fix_targets(every: list[dict]):
+    """fix → the label-fixes rows that change exactly its photos: a person's fix (`person:KEY`) becomes its
+    folder where `--label-fixes` resolves that folder to this person's photos alone (the competition layout),
+    else one row per photo (a generic layout's shared `images/` folder, ids without a folder)."""
+    by_person: dict[str, list[str]] = {}
+    by_folder: dict[str, set[str]] = {}
+    for r in every:
+        by_person.setdefault(person_key(r), []).append(r["image_id"])
+        if "/" in r["image_id"]:
+            by_folder.setdefault(r["image_id"].split("/")[0], set()).add(r["image_id"])
+    ids = {r["image_id"] for r in every}
+
+    def rows_of(fix: tuple[str, str, str]) -> list[tuple[str, str, str]]:
+        who, fld, value = fix
+        if not who.startswith("person:"):
+            return [fix]
+        photos = by_person[who[len("person:"):]]
+        folders = {i.split("/")[0] for i in photos if "/" in i}
+        if len(folders) == 1:
+            (folder,) = folders
+            if by_folder.get(folder) == set(photos) and folder not in ids:
+                return [(folder, fld, value)]
+        return [(i, fld, value) for i in photos]
+    return rows_of
+
+
+def _given(r: dict, task: str, old: int) -> int:
+    return r["gender"] if task == "gender" else L.age_group(r["age"], old)
 
 
 def _nearest_age(age: int, group: int, old: int) -> int:
@@ -263,9 +407,15 @@ def _stem(r: dict) -> str:
 
 
 def _write_suspects(path: Path, suspects: list[Suspect]) -> None:
-    rundir.write_csv(path, ["rank", "kind", "id", "field", "given", "suggested", "score", "photos"],
-                     [[k, s.kind, s.id, s.field, s.given, s.suggested, f"{s.score:.6f}", " ".join(s.photos)]
+    rundir.write_csv(path, ["rank", "kind", "id", "field", "given", "suggested", "score", "default", "fixes", "note",
+                            "photos"],
+                     [[k, s.kind, s.id, s.field, s.given, s.suggested, f"{s.score:.6f}", int(s.default),
+                       ";".join(f"{i}|{f}|{v}" for i, f, v in s.fixes), s.note, " ".join(s.photos)]
                       for k, s in enumerate(suspects, start=1)])
+
+
+def _why(s: Suspect) -> str:
+    return {"structure": "a single photo's mask against its person's 5/1/1 structure: review it"}.get(s.note, s.note)
 
 
 def read_suspects(path: Path) -> list[dict]:
@@ -273,10 +423,10 @@ def read_suspects(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], min_score: float, photos: int, people: int,
-          run: Path, cautions: list[str]) -> None:
-    """index.html: each suspect's crops, given and suggested labels, a tick per suspect (ticked: those in
-    label_fixes.csv), and a button that downloads the ticked suspects' fixes as a label-fixes CSV."""
+def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], photos: int, people: int, run: Path,
+          cautions: list[str], not_judged: list[str], structured: int, old: int) -> None:
+    """index.html: each suspect's crops, given and suggested labels, a tick per suspect (ticked: the default
+    fixes, those in label_fixes.csv), and a button that downloads the ticked suspects' fixes as a label-fixes CSV."""
     shown = suspects[:PAGE_LIMIT]
     pics = out / "photos"
     shutil.rmtree(pics, ignore_errors=True)
@@ -292,9 +442,10 @@ def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], min_score
         imgs = "".join(f"<figure><img src='{names[i]}' alt='{html.escape(i)}'><figcaption>{html.escape(_stem(rows[i]))}"
                        f"</figcaption></figure>" for i in s.photos)
         fixes = html.escape(json.dumps(s.fixes))
-        cards.append(f"<section><label><input type='checkbox' data-fixes=\"{fixes}\"{' checked' if s.score >= min_score else ''}> "
+        why = f" <i>Not ticked: {html.escape(_why(s))}.</i>" if not s.default else ""
+        cards.append(f"<section><label><input type='checkbox' data-fixes=\"{fixes}\"{' checked' if s.default else ''}> "
                      f"<b>#{k + 1} {html.escape(s.field)}</b> of {html.escape(s.id)}: given <b>{html.escape(s.given)}</b>, "
-                     f"suggested <b>{html.escape(s.suggested)}</b> (score {s.score:.3f})</label>"
+                     f"suggested <b>{html.escape(s.suggested)}</b> (score {s.score:.3f})</label>{why}"
                      f"<div class='photos'>{imgs}</div></section>")
     more = (f"<p>The first {PAGE_LIMIT} of {len(suspects)} suspects; all of them: <a href='suspects.csv'>suspects.csv</a>.</p>"
             if len(suspects) > PAGE_LIMIT else "")
@@ -306,10 +457,15 @@ figure{{margin:0;text-align:center;font-size:.8em}}img{{width:112px;height:112px
 button{{font-size:1em}}.caution{{color:#b03a2e}}</style></head><body>
 <h1>maskcls audit</h1>
 {''.join(f"<p class='caution'>Caution: {html.escape(c)}.</p>" for c in cautions)}
+{''.join(f"<p class='caution'>Not judged: {html.escape(c)}.</p>" for c in not_judged)}
 <p>{len(suspects)} suspect labels among {photos} photos of {people} people of {html.escape(str(run))}, judged by
-out-of-fold predictions (confident learning, cleanlab). Ticked: the {sum(s.score >= min_score for s in suspects)}
-suspects with score &ge; {min_score} (those in <a href='label_fixes.csv'>label_fixes.csv</a>). Look at each; untick
-what the photos do not bear out, then <button id='save' type='button'>download the ticked fixes</button> and train with
+out-of-fold predictions. Mask: {structured} of {people} people have the competition's 5 wear / 1 incorrect / 1 normal
+photos and are judged as a whole (the likeliest of the 42 ways to give their photos that structure); the others
+are judged photo by photo (confident learning, cleanlab), whose fixes are never ticked. Gender and age: per
+person, age at the model's boundary {old}. Ticked: the {sum(s.default for s in suspects)} suspects of the kinds and
+scores whose fixes were measured right at least 90% of the time (those in <a href='label_fixes.csv'>label_fixes.csv</a>);
+each other one says why not. Look at each; untick what the photos do not bear out, tick what they do, then
+<button id='save' type='button'>download the ticked fixes</button> and train with
 <code>maskcls train CROPS --label-fixes label_fixes.csv</code>. Numbers: <a href='suspects.csv'>suspects.csv</a>.</p>
 {more}{''.join(cards) or '<p>No suspect: every given label agrees with the out-of-fold predictions.</p>'}
 <script>

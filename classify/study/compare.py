@@ -22,7 +22,7 @@ from preprocess.imageio import atomic_write_bytes
 from classify.inference import rundir
 from classify.inference.rundir import fold_dirs
 from classify.errors import ConfigError
-from classify.metrics import few_people
+from classify.metrics import few_people, not_learned_caution
 from classify.plots import pyplot, save_figure
 
 SCORES = ("val_f1", "val_acc", "val_mask_f1", "val_gender_f1", "val_age_f1")
@@ -82,11 +82,17 @@ def _val_people(run: Path, every: bool = False) -> int | None:
 
 
 def cautions(runs: list[RunScores]) -> list[str]:
-    """A caution per run whose scores come from few people (metrics.few_people)."""
+    """A caution per run whose scores come from few people (metrics.few_people), and per run whose model has
+    not learned a task (metrics.not_learned_caution, as its training said in summary.json)."""
     out = []
     for r in runs:
         said = few_people(r.val_people, f"{r.name}'s " + ("out-of-fold score" if r.folds else "validation")) \
             if r.val_people is not None else None
+        if said:
+            out.append(said)
+        v = rundir.read_summary(r.path).get("validation") or {}
+        unlearned = {t: tuple(ab) for t, ab in (v.get("not_learned") or {}).items()}
+        said = not_learned_caution(unlearned, f"{r.name}'s {v.get('on', 'validation')}")
         if said:
             out.append(said)
     return out

@@ -128,11 +128,17 @@ def mask_region_shares(cam: np.ndarray, margin: float) -> tuple[float, float]:
     return float(cam[(y0 + y1) // 2:y1, x0:x1].sum()) / total, float(cam[y0:y1, x0:x1].sum()) / total
 
 
+FLAT = 1e-6  # a map whose peak is below this is all zero: Grad-CAM found no evidence for the predicted value
+
+
 def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: str, truth: bool = True) -> tuple[Path, Path]:
     """gradcam.png (each photo's crop and its three task maps, titled with true and predicted labels)
     and gradcam.csv (per photo and task: predicted value, the map's share below the nose and in the
-    face) for `rows` of `crops`, with the checkpoint's eval transform."""
-    from classify.inference.predict import load_model
+    face, and whether the map is `flat`) for `rows` of `crops`, with the checkpoint's eval transform.
+    A flat map (all zero: the hooked layer holds no positive evidence for the predicted value, as for a
+    model that has not learned the task) says nothing about where the model looks: the CSV marks it,
+    the figure says so instead of drawing it, and `flat_maps` counts them."""
+    from classify.inference.torch_backend import load_model
     from classify.inference.card import card_of
 
     spec = card_of(ckpt)
@@ -149,17 +155,79 @@ def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: s
     for k, r in enumerate(rows):
         true = dict(zip(TASKS, (r["mask"], r["gender"], r["age_group"]))) if truth and r.get("label", -1) >= 0 else {}
         for t in TASKS:
+            flat = is_flat(maps[t][k])
             lower, face = mask_region_shares(maps[t][k], margin)
             table.append([r["image_id"], t, names[t][true[t]] if t in true else "", names[t][preds[t][k]],
-                          f"{lower:.4f}", f"{face:.4f}"])
+                          "" if flat else f"{lower:.4f}", "" if flat else f"{face:.4f}", int(flat)])
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_id", "task", "true", "predicted", "lower_face_share", "face_share"])
+    w.writerow(["image_id", "task", "true", "predicted", "lower_face_share", "face_share", "flat"])
     w.writerows(table)
     atomic_write_bytes(out / "gradcam.csv", buf.getvalue().encode())
     _figure(out / "gradcam.png", imgs, rows, maps, preds, names, title, truth)
     return out / "gradcam.png", out / "gradcam.csv"
+
+
+def is_flat(cam: np.ndarray) -> bool:
+    return not float(np.max(cam, initial=0.0)) > FLAT or not np.isfinite(cam).all()
+
+
+def flat_maps(table_csv: Path) -> tuple[int, int]:
+    """(flat maps, maps) of a gradcam.csv."""
+    with open(table_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return sum(r["flat"] == "1" for r in rows), len(rows)
+
+
+def explain_photos(model: Path, photos: list[Path], out: Path, cache: Path | None = None,
+                   device: str = "cpu") -> tuple[Path, Path, list[str]]:
+    """Grad-CAM per task for any photos, cropped as predict crops them: (gradcam.png, gradcam.csv,
+    warnings). `model`: a checkpoint or run folder. `cache`: a crops cache root; the photos are cropped
+    once per set of photos there (else in a temporary folder).
+
+    >>> explain_photos(Path("run"), [Path("a.jpg"), Path("b.jpg")], Path("explained"))
+    """
+    import shutil
+    import tempfile
+
+    from classify.checkpoint import load_checkpoint
+    from classify.inference.card import card_of
+    from classify.inference.cropping import crops_for
+    from classify.inference.onnx_model import is_onnx
+    from classify.inference.torch_backend import checkpoint_paths
+    from preprocess.imageio import content_digest
+    from preprocess.manifest import read_manifest
+
+    if is_onnx(model):
+        raise ConfigError(f"{model}: explain needs a checkpoint (Grad-CAM follows the torch model's gradients); "
+                          "give the run folder or best.pt it was exported from")
+    ckpt = load_checkpoint(checkpoint_paths([model])[0])
+    for p in photos:
+        if not Path(p).is_file():
+            raise ConfigError(f"{p}: no such photo")
+    names = [f"{k:04d}_{Path(p).name}" for k, p in enumerate(photos)]
+    with tempfile.TemporaryDirectory(prefix="maskcls-explain-") as tmp:
+        # The photos as an eval folder. With a cache root it lives there, one per set of photos, so a second
+        # call finds its crops (a crops folder holds the crops of one raw folder, at one path).
+        key = content_digest(b"".join(n.encode() + Path(p).read_bytes() for n, p in zip(names, photos)))[:16]
+        base = Path(cache) / key if cache else Path(tmp)
+        raw = base / "raw"
+        (raw / "images").mkdir(parents=True, exist_ok=True)
+        for p, n in zip(photos, names):
+            shutil.copyfile(p, raw / "images" / n)
+        (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
+        folder, warnings = crops_for(raw, card_of(ckpt).crop, base / "crops", device)
+        rows = read_manifest(folder)
+        for r, p in zip(rows, photos):
+            r["image_id"] = str(p)  # the path as given: two photos named normal.jpg stay apart
+        png, table = explain_crops(ckpt, folder, rows, Path(out), f"Grad-CAM per task ({len(rows)} photos)", truth=False)
+    flat, total = flat_maps(table)
+    if flat:
+        warnings.append(f"{flat} of {total} Grad-CAM maps are flat (all zero): the model holds no evidence for its "
+                        "answer there (a model that has not learned the task, or an answer it barely prefers); "
+                        "those maps say nothing about where it looks (the 'flat' column of gradcam.csv)")
+    return png, table, warnings
 
 
 def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool) -> None:
@@ -175,8 +243,13 @@ def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool)
         true = dict(zip(TASKS, (r["mask"], r["gender"], r["age_group"]))) if truth and r.get("label", -1) >= 0 else {}
         for j, t in enumerate(TASKS, start=1):
             axes[k, j].imshow(imgs[k])
-            axes[k, j].imshow(maps[t][k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             said = f"true {names[t][true[t]]}, " if t in true else ""
+            if is_flat(maps[t][k]):  # nothing to draw: say so rather than show a blank overlay as a map
+                axes[k, j].imshow(imgs[k] // 3)
+                axes[k, j].text(0.5, 0.5, "flat map:\nno evidence\nfor this answer", color="white", ha="center",
+                                va="center", fontsize=8, transform=axes[k, j].transAxes)
+            else:
+                axes[k, j].imshow(maps[t][k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             axes[k, j].set_title(f"{t}: {said}predicted {names[t][preds[t][k]]}", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")

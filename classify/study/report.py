@@ -45,11 +45,13 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     val_old = old
     if run is not None:
         run = Path(run)
-        if not (run / "metrics.csv").is_file():
-            hint = (f" It is a k-fold run: give one fold, e.g. {run / 'fold0'}" if (run / "fold0").is_dir() else
-                    " Is it a `maskcls train` run folder?")
-            raise ConfigError(f"{run} has no metrics.csv.{hint}")
-        cfg = rundir.read_config(run)
+        folds = rundir.fold_dirs(run)
+        missing = [p for p in folds or [run] if not (p / rundir.METRICS).is_file() or not (p / rundir.VAL_PREDICTIONS).is_file()]
+        if missing:
+            what = (f"a k-fold run whose {', '.join(p.name for p in missing)} has not finished an epoch" if folds else
+                    "no finished epoch (no metrics.csv): is it a `maskcls train` run folder?")
+            raise ConfigError(f"{run}: {what}")
+        cfg = rundir.read_config(folds[0] if folds else run)
         old = cfg.get("old", old)
         val_old = cfg.get("val_old", old)  # validation labels are at this boundary
     rows = read_manifest(crops, old=old)
@@ -65,7 +67,19 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     if run is not None:
         val_names = L.class_names(val_old)
         sections.append(("Model", model_figures(out, crops, run, rows, val_names)))
-    return _index(out, crops, run, rows, sections)
+    return _index(out, crops, run, rows, sections, run_cautions(run) if run is not None else [])
+
+
+def run_cautions(run: Path) -> list[str]:
+    """What the run's model card says to be wary of: a task its validation (or out-of-fold predictions)
+    shows it has not learned. The same words as train, compare, predict and pseudo-label say."""
+    from classify.inference.card import card_of_run
+
+    run = Path(run)
+    if not (run / rundir.BEST).is_file() and not any((f / rundir.BEST).is_file() for f in rundir.fold_dirs(run)):
+        return []
+    caution = card_of_run(run).caution
+    return [caution] if caution else []
 
 
 # -- data figures -------------------------------------------------------------------------------------
@@ -285,7 +299,7 @@ def _gallery(out: Path, crops: Path, rows):
 
 # -- outputs ------------------------------------------------------------------------------------------
 
-def _index(out: Path, crops: Path, run, rows, sections) -> Path:
+def _index(out: Path, crops: Path, run, rows, sections, cautions=()) -> Path:
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -302,6 +316,7 @@ def _index(out: Path, crops: Path, run, rows, sections) -> Path:
                                                       for k, v in crop_cfg.items()
                                                       if k in ("size", "margin", "detect_side", "min_face", "old"))
                      + "</p>")
+    parts += [f"<p class='caution' style='color:#b03a2e'>Caution: {html.escape(c)}.</p>" for c in cautions]
     parts += _run_overview(run)
     for title, figs in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")

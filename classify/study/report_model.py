@@ -19,16 +19,21 @@ from classify.inference.rundir import write_csv
 
 
 def model_figures(out: Path, crops: Path, run: Path, rows: list[dict], names: list[str]) -> list[tuple]:
-    """Every run figure, as (png, caption); the validation predictions are read once."""
-    val = _val(run)
-    return [_curves(out, run), *_confusions(out, val, names), _per_class(out, val, names), _calibration(out, run, val),
-            _wrong(out, crops, val, rows, names), _gradcam(out, crops, run, val, rows)]
+    """Every run figure, as (png, caption); the validation predictions are read once. A k-fold run folder:
+    its folds' validation predictions together (every person once, out of fold), each fold's curves."""
+    parts = rundir.fold_dirs(run) or [run]
+    val = _val(parts)
+    return [_curves(out, parts), *_confusions(out, val, names), _per_class(out, val, names),
+            _calibration(out, parts, val), _wrong(out, crops, val, rows, names), _gradcam(out, crops, parts[0], val, rows)]
 
 
-def _curves(out: Path, run: Path):
-    m = rundir.read_metrics(run)
-    ep = [int(r["epoch"]) for r in m]
+def _curves(out: Path, parts: list[Path]):
+    """Losses and validation scores per epoch (a k-fold run: the mean over its folds at each epoch)."""
+    per = [rundir.read_metrics(p) for p in parts]
+    n = min(len(m) for m in per)
     cols = ["train_loss", "val_loss", "val_acc", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"]
+    m = [{"epoch": per[0][e]["epoch"]} | {c: str(np.mean([float(f[e][c]) for f in per])) for c in cols} for e in range(n)]
+    ep = [int(r["epoch"]) for r in m]
     write_csv(out / "curves.csv", ["epoch"] + cols, [[r["epoch"]] + [r[c] for c in cols] for r in m])
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), dpi=100)
@@ -46,7 +51,7 @@ def _curves(out: Path, run: Path):
     b.set_xlabel("epoch")
     b.set_ylabel("score")
     b.set_ylim(0, 1.02)
-    b.set_title("Validation accuracy and macro F1")
+    b.set_title("Validation accuracy and macro F1" + (f" (mean of {len(parts)} folds)" if len(parts) > 1 else ""))
     b.legend(fontsize=8)
     from matplotlib.ticker import MaxNLocator
     for ax in (a, b):
@@ -57,9 +62,10 @@ def _curves(out: Path, run: Path):
     return "curves.png", "Training curves: losses (left), validation accuracy and macro F1 of the 18 classes and per task (right)."
 
 
-def _val(run: Path):
-    ids, probs, y = rundir.read_val_predictions(run / rundir.VAL_PREDICTIONS)
-    return [{"image_id": i} for i in ids], y, probs
+def _val(parts: list[Path]):
+    got = [rundir.read_val_predictions(p / rundir.VAL_PREDICTIONS) for p in parts]
+    return ([{"image_id": i} for ids, _, _ in got for i in ids], np.concatenate([y for _, _, y in got]),
+            np.concatenate([probs for _, probs, _ in got]))
 
 
 def _confusions(out: Path, val, names):
@@ -146,14 +152,15 @@ def _wrong(out: Path, crops: Path, val, rows, names, top: int = 16):
                                          "look here for label errors and crop failures."
 
 
-def _calibration(out: Path, run: Path, val):
-    """Reliability diagram of the best epoch's validation predictions, before and after the run's
-    temperature (summary.json; a fold of a k-fold run: its parent's, fitted out-of-fold)."""
+def _calibration(out: Path, parts: list[Path], val):
+    """Reliability diagram of the best epoch's validation predictions, before and after the temperature
+    predict applies: the model card's (a k-fold run's folds share the one fitted out of fold)."""
     from classify.inference.calibration import ECE_BINS, apply_temperature, ece, reliability
+    from classify.inference.card import card_of_run
 
-    _, logits, y = rundir.read_val_logits(run)  # the logits T was fitted on, in the form predict applies it
-    fitted = rundir.read_summary(run).get("calibration") or rundir.read_summary(run.parent).get("calibration") or {}
-    t = float(fitted.get("temperature", 1.0))
+    got = [rundir.read_val_logits(p) for p in parts]  # the logits T was fitted on, in the form predict applies it
+    logits, y = np.concatenate([z for _, z, _ in got]), np.concatenate([t for _, _, t in got])
+    t = card_of_run(parts[0]).temperature if (parts[0] / rundir.BEST).is_file() else 1.0
     probs = apply_temperature(logits)
     before, after = reliability(probs, y), reliability(apply_temperature(logits, t), y)
     write_csv(out / "calibration.csv", ["bin", "from", "to", "photos_before", "confidence_before", "accuracy_before",

@@ -161,18 +161,30 @@ def _ask(study):
 
 
 @contextlib.contextmanager
-def _heartbeat(store, trial):
+def _heartbeat(store, trial, warn: Callable[[str], None] = print):
     """Record the trial's heartbeat every HEARTBEAT_S while it trains, so that processes on other
-    machines can tell a killed trial (no beat for GRACE_S) from a slow one."""
+    machines can tell a killed trial (no beat for GRACE_S) from a slow one. A beat the storage refuses
+    (a dropped connection, a locked database) is tried again at the next beat, and said once: a thread
+    that died on it would let another process take this live trial for a dead one."""
     import threading
 
     stop = threading.Event()
+    said = []
+
+    def beat_once():
+        try:
+            store.record_heartbeat(trial._trial_id)
+        except Exception as e:  # noqa: BLE001 - any storage error: the next beat tries again
+            if not said:
+                said.append(e)
+                warn(f"trial {trial.number}: the study's storage refused a heartbeat ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); trying again every {HEARTBEAT_S} s")
 
     def beat():
         while not stop.wait(HEARTBEAT_S):
-            store.record_heartbeat(trial._trial_id)
+            beat_once()
 
-    store.record_heartbeat(trial._trial_id)
+    beat_once()
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
@@ -180,6 +192,30 @@ def _heartbeat(store, trial):
     finally:
         stop.set()
         thread.join()
+
+
+def _tell(study, trial, record: dict, out: Path, warn: Callable[[str], None]) -> None:
+    """Record the trial's result in the study; a trial another process has meanwhile marked failed (its
+    heartbeat looked stale) keeps that state, and its result is kept in its folder (result.json) instead
+    of raising and losing it."""
+    optuna = _optuna()
+    state = study._storage.get_trial(trial._trial_id).state
+    if state == optuna.trial.TrialState.RUNNING:
+        try:
+            if record["state"] == "COMPLETE":
+                study.tell(trial, record["value"])
+            else:
+                study.tell(trial, state=getattr(optuna.trial.TrialState, record["state"]))
+            return
+        except (RuntimeError, ValueError):  # finished by another machine between the look and the tell
+            state = study._storage.get_trial(trial._trial_id).state
+            if state == optuna.trial.TrialState.RUNNING:
+                raise
+    rundir.write_json(Path(record["run"]) / "result.json", record | {"recorded_as": state.name})
+    warn(f"trial {trial.number} finished ({record['state']}"
+             f"{', value ' + format(record['value'], '.4f') if record.get('value') is not None else ''}), but another "
+             f"process had already marked it {state.name} (its heartbeat looked stale): the study keeps "
+             f"{state.name}; the result is in {record['run']}/result.json")
 
 
 def _counts(study) -> tuple[int, int]:
@@ -238,13 +274,11 @@ def tune(fixed: dict, out: Path, trials: int, storage: str | None = None, space:
                 break
             time.sleep(2)  # others' trials are running: if one fails, its budget comes back
             continue
-        with _heartbeat(store, trial):
+        with _heartbeat(store, trial, warn_once):
             record = _run_trial(trial, params, base, out, warn_once)
         mine += 1
-        if record["state"] == "COMPLETE":
-            study.tell(trial, record["value"])
-        else:
-            study.tell(trial, state=getattr(optuna.trial.TrialState, record["state"]))
+        with _lock(out):
+            _tell(study, trial, record, out, warn_once)
         if on_trial:
             on_trial(record)
         failed = failed + [record] if record["state"] == "FAIL" else []

@@ -95,14 +95,25 @@ def _figures(study, out: Path) -> list[tuple[str, str]]:
 
     pyplot()  # the Agg backend, set once for the process
     made = []
+    values = {t.value for t in study.get_trials(deepcopy=False) if t.value is not None}
     for name, fn, caption in (("history.png", vm.plot_optimization_history, "Objective per trial and the best so far."),
                               ("importance.png", vm.plot_param_importances, "How much each parameter mattered "
                                                                            "(fANOVA over the complete trials)" +
                                                                            _importance_caveat(study) + ".")):
+        if not values:  # Optuna would log "There are no complete trials." on the user's terminal
+            made.append((None, f"{name}: not drawn (no trial has completed)"))
+            continue
+        if name == "importance.png" and len(values) < 2:  # Optuna would warn that every importance is equal
+            made.append((None, f"{name}: not drawn (every complete trial scored the same, so no parameter can "
+                               "be said to matter more than another)"))
+            continue
         try:
-            with warnings.catch_warnings():  # Optuna calls its matplotlib figures experimental
-                warnings.filterwarnings("ignore", category=ExperimentalWarning)
+            with warnings.catch_warnings(record=True) as said:  # Optuna calls its matplotlib figures experimental
+                warnings.simplefilter("always")
                 ax = fn(study)
+            notes = sorted({str(w.message).splitlines()[0] for w in said if not issubclass(w.category, ExperimentalWarning)})
+            if notes:  # Optuna's own caveat about its figure (equal importances, say): under the figure, not stderr
+                caption = caption.rstrip(".") + f" (Optuna: {'; '.join(notes)})."
         except (ValueError, RuntimeError) as e:  # too few complete trials for importances, say
             made.append((None, f"{name}: not drawn ({str(e).splitlines()[0][:120]})"))
             continue

@@ -200,7 +200,7 @@ def config_from(saved: dict) -> TrainConfig:
 def resume_config(out: Path, overrides: dict | None = None) -> TrainConfig:
     """The config of the run in `out`, with only --epochs, --device, --workers, --amp, --patience or
     --compile changed. Any other option given with --resume is an error: a resumed run is the same run."""
-    from classify.inference.rundir import saved_config  # the run folder's owner (it reads checkpoints: torch)
+    from classify.training.runs import saved_config  # it reads checkpoints: torch
 
     saved = config_from(saved_config(Path(out)))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}

@@ -52,13 +52,13 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def any(self, flag: torch.Tensor) -> bool:
-        """True when `flag` (a 0/1 tensor on this rank's device) is set on any rank; one host sync.
+    def max(self, flag: torch.Tensor) -> float:
+        """The largest of `flag` (a scalar tensor on this rank's device) over every rank; one host sync.
         Every rank reaches the same answer, so all stop together instead of leaving DDP hanging."""
         if self.world > 1:
             flag = flag.clone()
-            dist.all_reduce(flag)
-        return bool(flag.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return float(flag.item())
 
     def average_grads(self, params) -> None:
         """All-reduce (mean) the gradients of parameters that DDP does not manage (the loss's task weights)."""

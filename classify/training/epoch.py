@@ -21,24 +21,50 @@ from classify.training.mixing import mix_batch
 from classify.data.transforms import normalize
 
 MAX_SKIPPED_STEPS = 10  # fp16: non-finite losses in a row that GradScaler may skip before the run stops
+# Divergence: a step's loss above DIVERGE_FACTOR x the run's first step's loss stops the run. Chosen by
+# measurement (BENCHMARKS §17, bench/divergence.py; 70 runs, every --loss, with and without cutmix, lr
+# 1e-4..1e6): runs at lr <= 0.01 peaked at 1.48x their first step, runs at lr 0.1 (which learned nothing, but
+# stayed finite) at 5.92x; every run at lr >= 1 passed 17.9x by its third step (lr 1e6: 1e18 at its second).
+# 10x stops all of those at step 2 or 3 and leaves healthy runs a margin of 6.7. The bounded f1 loss never
+# grows; its divergence shows as non-finite logits, which stop it as well.
+DIVERGE_FACTOR = 10.0
 
 
 @dataclass
 class _LossGuard:
-    """Stops training on a non-finite loss, the same step on every rank. Under fp16 GradScaler skips a
-    step whose gradients overflow and lowers its scale, so there the run stops only after
-    MAX_SKIPPED_STEPS such steps in a row."""
+    """Stops training on a non-finite loss, or one that has grown DIVERGE_FACTOR times beyond the run's
+    first step's (`first`: [that loss] once known, shared with the trainer across epochs and kept in
+    last.pt), the same step on every rank. Under fp16 GradScaler skips a step whose gradients overflow and
+    lowers its scale, so there a non-finite loss stops the run only after MAX_SKIPPED_STEPS such steps in a row."""
     scaled: bool
+    first: list
     in_a_row: int = 0
     skipped: int = 0
 
+    @property
+    def limit(self) -> float:
+        return DIVERGE_FACTOR * self.first[0] if self.first else math.inf
+
     def check(self, t, loss: torch.Tensor, epoch: int, step: int) -> bool:
         """True when the loss is finite on every rank; False for a step the scaler will skip."""
-        if not t.d.any(torch.logical_not(torch.isfinite(loss.detach())).to(torch.float32)):
-            self.in_a_row = 0
-            return True
         kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written yet"
         where = f"at epoch {epoch + 1}, step {step + 1}"
+        loss = loss.detach()
+        limit = self.limit
+        if not self.first:
+            value = loss.item()  # one host sync, until the run's first finite loss is known
+            if math.isfinite(value):
+                self.first.append(value)
+        grown = (torch.isfinite(loss) & (loss > limit)).to(torch.float32) * 2 if math.isfinite(limit) else \
+            torch.zeros((), device=loss.device)
+        flag = t.d.max(torch.maximum(torch.logical_not(torch.isfinite(loss)).to(torch.float32), grown))
+        if flag == 0:
+            self.in_a_row = 0
+            return True
+        if flag >= 2:
+            raise TrainingError(f"training diverged {where}: the loss grew to {loss.item():.3g}, over "
+                                f"{DIVERGE_FACTOR:g} times its first step's {self.first[0]:.3g} (on this or "
+                                f"another process); training stopped ({kept}). Try a lower --lr.")
         if self.scaled:
             self.in_a_row += 1
             self.skipped += 1
@@ -60,7 +86,7 @@ def train_one_epoch(t, loader, epoch: int, on_step=None) -> dict:
     cfg, d, device = t.cfg, t.d, t.d.device
     t.net.train()
     sums, n, total, items = {}, 0, len(loader), len(loader.sampler)
-    guard = _LossGuard(t.scaler.is_enabled())
+    guard = _LossGuard(t.scaler.is_enabled(), t.first_losses)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
     for step, (x, y, _) in enumerate(loader):
         group_end = min((step // cfg.accum + 1) * cfg.accum, total)
@@ -119,7 +145,7 @@ def validate(model, data, loader, t):
     return idx, logits, y, m
 
 
-def validate_epoch(t, data, loader):
+def validate_epoch(t, data, loader, epoch: int = 0):
     """Validate the model (and its EMA, keeping whichever scores the better macro F1): (validation
     result, 'model' | 'ema', the epoch's record of validation metrics and learning rates)."""
     val, source, extra = validate(t.model, data, loader, t), "model", {}
@@ -129,6 +155,7 @@ def validate_epoch(t, data, loader):
         if ema_val[3]["f1"] > val[3]["f1"]:
             val, source = ema_val, "ema"
     m = dict(val[3])
+    _finite_validation(val[1], m["loss"], epoch)
     record = {"val_loss": m.pop("loss"), **{f"val_{k}": v for k, v in m.items()}, **extra,
               "lr": t.optimizer.param_groups[0]["lr"], "lr_backbone": _group_lr(t.optimizer, "backbone")}
     if t.ema is not None:
@@ -137,6 +164,18 @@ def validate_epoch(t, data, loader):
         record |= {f"weight_{h}": float(torch.exp(-t.criterion.log_vars[i].detach()))
                    for i, h in enumerate(t.criterion.heads)}
     return val, source, record
+
+
+def _finite_validation(logits: np.ndarray, loss: float, epoch: int) -> None:
+    """A model whose validation logits or loss are not finite has diverged, whatever its training loss
+    said: the run stops before such an epoch is saved (no best.pt from it)."""
+    bad = int((~np.isfinite(logits)).any(axis=1).sum()) if len(logits) else 0
+    if bad or not math.isfinite(loss):
+        what = f"{bad} of {len(logits)} validation photos got non-finite logits" if bad else \
+            f"the validation loss is {loss}"
+        kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written yet"
+        raise TrainingError(f"training diverged at epoch {epoch + 1}: {what}; training stopped ({kept}, nothing "
+                            "of this epoch saved). Try a lower --lr.")
 
 
 def _group_lr(optimizer, name: str):

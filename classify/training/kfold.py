@@ -13,17 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from classify.inference import rundir
+from classify.training import runs
 from classify.training.config import RESUMABLE, TrainConfig, resume_config
 from classify.training.distributed import Dist
 from classify.errors import ConfigError
 from classify.inference.calibration import calibrate
-from classify.metrics import scores
+from classify.metrics import scores, unlearned_tasks
 
 
 def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, fit_one) -> dict:
     """Every fold into RUN/fold<k> (`fit_one`: train.fit_one), then the out-of-fold score. Resumable
     fold by fold: finished folds are kept, the interrupted one continues from its last.pt, the rest start."""
-    from classify.data.dataset import prepare_data, validation_caution
+    from classify.data.dataset import person_key, prepare_data, validation_caution
 
     out = Path(cfg.out)
     data = prepare_data(dataclasses.replace(cfg, fold=0))  # refuses what cannot work (--folds K > people) first
@@ -48,7 +49,8 @@ def fit_folds(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, 
             done = fit_one(sub, d, again, tag, on_step, warn, calibrate=False, in_folds=True)
         folds.append(done)
         d.barrier()
-    return write_out_of_fold(out, cfg, folds, [caution] if caution else [], people) if d.main else {}
+    units = {r["image_id"]: person_key(r) for r in data.rows}
+    return write_out_of_fold(out, cfg, folds, [caution] if caution else [], people, units) if d.main else {}
 
 
 def _check_fold(sub: TrainConfig) -> None:
@@ -75,16 +77,25 @@ def _oof(out: Path, folds: int, name: str) -> tuple[list[list], np.ndarray, np.n
     return rows, np.concatenate(ys), np.concatenate(ps)
 
 
+def learned_record(y, p, units, on: str) -> dict:
+    """What the card and summary record of the tasks the model has not learned (metrics.unlearned_tasks:
+    mask per photo, gender and age per person)."""
+    return {"on": on, "not_learned": {t: list(ab) for t, ab in unlearned_tasks(y, p, units).items()}}
+
+
 def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict], warnings: list[str] = (),
-                      people: int | None = None) -> dict:
+                      people: int | None = None, units: dict | None = None) -> dict:
+    """The out-of-fold score, temperature and what was not learned, into every fold's card and the summary.
+    `units`: each image id's person (person_key), for judging gender and age per person."""
     rows, y, p = _oof(out, cfg.folds, rundir.VAL_PREDICTIONS)
     calibration = None
     if cfg.calibrate:  # one temperature for every fold, fitted on the out-of-fold logits (binary, not the CSV)
         parts = [rundir.read_val_logits(out / f"fold{k}") for k in range(cfg.folds)]
         calibration = calibrate(np.concatenate([z for _, z, _ in parts]), np.concatenate([t for _, _, t in parts]),
                                 "out-of-fold logits", people=people)
-        for k in range(cfg.folds):
-            rundir.set_temperature(out / f"fold{k}", calibration)
+    validation = learned_record(y, p, [units[r[1]] for r in rows], "out-of-fold predictions")
+    for k in range(cfg.folds):
+        runs.update_card(out / f"fold{k}", calibration, validation)
     rundir.write_csv(out / rundir.OOF_PREDICTIONS, ["fold", "image_id", "label", "pred"] + [f"p{k}" for k in range(18)],
                      rows)
     have_last = all((out / f"fold{k}" / rundir.VAL_PREDICTIONS_LAST).is_file() for k in range(cfg.folds))
@@ -92,6 +103,7 @@ def write_out_of_fold(out: Path, cfg: TrainConfig, folds: list[dict], warnings: 
     keys = [k for k in folds[0]["best"] if k.startswith("val_") and k != "val_loss"]
     per_fold = np.array([[f["best"][k] for k in keys] for f in folds])
     oof = {"oof": scores(y, p), "oof_last": last, "oof_photos": len(y)} | ({"calibration": calibration} if calibration else {})
+    oof |= {"validation": validation}
     return _write_summary(out, cfg, folds, oof, keys, per_fold, list(warnings))
 
 
@@ -104,6 +116,7 @@ def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, ke
                "per_fold": [{"fold": k, "best_epoch": f["best_epoch"], **{key: f["best"][key] for key in keys}}
                             for k, f in enumerate(folds)],
                "val_old": cfg.val_old, "weights": folds[0].get("weights"),
+               **({"label_fixes": folds[0]["label_fixes"]} if folds[0].get("label_fixes") else {}),
                "warnings": warnings + sorted({w for f in folds for w in f.get("warnings", [])} - set(warnings))}
     rundir.write_summary(out, summary)
     return summary

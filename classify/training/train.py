@@ -31,6 +31,7 @@ from preprocess import labels as L
 from preprocess.manifest import read_meta
 
 from classify.inference import rundir
+from classify.training import runs
 from classify.inference.card import card_of, new_card
 from classify.models import weights as W
 from classify.inference.calibration import apply_temperature, calibrate as calibrate_logits
@@ -41,7 +42,7 @@ from classify.data.dataset import (CropDataset, Data, expected_class_counts, peo
 from classify.training.distributed import Dist, init_distributed
 from classify.inference.engine import EpochOrder, default_workers, make_loader, resolve_amp
 from classify.training.epoch import train_one_epoch, validate_epoch
-from classify.training.kfold import fit_folds
+from classify.training.kfold import fit_folds, learned_record
 from classify.errors import ConfigError
 from classify.training.losses import MultiTaskLoss, make_loss
 from classify.metrics import confusion
@@ -69,7 +70,9 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     warn = once_each(warn)  # a k-fold run's folds share their notes: each is said once for the run
     try:
         if d.main:
-            rundir.recover_swap(final)
+            done = rundir.recover_swap(final)
+            if done:
+                warn(done)
         found = rundir.existing_run(final) if not resume else []
         if found and not overwrite:
             raise ConfigError(f"{cfg.out} already holds a run ({', '.join(found)}): add --resume to continue "
@@ -86,7 +89,7 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         if found:
             d.barrier()
             if d.main:
-                rundir.swap_in(Path(cfg.out), final)
+                runs.swap_in(Path(cfg.out), final)
     except BaseException:
         d.abort()  # no goodbye to the other ranks: they may be waiting for this one in a collective
         raise
@@ -111,6 +114,7 @@ class Trainer:
     amp: str
     norm: dict
     steps_per_epoch: int
+    first_losses: list = dataclasses.field(default_factory=list)  # the divergence check's reference (epoch.py)
 
 
 @dataclass
@@ -194,7 +198,7 @@ def _train_epochs(t: Trainer, data: Data, train_ds, val_ds, workers, p: Progress
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a function of the epoch, so resume replays it
         order.set(epoch_order(cfg, epoch, train_ds, label_counts, d), epoch)
         train_stats = train_one_epoch(t, loader, epoch, on_step)
-        val, source, record = validate_epoch(t, data, val_loader)
+        val, source, record = validate_epoch(t, data, val_loader, epoch)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **record,
                   "seconds": time.perf_counter() - t0}
@@ -319,6 +323,10 @@ def _restore(t: Trainer, state: dict) -> Progress:
     """Load last.pt into the trainer; the schedule is set to the step reached, for this config's plan
     (so `--resume --epochs N` continues as if N epochs had been planned from the start)."""
     t.model.load_state_dict(state["model_state"])
+    # the divergence check's reference is the run's first step, not this process's (a run saved before it
+    # was recorded: its first epoch's mean training loss stands in)
+    first = state.get("first_losses") or [float(r["train_loss"]) for r in state["history"][:1]]
+    t.first_losses[:] = [v for v in first if math.isfinite(v)]
     t.criterion.load_state_dict(state["loss_state"])
     peaks = [g["peak_lr"] for g in t.optimizer.param_groups]
     t.optimizer.load_state_dict(state["optimizer"])
@@ -374,7 +382,8 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, p: Progress, record: dict
     last epoch's validation predictions and metrics.csv every epoch."""
     epoch = record["epoch"] - 1
     payload = describe | {"epoch": epoch, "metrics": record, "best_f1": p.best_f1, "best_epoch": p.best_epoch,
-                          "history": p.history, "steps_done": (epoch + 1) * t.steps_per_epoch}
+                          "history": p.history, "steps_done": (epoch + 1) * t.steps_per_epoch,
+                          "first_losses": list(t.first_losses)}
     ids = [rows[i]["image_id"] for i in val[0]]
     probs = apply_temperature(val[1])
     if improved:
@@ -392,9 +401,10 @@ def _save_epoch(out: Path, t: Trainer, describe: dict, p: Progress, record: dict
 def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note, d: Dist, calibrate: bool) -> dict:
     best = rundir.best_record(p.history)
     if p.best_val is None:  # resumed after the best epoch: its logits are already on disk
-        _, logits, y = rundir.read_val_logits(out)
+        ids, logits, y = rundir.read_val_logits(out)
     else:
-        _, logits, y = p.best_val
+        idx, logits, y = p.best_val
+        ids = [data.rows[i]["image_id"] for i in idx]
     plot_confusion(out / "confusion.png", confusion(y, logits.argmax(1), L.NUM_CLASSES),
                    L.class_names(cfg.val_old), f"validation, epoch {best['epoch']} (macro F1 {best['val_f1']:.3f})")
     summary = {"best_epoch": best["epoch"], "best": best, "last": p.history[-1], "epochs": len(p.history),
@@ -404,10 +414,14 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
                "excluded_photos": len(data.rows) - (len(data.train_rows) - data.extra) - len(data.val_rows)
                - data.dropped_near_boundary,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
+               **({"label_fixes": data.label_fixes} if data.label_fixes else {}),
                "weights": weights, "warnings": ([note] if note else []) + data.warnings, "device": str(d.device),
                "world_size": d.world}
     if calibrate:
         summary["calibration"] = calibrate_logits(logits, y, people=people_of(data.val_rows))
-        rundir.set_temperature(out, summary["calibration"])
+    person = {r["image_id"]: person_key(r) for r in data.rows}
+    # a k-fold run's folds get the out-of-fold record after (kfold.write_out_of_fold)
+    summary["validation"] = learned_record(y, logits.argmax(1), [person[i] for i in ids], "validation")
+    runs.update_card(out, summary.get("calibration"), summary["validation"])
     rundir.write_summary(out, summary)
     return summary

@@ -1,8 +1,8 @@
 """The torch backend's parts (backends.TorchBackend): checkpoints, run folders and k-fold runs found,
 loaded and run on crops, each model with its own eval transform and normalisation, returning logits
 (`model_logits`). Validation during training runs the same dataset class, eval transform and
-`engine.infer`, so the validation score is the score of this path. `predict` itself is predictor.py's,
-the one path for both backends (re-exported here).
+`engine.infer`, so the validation score is the score of this path. `predict` is predictor.py's, the one
+path for both backends.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from classify.data.transforms import build_transform
 from classify.errors import CheckpointError
 from classify.inference.card import card_of
 from classify.inference.engine import infer, make_loader, resolve_amp
-from classify.inference.predictor import predict  # noqa: F401 - the one predict, for both backends
-from classify.inference.rundir import fold_dirs
+from classify.inference.rundir import fold_dirs, recover_swap
 from classify.models.nets import create_model, upgrade_state
 
 
@@ -39,6 +38,8 @@ def checkpoint_paths(paths: list[Path]) -> list[Path]:
     every fold's best.pt (fold0, fold1, ... in order)."""
     out = []
     for p in map(Path, paths):
+        if not p.exists():
+            recover_swap(p)  # a `train --overwrite` killed between its renames: finished (or undone) first
         if not p.is_dir():
             out.append(p)
             continue
