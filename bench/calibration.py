@@ -43,7 +43,7 @@ def main() -> None:
     from classify.data.dataset import load_rows
     from classify.study.explain import explain_crops
     from classify.models.nets import create_model
-    from classify.inference.predict import predict
+    from classify.inference.predictor import predict
     from classify.inference.card import card_of
     from classify.training.train import fit
     from preprocess import CropConfig, crop_dataset

@@ -18,7 +18,7 @@ from fastapi import FastAPI, File, UploadFile  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from classify.checkpoint import load_checkpoint  # noqa: E402
-from classify.inference.predict import load_model  # noqa: E402
+from classify.inference.torch_backend import load_model  # noqa: E402
 
 ckpt = load_checkpoint(sys.argv[1])
 model = load_model(ckpt, torch.device("cpu"))

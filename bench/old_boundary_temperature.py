@@ -20,7 +20,7 @@ from classify.data.dataset import load_rows, person_key  # noqa: E402
 from classify.inference import rundir  # noqa: E402
 from classify.inference.calibration import apply_temperature, ece, fit_temperature, nll  # noqa: E402
 from classify.inference.card import card_of  # noqa: E402
-from classify.inference.predict import model_logits  # noqa: E402
+from classify.inference.torch_backend import model_logits  # noqa: E402
 from classify.training.config import TrainConfig  # noqa: E402
 from classify.training.train import fit  # noqa: E402
 from tests.conftest import make_crops  # noqa: E402

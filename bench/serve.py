@@ -97,7 +97,7 @@ def classifier_alone(run: Path, model: Path, base: Path) -> dict:
     from classify.checkpoint import load_checkpoint
     from classify.deploy.export import export
     from classify.inference.onnx_model import OnnxModel
-    from classify.inference.predict import checkpoint_paths, load_model
+    from classify.inference.torch_backend import checkpoint_paths, load_model
 
     ckpt = load_checkpoint(checkpoint_paths([run])[0])
     net = load_model(ckpt, torch.device("cpu"))
@@ -131,7 +131,7 @@ def main() -> None:
     make_lone_workload(base / "lone", args.photos)
     photos = sorted((base / "lone" / "images").iterdir())
     from classify.deploy.export import export
-    from classify.inference.predict import checkpoint_paths
+    from classify.inference.torch_backend import checkpoint_paths
 
     model = export([args.run], base / "model.onnx").path
     result = {}

@@ -14,7 +14,7 @@ from classify.training.config import TrainConfig
 from classify.training.train import fit
 from classify.checkpoint import load_checkpoint
 from classify.inference.card import card_of
-from classify.inference.predict import model_logits
+from classify.inference.torch_backend import model_logits
 from classify.inference.calibration import apply_temperature, ece  # noqa: E402
 from classify.inference.answer import model_probs
 from classify.inference import rundir
