@@ -226,7 +226,7 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
     write_manifest(out, rows, meta)
     compact_journal(out, key, units, plan.unit_fps, done)
     if config.pack:
-        pack_crops(out, rows, config.size)
+        pack_crops(out, rows, config.size, config.workers)
     # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
     # Dist.close(), on the rendezvous store).
     return CropResult(out, found.layout, rows, counts, detected, found.warnings, learned or prior)

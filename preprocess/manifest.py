@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ OPTIONAL = {"faces", "landmarks", "prob", "sha256"}  # absent from manifests wri
 # prob: a pseudo-label's probability (`maskcls pseudo-label`), empty for photos labelled by their names
 INT_COLUMNS = {"gender", "age", "mask", "age_group", "label", "width", "height", "faces"}
 FLOAT_COLUMNS = {"x1", "y1", "x2", "y2", "score", "prob"}
+PACK_WINDOW = 64  # crops decoded ahead of the writer when packing (64 x 196 KB at 256 px)
 
 # The one list of row statuses (the crop stage writes them; report, CLI and datasets read them):
 STATUS_HELP = {
@@ -155,11 +157,13 @@ def _crop_stamp(out: Path, names: list[str]) -> str:
     return hashlib.sha256(json.dumps([(n, fingerprint(out / n)) for n in names]).encode()).hexdigest()
 
 
-def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
+def pack_crops(out: Path, rows: list[dict], size: int, workers: int = 2) -> Path:
     """Write crops.npy (N x size x size x 3 uint8, manifest order), decoded from the JPEG crops, atomically.
 
     Its stamp (crops.npy.json) records the manifest's hash; readers trust the pack only if it matches.
-    Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes)."""
+    Skipped when an up-to-date pack exists (same manifest, same crop files, sizes and mtimes). `workers`
+    threads decode (OpenCV releases the GIL), a window of `PACK_WINDOW` crops at a time, so the memory held
+    stays the same at any data set size; the file is written in order by this thread."""
     stamp = _crop_stamp(out, [r["crop"] for r in rows])
     target, stamp_file = out / PACKED, out / (PACKED + ".json")
     info = {"stamp": stamp, "manifest_sha256": manifest_digest(out), "rows": len(rows), "size": size}
@@ -171,11 +175,13 @@ def pack_crops(out: Path, rows: list[dict], size: int) -> Path:
     with open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(
             f, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)})
-        for r in rows:
-            crop = read_crop(out / r["crop"])
-            if crop.shape != (size, size, 3):
-                raise ValueError(f"{r['crop']} is {crop.shape}, expected {(size, size, 3)}: recrop this folder")
-            f.write(np.ascontiguousarray(crop).tobytes())
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for start in range(0, len(rows), PACK_WINDOW):
+                window = rows[start:start + PACK_WINDOW]
+                for r, crop in zip(window, pool.map(lambda r: read_crop(out / r["crop"]), window)):
+                    if crop.shape != (size, size, 3):
+                        raise ValueError(f"{r['crop']} is {crop.shape}, expected {(size, size, 3)}: recrop this folder")
+                    f.write(np.ascontiguousarray(crop).tobytes())
     stamp_file.unlink(missing_ok=True)  # no window where an old stamp vouches for a new array
     os.replace(tmp, target)
     atomic_write_bytes(stamp_file, json.dumps(info).encode())

@@ -124,7 +124,11 @@ def test_second_run_does_no_detection_and_a_settings_change_recrops(raw_train, t
     assert crop_dataset(raw_train, out, CFG, detector=fake_detector).detected == 21
 
 
-def test_packed_array_equals_the_decoded_crops_and_no_temp_files_remain(raw_train, tmp_path, fake_detector):
+@pytest.mark.parametrize("window", [64, 4])  # 4: 21 rows in 6 windows, the last one short
+def test_packed_array_equals_the_decoded_crops_and_no_temp_files_remain(raw_train, tmp_path, fake_detector, window,
+                                                                         monkeypatch):
+    import preprocess.manifest
+    monkeypatch.setattr(preprocess.manifest, "PACK_WINDOW", window)
     out = tmp_path / "c"
     crop_dataset(raw_train, out, CFG, detector=fake_detector)
     rows = read_manifest(out)

@@ -122,3 +122,45 @@ def test_any_decoder_failure_is_the_photos_own_error(tmp_path, monkeypatch):
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
     with pytest.raises(UnreadableImage, match="not a readable image: unpack requires"):
         load_rgb(tmp_path / "a.png")
+
+
+def _pil_pixels(path):
+    """What PIL's own path gives (exif_transpose, then RGB): the reference the fast JPEG path must match."""
+    from PIL import ImageOps
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_a_plain_jpeg_decodes_to_pils_pixels_bit_for_bit_and_other_jpegs_take_pils_path(tmp_path, monkeypatch):
+    import io
+
+    import cv2
+
+    from preprocess import imageio
+    faces = sorted((REPO / "tests" / "assets" / "faces").glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (301, 203, 3), dtype=np.uint8)  # odd sizes: the chroma upsampling's edges
+    Image.fromarray(noisy).save(tmp_path / "base.jpg", quality=95)
+    Image.fromarray(noisy).save(tmp_path / "prog.jpg", quality=80, progressive=True)
+    Image.fromarray(noisy).save(tmp_path / "444.jpg", quality=90, subsampling=0)
+    Image.fromarray(noisy[:, :, 0]).save(tmp_path / "grey.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(noisy).save(tmp_path / "rot.jpg", exif=exif)
+    (tmp_path / "tail.jpg").write_bytes((tmp_path / "base.jpg").read_bytes() + b"trailing bytes")
+    calls = []
+    real = cv2.imdecode
+    monkeypatch.setattr(imageio.cv2, "imdecode", lambda *a: calls.append(1) or real(*a))
+    fast = {"base.jpg", "prog.jpg", "444.jpg"} | {f.name for f in faces}
+    for path in faces + sorted(tmp_path.glob("*.jpg")):
+        calls.clear()
+        got = load_rgb(path)
+        assert got.dtype == np.uint8 and np.array_equal(got, _pil_pixels(path)), path.name
+        assert bool(calls) == (path.name in fast), path.name  # grey, rotated, trailing bytes: PIL decodes them
+        data = path.read_bytes()
+        assert np.array_equal(load_rgb(io.BytesIO(data), size=len(data)), got), path.name  # serve's bytes
+    # A truncated JPEG still gets PIL's refusal (libjpeg alone would pad it with grey and carry on).
+    data = (tmp_path / "base.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UnreadableImage, match="not a readable image"):
+        load_rgb(tmp_path / "cut.jpg")
