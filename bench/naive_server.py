@@ -22,7 +22,7 @@ from classify.inference.torch_backend import load_model  # noqa: E402
 
 ckpt = load_checkpoint(sys.argv[1])
 model = load_model(ckpt, torch.device("cpu"))
-size = ckpt["img_size"]
+size = ckpt["card"]["img_size"]  # the model card (checkpoint format 2)
 mtcnn = MTCNN(device="cpu")
 mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 app = FastAPI()

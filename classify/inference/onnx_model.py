@@ -48,6 +48,9 @@ class OnnxModel:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: under a server's load the spinning threads took the
+        # cores the detector and the decoders needed (BENCHMARKS §24).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: any means "not a model it can run"
