@@ -91,6 +91,8 @@ def _plain_jpeg(im: Image.Image, src, w: int, h: int) -> np.ndarray | None:
     through its incremental buffer and copies twice more on the way to numpy. Only the plain case: a
     baseline or progressive YCbCr JPEG (mode RGB) with no EXIF rotation, ending in its EOI marker (a
     truncated file goes to PIL, which refuses it, where libjpeg would pad it with grey and carry on).
+    One difference shows: a JPEG whose data is damaged inside (its EOI intact) decodes to PIL's pixels here
+    too, but libjpeg writes its own "Corrupt JPEG data: ..." line to stderr, which PIL keeps quiet.
     """
     if im.format != "JPEG" or im.mode != "RGB" or im.getexif().get(0x0112, 1) != 1:
         return None
