@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -134,25 +131,16 @@ def main() -> None:
         return server(args.model, args.server)
     import httpx
 
-    from serve import load
+    from serve import free_port, load, start
     from workload import make_lone_workload, workdir
 
     base = workdir(args.workdir)
     make_lone_workload(base / "lone", args.photos)
     photos = sorted((base / "lone" / "images").iterdir())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, __file__, "--model", str(args.model), "--server", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = start([sys.executable, __file__, "--model", str(args.model), "--server", str(port)], port)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         load(url + "/predict", photos[:16], args.clients, 32)  # warm up
         before = httpx.get(url + "/_stats").json()
         res = load(url + "/predict", photos, args.clients, args.requests)
