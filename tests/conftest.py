@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import socket
 from pathlib import Path
 
 import cv2
@@ -47,6 +48,13 @@ class FakeDetector:
                 score = min(0.99, 0.99 * float(grey[lab == k].mean()) / 250)
                 faces.append(Face(box=(float(x), float(y), float(x + w), float(y + h)), score=round(score, 4)))
         return sorted(faces, key=lambda f: -f.score)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (bound and closed again before it returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def photo(box=(140, 160, 260, 280), level=255, size=(384, 512), seed=0) -> np.ndarray:

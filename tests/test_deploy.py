@@ -4,7 +4,6 @@ and turns every bad request into a 4xx line while staying up."""
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 from classify.training.config import TrainConfig
 from classify.inference.predictor import predict
 from classify.training.train import fit
-from tests.conftest import REPO, SAMPLES, make_crops
+from tests.conftest import REPO, SAMPLES, free_port, make_crops
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -94,16 +93,11 @@ def test_predict_with_an_exported_model_runs_where_torch_cannot_be_imported(samp
     assert np.abs(probs - want.probs).max() < 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(sample_model):
     base, want = sample_model
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", str(base / "m.onnx"), "--port", str(port),
                              "--max-bytes", "3000000", "--max-files", "4"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_crops
+from tests.conftest import REPO, free_port, make_crops
 
 pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
@@ -29,11 +28,6 @@ def _pg_bin(name: str) -> str | None:
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     return found
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def postgres(tmp_path_factory):
         for p in (base, sock):
             os.chown(p, uid, -1)
         as_user = ["runuser", "-u", user, "--"]
-    port = _free_port()
+    port = free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)  # noqa: E731
     res = run(initdb, "-D", str(data), "-A", "trust", "-U", "maskcls")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -8,7 +8,6 @@ import http.server
 import importlib.util
 import pickle
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from classify.models import weights as W
 from classify.errors import ConfigError
 from classify.inference.card import card_of
 from classify.models.nets import Backbone, create_model
+from tests.conftest import free_port
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
 
@@ -62,11 +62,6 @@ def hub(tmp_path, monkeypatch):
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the with ends: nothing listens there
-
 
 @needs_real_weights
 def test_imagenet_weights_download_with_progress_into_the_hub_cache(server, hub, monkeypatch, capfd):
@@ -102,7 +97,7 @@ def test_a_download_that_is_not_the_published_file_is_refused_and_not_kept(serve
 
 
 def test_offline_imagenet_is_one_line_naming_the_file_the_place_and_weights_path(hub, monkeypatch):
-    monkeypatch.setenv("MASKCLS_TORCHVISION_MIRROR", f"http://127.0.0.1:{_closed_port()}/models/")
+    monkeypatch.setenv("MASKCLS_TORCHVISION_MIRROR", f"http://127.0.0.1:{free_port()}/models/")
     with pytest.raises(ConfigError) as e:
         create_model("resnet18", weights="imagenet")
     msg = str(e.value)
@@ -117,7 +112,7 @@ def test_auto_is_recorded_in_summary_and_checkpoint_when_it_falls_back(hub, monk
     from classify.training.train import TrainConfig, fit
     from tests.conftest import make_crops
 
-    monkeypatch.setenv("MASKCLS_TORCHVISION_MIRROR", f"http://127.0.0.1:{_closed_port()}/")
+    monkeypatch.setenv("MASKCLS_TORCHVISION_MIRROR", f"http://127.0.0.1:{free_port()}/")
     crops = make_crops(tmp_path / "crops", people=12)
     warned = []
     summary = fit(TrainConfig(crops=str(crops), out=str(tmp_path / "r"), epochs=1, img_size=32, workers=0,
@@ -207,7 +202,7 @@ def test_a_timm_model_offline_is_told_at_once_and_auto_falls_back(monkeypatch):
 
     if W.cached("timm/test_convnext.r160_in1k"):
         pytest.skip("this machine has the weights in its Hugging Face cache")
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     t = time.perf_counter()
     with pytest.raises(ConfigError) as e:
         create_model("timm/test_convnext.r160_in1k", weights="imagenet")
