@@ -1,4 +1,5 @@
 """The crop stage with a fake detector whose boxes are known: statuses, fallbacks, geometry, caching."""
+import os
 import json
 import shutil
 
@@ -160,3 +161,42 @@ def test_a_photo_too_thin_for_a_face_gets_its_own_status_and_the_run_goes_on(tmp
     for name in ("thin.png", "wide.png"):
         assert rows[name]["status"] == "too_small" and "too small or too thin" in rows[name]["reason"]
     assert all(rows[p.name]["status"] not in ("unreadable", "too_small") for p in good)
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            inside = line.rstrip("\n").endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_reading_crops_npy_keeps_a_bounded_share_of_it_resident(tmp_path, monkeypatch):
+    """A DataLoader worker of a 12,600-photo predict showed its half of crops.npy (1.2 GB) as RSS: every page it
+    had read stayed mapped. Now a reader gives the pages back every RELEASE_BYTES, with the same pixels."""
+    from classify.data.dataset import CropDataset, PackedCrops
+    from classify.data.transforms import build_transform
+
+    n, side = 256, 128  # 48 KiB a crop, 12 MiB in all
+    crops = tmp_path / "c"
+    crops.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    np.save(crops / "crops.npy", pixels)
+    rows = [{"index": i, "label": i % 18, "mask": 0, "crop": f"{i}.jpg"} for i in range(n)]
+    resident = {}
+    for budget in (1 << 30, 1 << 20):  # more than the file; 1 MiB
+        monkeypatch.setattr(PackedCrops, "RELEASE_BYTES", budget)
+        ds = CropDataset(crops, rows, build_transform("none", side, train=False))
+        ds._packed_path = crops / "crops.npy"
+        for i in range(n):
+            assert np.array_equal(ds[i][0].numpy(), pixels[i].transpose(2, 0, 1))
+        resident[budget] = _mapped_rss_kib(crops / "crops.npy")
+        del ds
+    # the whole file stays mapped under a budget it fits; else the budget and what the kernel maps around a read
+    # (fault-around, large page-cache folios: measured 1 MiB here)
+    assert resident[1 << 30] >= 12 * 1024 and resident[1 << 20] <= 1024 + 2048, resident
