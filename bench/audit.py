@@ -5,7 +5,7 @@ made on purpose: a share of the persons get their incorrect_mask and normal phot
 5% of the persons (others) get the other gender.
 
     python bench/audit.py [--workloads 60:0,90:3] [--rates 0.05,0.10,0.20] [--gender-rate 0.05] [--folds 3]
-                          [--epochs 4] [--img-size 96] [--weak] [--boundary] [--workdir DIR]
+                          [--epochs 4] [--img-size 96] [--weak] [--boundary] [--rounds N] [--workdir DIR]
 
 Per workload (people:seed) and swap rate: a k-fold run on the noisy labels (mobilenet_v2 from torchvision's
 ImageNet file, as bench/finetune.py; seed 42), then `audit` of it judging by each fold's best epoch and by its
@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--boundary", action="store_true")
     ap.add_argument("--only-extra", action="store_true", help="run --weak/--boundary alone")
     ap.add_argument("--retrain", action="store_true", help="train again where DIR holds the k-fold run already")
+    ap.add_argument("--rounds", type=int, default=1, help="audit rounds: round r trains the k-fold with round "
+                    "r-1's label_fixes.csv (which keeps that round's fixes) and audits it; judged on its file")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     base = workdir(args.workdir)
@@ -163,13 +165,26 @@ def main() -> None:
         for epoch in ("best", "last"):
             a = audit(run, base / f"audit_{name}_{epoch}", epoch=epoch)
             res[epoch] = judge(base / f"audit_{name}_{epoch}", truth, old, swapped, flipped) | {"cautions": a.cautions}
-        results.append(res)
-        out_json.write_text(json.dumps(results, indent=1))
         b = res["best"]
         print(f"{name}: oof F1 {res['oof_f1']}, fixes {b['fix_rows_right']}/{b['fix_rows']} right, swapped photos "
               f"{b['swapped_photos_fixed']}/{b['swapped_photos']}, flipped {b['flipped_people_fixed']}/"
               f"{b['flipped_people']}; last epoch: {res['last']['fix_rows_right']}/{res['last']['fix_rows']}, "
               f"{res['last']['swapped_photos_fixed']}/{res['last']['swapped_photos']} ({secs:.0f} s)", flush=True)
+        prev = base / f"audit_{name}_best"
+        for r in range(2, args.rounds + 1):  # train the k-fold again with the last round's fixes, audit again
+            t = time.perf_counter()
+            fit(TrainConfig(crops=str(noisy), out=str(base / f"k_{name}_r{r}"), label_fixes=str(prev / "label_fixes.csv"),
+                            **cfg), warn=lambda m: None, overwrite=True)
+            a = audit(base / f"k_{name}_r{r}", base / f"audit_{name}_r{r}")
+            prev = base / f"audit_{name}_r{r}"
+            res[f"round{r}"] = judge(prev, truth, old, swapped, flipped) | {"cautions": a.cautions, "carried": a.carried,
+                                                                         "seconds_kfold": round(time.perf_counter() - t)}
+            q = res[f"round{r}"]
+            print(f"{name} round {r}: fixes {q['fix_rows_right']}/{q['fix_rows']} right ({a.carried} carried from the "
+                  f"round before), swapped photos {q['swapped_photos_fixed']}/{q['swapped_photos']}, flipped "
+                  f"{q['flipped_people_fixed']}/{q['flipped_people']}", flush=True)
+        results.append(res)
+        out_json.write_text(json.dumps(results, indent=1))
 
     if not args.only_extra:
         for spec in args.workloads.split(","):

@@ -159,6 +159,10 @@ def audit(
     for caution in res.cautions + res.not_judged:
         warning(caution)
     which = f"with score >= {min_score}" if min_score is not None else "of the kinds and scores measured >= 90% right"
+    if res.carried_from:
+        console.print(f"The run trained with --label-fixes {escape(res.carried_from)}: label_fixes.csv keeps "
+                      f"{res.carried} of its rows (the others replaced by new fixes), so it applies to the crops "
+                      f"as cropped; train with it alone.", highlight=False)
     console.print(f"{res.fixes} fix(es) {which} in {escape(str(res.out / 'label_fixes.csv'))}; review "
                   f"them on {escape(str(res.out / 'index.html'))}, then `maskcls train CROPS --label-fixes "
                   f"{escape(str(res.out / 'label_fixes.csv'))} ...`", highlight=False)

@@ -77,28 +77,16 @@ def test_swapped_pairs_rank_first_and_their_fixes_give_back_the_true_labels(nois
 def test_the_review_page_shows_every_suspect_and_downloads_the_ticked_fixes(noisy_run, tmp_path):
     """In headless Chromium: every image loads, no console error; untick the first suspect, press the
     button, and the downloaded CSV is label_fixes.csv without that suspect's rows."""
-    from tests.test_browser import CHROMIUM, DRIVER, SHOTS
+    from tests.test_browser import SHOTS
 
     w, _ = noisy_run
     if not (w / "a" / "index.html").is_file():
         from classify.study.audit import audit
 
         audit(w / "k", w / "a")
-    if not (CHROMIUM and DRIVER and importlib.util.find_spec("selenium")):
-        pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver) and selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1000"):
-        opts.add_argument(a)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "dl"),
-                                           "download.prompt_for_download": False})
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver = _chrome(tmp_path)
     try:
         driver.get((w / "a" / "index.html").as_uri())
         driver.execute_async_script(
@@ -113,11 +101,7 @@ def test_the_review_page_shows_every_suspect_and_downloads_the_ticked_fixes(nois
         assert len(boxes) == len(suspects)
         first = json.loads(boxes[0].get_attribute("data-fixes"))
         boxes[0].click()
-        driver.find_element(By.ID, "save").click()
-        deadline = time.time() + 20
-        while time.time() < deadline and not (tmp_path / "dl" / "label_fixes.csv").is_file():
-            time.sleep(0.2)
-        got = list(csv.reader(open(tmp_path / "dl" / "label_fixes.csv", newline="")))
+        got = _download(driver, tmp_path)
         want = list(csv.reader(open(w / "a" / "label_fixes.csv", newline="")))
         assert got[0] == want[0] and got[1:] == [r for r in want[1:] if r not in first] and len(got) < len(want)
         assert [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -125,6 +109,37 @@ def test_the_review_page_shows_every_suspect_and_downloads_the_ticked_fixes(nois
         driver.save_screenshot(str(SHOTS / "audit.png"))
     finally:
         driver.quit()
+
+
+def _chrome(tmp_path):
+    """Headless Chromium that downloads into tmp_path/dl (skips without it)."""
+    from tests.test_browser import CHROMIUM, DRIVER
+
+    if not (CHROMIUM and DRIVER and importlib.util.find_spec("selenium")):
+        pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver) and selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1000"):
+        opts.add_argument(a)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "dl"),
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+
+
+def _download(driver, tmp_path) -> list[list[str]]:
+    """Press the page's button; the rows of the CSV it downloads."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "save").click()
+    deadline = time.time() + 20
+    while time.time() < deadline and not (tmp_path / "dl" / "label_fixes.csv").is_file():
+        time.sleep(0.2)
+    return list(csv.reader(open(tmp_path / "dl" / "label_fixes.csv", newline="")))
 
 
 def test_a_single_run_is_refused_with_how_to_make_a_k_fold_run(tmp_path, cli_run):
@@ -151,3 +166,57 @@ def test_a_single_run_is_refused_with_how_to_make_a_k_fold_run(tmp_path, cli_run
     assert res.returncode == 0, res.stderr[-2000:]
     said = " ".join((res.stdout + res.stderr).split())
     assert "warning: the run holds 12 people" in said and "Caution: the run holds 12 people" in (tmp_path / "a" / "index.html").read_text()
+
+
+@needs_real_weights
+def test_a_second_round_keeps_the_first_rounds_fixes_so_its_file_applies_to_the_crops_as_cropped(noisy_run, tmp_path,
+                                                                                                 cli_run):
+    """A k-fold run trained with --label-fixes F is judged on its fixed labels; its label_fixes.csv holds F's rows
+    (but those a new fix of the same photo and field replaces) and then the new ones, so training with that one
+    file gives the labels of F followed by the new fixes. Here F gives back the first swapped person's true masks
+    (kept: no new fix names them) and swaps a right-labelled person's incorrect and normal photos (the out-of-fold
+    predictions say the true ones: the new pair fix replaces F's two rows)."""
+    import shutil
+
+    from classify.data.dataset import apply_label_fixes, load_rows
+
+    w, truth = noisy_run
+    a_person = next(i.split("/")[0] for i in truth if i.startswith(SWAPPED[0]))
+    b_person = next(i.split("/")[0] for i in truth if i.startswith("000002"))
+    f_rows = [[i, "mask", str(truth[i])] for i in sorted(truth) if i.startswith(a_person + "/") and truth[i] in (1, 2)]
+    b_rows = [[i, "mask", str(3 - truth[i])] for i in sorted(truth) if i.startswith(b_person + "/") and truth[i] in (1, 2)]
+    fixes = tmp_path / "round1.csv"
+    with open(fixes, "w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "field", "value"], *f_rows, *b_rows])
+    run = tmp_path / "k2"
+    shutil.copytree(w / "k", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"label_fixes": str(fixes)}))
+
+    res = cli_run("audit", run, "--out", tmp_path / "a2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = " ".join((res.stdout + res.stderr).split())
+    got = list(csv.reader(open(tmp_path / "a2" / "label_fixes.csv", newline="")))[1:]
+    suspects = list(csv.DictReader(open(tmp_path / "a2" / "suspects.csv", newline="")))
+    new = [x.split("|") for s in suspects if s["default"] == "1" for x in s["fixes"].split(";") if x]
+    assert sorted(r for r in new if r[0].startswith(b_person + "/")) == [[i, "mask", str(truth[i])] for i, *_ in b_rows]
+    assert got == f_rows + new and f"keeps {len(f_rows)} of its rows" in said  # B's rows replaced, A's kept
+    assert not any(s["id"].startswith(SWAPPED[0]) for s in suspects)  # A's labels are right now: no suspect
+    # the one file = F, then the new fixes, on the crops as cropped
+    one = {r["image_id"]: r["label"] for r in load_rows(w / "crops", label_fixes=tmp_path / "a2" / "label_fixes.csv")[0]}
+    steps = load_rows(w / "crops", label_fixes=fixes)[0]
+    with open(tmp_path / "new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "field", "value"], *new])
+    apply_label_fixes(steps, tmp_path / "new.csv", 60)
+    assert one == {r["image_id"]: r["label"] for r in steps}
+    fixed = {r["image_id"]: r["mask"] for r in load_rows(w / "crops", label_fixes=tmp_path / "a2" / "label_fixes.csv")[0]}
+    assert all(fixed[i] == truth[i] for i in truth if i.split("_")[0] in SWAPPED + ("000002",) and truth[i] in (1, 2))
+    page = (tmp_path / "a2" / "index.html").read_text()
+    assert f"This run trained with the {len(f_rows) + len(b_rows)} fixes of {fixes}" in page
+    driver = _chrome(tmp_path)  # the page's download: the same file (F's kept rows, then the ticked fixes)
+    try:
+        driver.get((tmp_path / "a2" / "index.html").as_uri())
+        assert _download(driver, tmp_path) == list(csv.reader(open(tmp_path / "a2" / "label_fixes.csv", newline="")))
+        assert [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        driver.quit()

@@ -120,3 +120,29 @@ def test_age_is_judged_at_the_models_boundary_so_a_58_year_old_is_no_suspect():
     assert _person_suspects(rows, p, "age", 58, find, quality) == []
     flagged = _person_suspects(rows, p, "age", 60, find, quality)  # judged at 60, it would flag the 58s and 59s
     assert flagged and all(s.given.startswith("30-59") for s in flagged)
+
+
+def test_a_second_rounds_file_keeps_the_run_s_own_fixes_but_those_a_new_fix_replaces(tmp_path):
+    """Applying the one file = applying the run's --label-fixes, then the new fixes (even where the first named a
+    person by folder and the new one a photo of it)."""
+    from classify.data.dataset import apply_label_fixes
+    from classify.study.audit import _carried, _read_fixes
+
+    ids = [f"00000{k}_male_Asian_25/{s}.jpg" for k in range(3) for s in "abc"]
+    earlier_rows = [["000000_male_Asian_25", "gender", "female"], ["000001_male_Asian_25/a.jpg", "mask", "1"],
+                    ["000002_male_Asian_25", "gender", "female"]]
+    new = [("000000_male_Asian_25", "gender", "male"), ("000002_male_Asian_25/b.jpg", "gender", "male")]
+    (tmp_path / "earlier.csv").write_text("image_id,field,value\n" + "".join(",".join(r) + "\n" for r in earlier_rows))
+    earlier = _read_fixes(tmp_path / "earlier.csv")
+    kept = _carried(earlier, new)
+    assert kept == [tuple(earlier_rows[1]), tuple(earlier_rows[2])]  # person 0's gender row is replaced
+    one, steps = _rows(ids, [i[:6] for i in ids]), _rows(ids, [i[:6] for i in ids])
+    with open(tmp_path / "one.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "field", "value"], *kept, *new])
+    with open(tmp_path / "new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "field", "value"], *new])
+    apply_label_fixes(one, tmp_path / "one.csv", 60)
+    apply_label_fixes(steps, tmp_path / "earlier.csv", 60)
+    apply_label_fixes(steps, tmp_path / "new.csv", 60)
+    assert one == steps
+    assert [r["gender"] for r in one] == [0, 0, 0, 0, 0, 0, 1, 0, 1] and one[3]["mask"] == 1

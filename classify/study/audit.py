@@ -24,7 +24,9 @@ are named, not judged.
 
 Writes `suspects.csv` (every suspect, most suspect first, with its fixes), `label_fixes.csv` (the default fixes,
 in `train --label-fixes` format, each row naming exactly one person's photos: the person's folder where the
-folder holds that person alone, else one row per photo), and `index.html`.
+folder holds that person alone, else one row per photo), and `index.html`. A run trained with --label-fixes F
+is judged on its fixed labels, and its label_fixes.csv starts with F's rows (but those a new fix replaces), so the
+file always applies to the crops as cropped: a second round trains with it alone.
 """
 from __future__ import annotations
 
@@ -75,12 +77,14 @@ class Suspect:
 @dataclass
 class AuditResult:
     suspects: list[Suspect]
-    fixes: int                # rows of label_fixes.csv
+    fixes: int                # new rows of label_fixes.csv (the suspects' default fixes)
     photos: int               # photos judged
     people: int
     out: Path
     cautions: list[str] = field(default_factory=list)  # why the suspects may say more about the model than the labels
     not_judged: list[str] = field(default_factory=list)  # what the audit could not judge, and why
+    carried: int = 0          # rows of the run's own --label-fixes kept in label_fixes.csv (see _carried)
+    carried_from: str | None = None  # that file
 
 
 def _cleanlab():
@@ -156,6 +160,7 @@ def audit(run: Path, out: Path, min_score: float | None = None, crops: Path | No
     old = int(config.get("old") or L.DEFAULT_OLD)  # the model's age classes: judged at its own boundary
     fixes = Path(config["label_fixes"]) if config.get("label_fixes") else None
     every, usable = load_rows(crops, old, fixes)  # the labels the run trained on
+    earlier = _read_fixes(fixes) if fixes else []  # read before `out` (it may be the same folder) is written
     not_judged = _not_judged(every, usable, ids)
     rows = {r["image_id"]: r for r in every}
     unknown = [i for i in ids if i not in rows]
@@ -180,13 +185,35 @@ def audit(run: Path, out: Path, min_score: float | None = None, crops: Path | No
     out.mkdir(parents=True, exist_ok=True)
     _write_suspects(out / "suspects.csv", suspects)
     chosen = [s for s in suspects if s.default]
-    rundir.write_csv(out / "label_fixes.csv", ["image_id", "field", "value"], [list(f) for s in chosen for f in s.fixes])
+    new = [tuple(f) for s in chosen for f in s.fixes]
+    kept = _carried(earlier, new)
+    rundir.write_csv(out / "label_fixes.csv", ["image_id", "field", "value"], [list(f) for f in kept + new])
     people = people_of(rows)
     cautions = _cautions(people, unlearned)
     structured = sum(1 for s in _by_person(rows).values() if _structure_of(rows, s) is not None)
     _page(out, crops, {r["image_id"]: r for r in rows}, suspects, len(rows), people, Path(run), cautions,
-          not_judged, structured, old)
-    return AuditResult(suspects, sum(len(s.fixes) for s in chosen), len(rows), people, out, cautions, not_judged)
+          not_judged, structured, old, (fixes, earlier))
+    return AuditResult(suspects, len(new), len(rows), people, out, cautions, not_judged, len(kept),
+                       str(fixes) if fixes else None)
+
+
+def _json_script(value) -> str:
+    """JSON that is safe inside a <script> element (no '</' or '<!--' can end or open anything)."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _read_fixes(path: Path) -> list[tuple[str, str, str]]:
+    """The (image_id, field, value) rows of a label-fixes CSV, as `apply_label_fixes` reads them."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [tuple((r.get(k) or "").strip() for k in ("image_id", "field", "value")) for r in csv.DictReader(f)]
+
+
+def _carried(earlier: list[tuple], new: list[tuple]) -> list[tuple]:
+    """The run's own fixes (its --label-fixes) that label_fixes.csv keeps so the file still applies to the crops
+    as cropped: all but those a new fix of the same photo (or person) and field replaces. They come first: where
+    the two name a photo differently (a person folder, then the photo) the later row, the new one, wins."""
+    replaced = {(i, f) for i, f, _ in new}
+    return [e for e in earlier if (e[0], e[1]) not in replaced]
 
 
 def _default(s: Suspect, min_score: float | None, unlearned: dict) -> tuple[bool, str]:
@@ -424,9 +451,16 @@ def read_suspects(path: Path) -> list[dict]:
 
 
 def _page(out: Path, crops: Path, rows: dict, suspects: list[Suspect], photos: int, people: int, run: Path,
-          cautions: list[str], not_judged: list[str], structured: int, old: int) -> None:
+          cautions: list[str], not_judged: list[str], structured: int, old: int,
+          earlier: tuple[Path | None, list[tuple]] = (None, [])) -> None:
     """index.html: each suspect's crops, given and suggested labels, a tick per suspect (ticked: the default
-    fixes, those in label_fixes.csv), and a button that downloads the ticked suspects' fixes as a label-fixes CSV."""
+    fixes, those in label_fixes.csv), and a button that downloads the ticked suspects' fixes as a label-fixes CSV,
+    after the run's own fixes (`earlier`: its --label-fixes file and rows) that no ticked fix replaces."""
+    src, rows_before = earlier
+    carried = (f"<p>This run trained with the {len(rows_before)} fixes of {html.escape(str(src))}; the labels above are "
+               f"those fixed ones. label_fixes.csv and the download keep its rows, but a new fix of the same photo "
+               f"(or person) and field replaces its row, so the file applies to the crops as cropped: train with it "
+               f"alone.</p>" if src else "")
     shown = suspects[:PAGE_LIMIT]
     pics = out / "photos"
     shutil.rmtree(pics, ignore_errors=True)
@@ -467,13 +501,17 @@ scores whose fixes were measured right at least 90% of the time (those in <a hre
 each other one says why not. Look at each; untick what the photos do not bear out, tick what they do, then
 <button id='save' type='button'>download the ticked fixes</button> and train with
 <code>maskcls train CROPS --label-fixes label_fixes.csv</code>. Numbers: <a href='suspects.csv'>suspects.csv</a>.</p>
-{more}{''.join(cards) or '<p>No suspect: every given label agrees with the out-of-fold predictions.</p>'}
+{carried}{more}{''.join(cards) or '<p>No suspect: every given label agrees with the out-of-fold predictions.</p>'}
+<script type="application/json" id="earlier">{_json_script(rows_before)}</script>
 <script>
 "use strict";
 document.getElementById("save").addEventListener("click", () => {{
+  const rows = [];
+  for (const box of document.querySelectorAll("input[data-fixes]:checked")) rows.push(...JSON.parse(box.dataset.fixes));
+  const replaced = new Set(rows.map(([id, f]) => id + "\\u0000" + f));
+  const earlier = JSON.parse(document.getElementById("earlier").textContent).filter(([id, f]) => !replaced.has(id + "\\u0000" + f));
   const lines = ["image_id,field,value"];
-  for (const box of document.querySelectorAll("input[data-fixes]:checked"))
-    for (const [id, f, v] of JSON.parse(box.dataset.fixes)) lines.push([id, f, v].map(x => /[",\\n]/.test(x) ? '"' + x.replace(/"/g, '""') + '"' : x).join(","));
+  for (const [id, f, v] of earlier.concat(rows)) lines.push([id, f, v].map(x => /[",\\n]/.test(x) ? '"' + x.replace(/"/g, '""') + '"' : x).join(","));
   const a = document.createElement("a");
   a.href = URL.createObjectURL(new Blob([lines.join("\\n") + "\\n"], {{type: "text/csv"}}));
   a.download = "label_fixes.csv"; a.click();
