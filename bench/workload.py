@@ -109,6 +109,9 @@ VISIBLE = {"camera": ("male", 19, 28, 0.30), "obama": ("male", 33, 55, 0.10), "o
            "biden": ("male", 60, 72, 0.10), "grace_hopper": ("female", 61, 80, 0.10)}
 
 
+HUMAN = {"obama2": "obama", "obama3": "obama"}  # three photos of one man
+
+
 def make_visible_workload(out: Path, people: int = 60, seed: int = 0) -> Path:
     """A competition train folder whose classes are visible: mask status drawn on real faces (five
     masks, one below the nose, one bare), gender and age group those of the source face (VISIBLE).
@@ -116,18 +119,24 @@ def make_visible_workload(out: Path, people: int = 60, seed: int = 0) -> Path:
     out = Path(out)
     raw = out / "raw"
     done = out / "visible.json"
-    if done.is_file() and json.loads(done.read_text()) == {"people": people, "seed": seed}:
+    if done.is_file() and json.loads(done.read_text()) == {"people": people, "seed": seed} \
+            and (out / "groups.csv").is_file():
         return raw
     shutil.rmtree(raw, ignore_errors=True)
     rng = np.random.default_rng(seed)
     srcs = {s.name: s for s in sources()}
     names = list(VISIBLE)
     weights = np.array([VISIBLE[n][3] for n in names])
+    groups = []
     for p in range(people):
         name = names[rng.choice(len(names), p=weights / weights.sum())]
         gender, lo, hi, _ = VISIBLE[name]
         folder = f"{p + 1:06d}_{gender}_Asian_{int(rng.integers(lo, hi + 1))}"
+        groups.append((f"{p + 1:06d}", HUMAN.get(name, name)))
         for stem, (img, _) in person_photos(srcs[name], rng, flip=bool(rng.integers(2))).items():
             save(raw / "images" / folder / f"{stem}.jpg", img, quality=90)
+    # which human each person is: persons drawn from one face are near-duplicates of each other, so a split
+    # that keeps them apart is not out-of-identity (`maskcls train --groups out/groups.csv` keeps them together)
+    (out / "groups.csv").write_text("person_id,group\n" + "".join(f"{p},{g}\n" for p, g in groups))
     done.write_text(json.dumps({"people": people, "seed": seed}))
     return raw

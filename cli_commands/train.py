@@ -67,6 +67,8 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", metavar="", help="torch.compile the model (default: off)."),
     sampler: Optional[str] = typer.Option(None, help="none | weighted (inverse class frequency) (default: none)."),
     label_fixes: Optional[Path] = typer.Option(None, help="CSV image_id,field,value of label corrections."),
+    groups: Optional[Path] = typer.Option(None, help="CSV person_id,group: people who are one human (a face under two "
+                                                     "ids) land on one side of the split, in one fold."),
     calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", metavar="",
                                              help="Fit a temperature on the validation predictions after training, "
                                                   "stored in best.pt (default: on)."),
@@ -202,6 +204,10 @@ def _train_summary(cfg, summary: dict, secs: float) -> None:
     _calibration_line(summary.get("calibration"))
     if summary.get("label_fixes"):
         console.print(label_fixes_line(summary["label_fixes"]), highlight=False)
+    if summary.get("groups"):
+        g = summary["groups"]
+        console.print(f"groups: {escape(g['file'])}: {g['people']} people in {g['groups']} group(s), each group on one "
+                      "side of the split" + (" (one fold)" if "oof" in summary else ""), highlight=False)
     v = summary.get("validation") or {}
     caution = not_learned_caution({t: tuple(ab) for t, ab in (v.get("not_learned") or {}).items()}, v.get("on", ""))
     if caution:

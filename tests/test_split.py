@@ -245,3 +245,49 @@ def test_a_validation_set_of_few_people_is_warned_about(tmp_path):
     many = fit(TrainConfig(crops=str(big), out=str(tmp_path / "many"), val_ratio=0.2, **fast), warn=said.append)
     assert not [w for w in many["warnings"] if "people: a score from so few" in w]
     assert many["calibration"]["people"] == 24 and "caution" not in many["calibration"]
+
+
+def test_groups_put_one_humans_people_on_one_side_and_change_nothing_without_them():
+    """--groups: the people of one group (the same human under several ids) are one unit of the split, in a
+    single split and in every fold; people outside any group keep the split they had without the option."""
+    rows = _rows(120)
+    for kw in ({"val_ratio": 0.2}, {"folds": 4, "fold": 1}):
+        plain = split_persons(rows, seed=5, **kw)
+        assert split_persons(rows, seed=5, groups={}, **kw) == plain
+        # five people of one human, chosen so that the plain split cuts them apart
+        val = [p for p, s in plain.items() if s == "val"][:2]
+        train = [p for p, s in plain.items() if s == "train"][:3]
+        groups = {p: "h1" for p in val + train}
+        grouped = split_persons(rows, seed=5, groups=groups, **kw)
+        assert len({grouped[p] for p in groups}) == 1
+        assert set(grouped) == set(plain)
+    folds = [split_persons(rows, seed=5, folds=4, fold=k, groups=groups) for k in range(4)]
+    held = [k for k, f in enumerate(folds) if f[val[0]] == "val"]
+    assert len(held) == 1 and all(folds[held[0]][p] == "val" for p in groups)  # one fold holds the whole group
+
+
+def test_a_groups_file_is_read_and_checked(tmp_path):
+    import pytest
+
+    from classify.data.dataset import prepare_data, read_groups
+    from classify.errors import ConfigError
+    from classify.training.config import TrainConfig
+    from tests.conftest import make_crops
+
+    f = tmp_path / "groups.csv"
+    f.write_text("person_id,group\n0001,a\n0002,a\n0003,b\n")
+    assert read_groups(f, {"0001", "0002", "0003", "0004"}) == {"0001": "a", "0002": "a", "0003": "b"}
+    for text, message in (("id,group\n0001,a\n", "needs the columns person_id,group"),
+                          ("person_id,group\n0009,a\n", r"1 person id\(s\) the crops do not hold \(0009\)"),
+                          ("person_id,group\n0001,a\n0001,b\n", r"in two groups \(0001\)"),
+                          ("person_id,group\n0001,\n", "without a person_id or group")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_groups(f, {"0001", "0002"})
+    with pytest.raises(ConfigError, match="no such file"):
+        TrainConfig(crops="c", out="x", groups=str(tmp_path / "none.csv")).check()
+    crops = make_crops(tmp_path / "c", people=30, size=8)
+    f.write_text("person_id,group\n" + "".join(f"{p:04d},twins\n" for p in range(0, 30, 3)))
+    data = prepare_data(TrainConfig(crops=str(crops), out="x", folds=3, fold=0, groups=str(f)))
+    assert len({data.split[f"{p:04d}"] for p in range(0, 30, 3)}) == 1
+    assert data.groups == {"file": str(f), "groups": 1, "people": 10}

@@ -103,11 +103,47 @@ def person_key(r: dict) -> str:
     return r.get("person_id") or f"photo:{r['image_id']}"
 
 
+def read_groups(path: Path, people: set[str]) -> dict[str, str]:
+    """--groups FILE: CSV `person_id,group`, people who are one human (the same face under two ids, a
+    duplicate folder): {person: group}. Every id must be a person of the crops, named once."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"person_id", "group"} <= set(reader.fieldnames or ()):
+                raise ConfigError(f"--groups {path}: needs the columns person_id,group (found: "
+                                  f"{','.join(reader.fieldnames or ()) or 'none'})")
+            pairs = [(str(r["person_id"] or "").strip(), str(r["group"] or "").strip()) for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"--groups {path}: {e}") from None
+    out: dict[str, str] = {}
+    unknown, twice, blank = [], [], 0
+    for person, group in pairs:
+        if not person or not group:
+            blank += 1
+        elif person not in people:
+            unknown.append(person)
+        elif person in out and out[person] != group:
+            twice.append(person)
+        else:
+            out[person] = group
+    if blank or unknown or twice:
+        parts = ([f"{blank} row(s) without a person_id or group"] if blank else []) + \
+                ([f"{len(unknown)} person id(s) the crops do not hold ({', '.join(unknown[:5])})"] if unknown else []) + \
+                ([f"{len(twice)} person id(s) in two groups ({', '.join(twice[:5])})"] if twice else [])
+        raise ConfigError(f"--groups {path}: " + "; ".join(parts))
+    return out
+
+
 def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, folds: int = 0, fold: int = 0,
-                  old: int = L.DEFAULT_OLD) -> dict[str, str]:
+                  old: int = L.DEFAULT_OLD, groups: dict[str, str] | None = None) -> dict[str, str]:
     """{person: 'train' | 'val'}, stratified on gender x age group at the boundary `old` (give the
     validation boundary, --val-old: the training labels' --old must not move validation people),
     reproducible from the seed.
+
+    `groups` ({person: group}, --groups): the people of one group are one unit of the split, so they
+    land on one side together (stratified by the group's first person); without it every person is
+    a unit, and the split is the same as before the option existed.
 
     With `folds` = K > 1, each stratum's people are cut into K slices of their ranking and fold `fold`
     is the validation set, so the K validation sets partition the people.
@@ -115,13 +151,18 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
     Within a stratum people are ranked by a hash of (seed, person), not by one random draw over all
     strata: a person added, removed or moved to another stratum moves nobody else but the one at a
     stratum's validation boundary (a shuffle would deal every later stratum anew)."""
+    groups = groups or {}
+    unit = {}  # person -> the unit it is split with
     strata: dict[tuple[int, int], list[str]] = {}
     seen = set()
     for r in rows:
         p = person_key(r)
-        if p not in seen:
-            seen.add(p)
-            strata.setdefault((r["gender"], L.age_group(r["age"], old)), []).append(p)
+        if p in unit:
+            continue
+        unit[p] = u = f"group:{groups[p]}" if p in groups else p
+        if u not in seen:
+            seen.add(u)
+            strata.setdefault((r["gender"], L.age_group(r["age"], old)), []).append(u)
     def ranked(people):
         return sorted(people, key=lambda p: hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest())
 
@@ -130,7 +171,8 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         if not 0 <= fold < folds:
             raise ConfigError(f"--fold must be in 0..{folds - 1}, got {fold}")
         if folds > len(seen):
-            raise ConfigError(f"--folds {folds}: more folds than the {len(seen)} people with a usable labelled photo; "
+            what = "people and groups" if groups else "people"
+            raise ConfigError(f"--folds {folds}: more folds than the {len(seen)} {what} with a usable labelled photo; "
                               f"use --folds {len(seen)} or fewer")
         for k, key in enumerate(sorted(strata)):
             people = ranked(strata[key])
@@ -138,7 +180,7 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
                 # contiguous slices of the ranking (a person more or less moves one per slice edge), the
                 # strata's slices rotated so small strata do not all land in fold 0
                 out[p] = "val" if (i * folds // len(people) + k) % folds == fold else "train"
-        return out
+        return {p: out[u] for p, u in unit.items()}
     if not 0 < val_ratio < 1:
         raise ConfigError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
     carry = 0.0
@@ -149,7 +191,7 @@ def split_persons(rows: list[dict], seed: int = 42, val_ratio: float = 0.2, fold
         carry = exact - n_val  # rounding error passed on, so tiny strata add up to the right total
         for i, p in enumerate(people):
             out[p] = "val" if i < n_val else "train"
-    return out
+    return {p: out[u] for p, u in unit.items()}
 
 
 class CropDataset(Dataset):
@@ -259,6 +301,7 @@ class Data:
     extra: int = 0                # training photos from --extra folders (the last ones of train_rows)
     warnings: list[str] = field(default_factory=list)
     label_fixes: dict | None = None  # --label-fixes: what it changed (apply_label_fixes)
+    groups: dict | None = None       # --groups: {'file', 'groups', 'people'} (people split together)
 
 
 def boundary_distance(age: int, old: int) -> int:
@@ -279,8 +322,9 @@ def prepare_data(cfg) -> Data:
     # Split on the labels as cropped: a run with --label-fixes validates on the same people as one without,
     # so `compare` sets them side by side on equal terms (a fixed person keeps its side, with its fixed label).
     split_rows = load_rows(crops, cfg.old)[1] if cfg.label_fixes else usable
+    groups = read_groups(Path(cfg.groups), {person_key(r) for r in rows}) if cfg.groups else None
     split = split_persons(split_rows, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold,
-                          cfg.val_old)
+                          cfg.val_old, groups)
     for r in usable:  # a person only the fixes made usable trains (it was in no split)
         split.setdefault(person_key(r), "train")
     train_rows = [r for r in usable if split[person_key(r)] == "train"]
@@ -295,7 +339,9 @@ def prepare_data(cfg) -> Data:
     val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
     warnings: list[str] = []
     extra = extra_rows(cfg, rows, warnings, split)
-    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings, fixes or None)
+    grouped = {"file": str(cfg.groups), "groups": len(set(groups.values())), "people": len(groups)} if groups else None
+    return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings, fixes or None,
+                grouped)
 
 
 def people_of(rows: list[dict]) -> int:

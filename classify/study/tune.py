@@ -45,7 +45,7 @@ HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose process stopped beating for GRAC
 CREATE_TRIES = 5  # opening a fresh shared database: tries when another machine creates its tables at once
 STUDY_NAME = "maskcls"
 MAX_FAILED_IN_A_ROW = 3  # trials of this process that failed one after another: the study stops, saying why
-PATH_OPTIONS = ("crops", "label_fixes", "weights")  # made absolute, so best.toml trains from any folder
+PATH_OPTIONS = ("crops", "label_fixes", "groups", "weights")  # made absolute, so best.toml trains from any folder
 
 
 def _optuna():

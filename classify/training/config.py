@@ -70,6 +70,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model
     sampler: str = "none"             # none | weighted (inverse class frequency)
     label_fixes: str | None = None
+    groups: str | None = None         # CSV person_id,group: people split as one unit (the same human twice)
     calibrate: bool = True            # fit a temperature on the validation predictions after training
 
     def check(self) -> None:
@@ -89,6 +90,8 @@ class TrainConfig:
             if not (Path(extra) / "manifest.csv").is_file():
                 raise ConfigError(f"--extra {extra}: not a crops folder (no manifest.csv); give a folder written by "
                                   "`maskcls crop` or `maskcls pseudo-label`")
+        if self.groups and not Path(self.groups).is_file():
+            raise ConfigError(f"--groups {self.groups}: no such file (a CSV person_id,group)")
         if self.fold == "all":
             if self.folds < 2:
                 raise ConfigError("--fold all needs --folds K (K >= 2)")

@@ -117,6 +117,7 @@ def _write_summary(out: Path, cfg: TrainConfig, folds: list[dict], oof: dict, ke
                             for k, f in enumerate(folds)],
                "val_old": cfg.val_old, "weights": folds[0].get("weights"),
                **({"label_fixes": folds[0]["label_fixes"]} if folds[0].get("label_fixes") else {}),
+               **({"groups": folds[0]["groups"]} if folds[0].get("groups") else {}),
                "warnings": warnings + sorted({w for f in folds for w in f.get("warnings", [])} - set(warnings))}
     rundir.write_summary(out, summary)
     return summary

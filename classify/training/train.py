@@ -415,6 +415,7 @@ def _finish(out: Path, cfg: TrainConfig, data: Data, p: Progress, weights, note,
                - data.dropped_near_boundary,
                "dropped_near_boundary": data.dropped_near_boundary, "val_old": cfg.val_old,
                **({"label_fixes": data.label_fixes} if data.label_fixes else {}),
+               **({"groups": data.groups} if data.groups else {}),
                "weights": weights, "warnings": ([note] if note else []) + data.warnings, "device": str(d.device),
                "world_size": d.world}
     if calibrate:
