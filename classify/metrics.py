@@ -5,6 +5,8 @@ f1_score(average='macro') does, which is what the competition scored.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from preprocess import labels as L
@@ -53,12 +55,16 @@ def scores(y, p) -> dict[str, float]:
     return out
 
 
-def unlearned_tasks(y, p, units=None) -> dict[str, tuple[float, float]]:
+def unlearned_tasks(y, p, units=None, margin_se: float = 0.0) -> dict[str, tuple[float, float]]:
     """{task: (accuracy, baseline)} of the tasks the predictions `p` have not learned: accuracy no better than
     always answering the task's most common label among `y` (18-class labels). A task whose labels hold one
     value is left out (nothing to learn). `units`: a key per photo (a person) to judge per unit instead, each
     unit's answer its photos' most common predicted value against its most common label (gender and age are
-    a person's: judged per photo, a person with many photos counts many times)."""
+    a person's: judged per photo, a person with many photos counts many times).
+
+    `margin_se`: ask for more than the baseline, by that many standard errors of a binomial share at the
+    baseline's rate over the units judged (`learned_margin`): a model that has learned nothing lands within
+    about 2 of them of the baseline by chance, so 2 asks for an accuracy chance does not explain."""
     y, p = np.asarray(y, int), np.asarray(p, int)
     out = {}
     for task, yt, pt in zip(L.TASKS, L.task_parts(y), L.task_parts(p)):
@@ -68,9 +74,14 @@ def unlearned_tasks(y, p, units=None) -> dict[str, tuple[float, float]]:
         if len(yt) == 0 or (counts > 0).sum() < 2:
             continue
         acc, base = float((yt == pt).mean()), float(counts.max() / len(yt))
-        if acc <= base:
+        if acc <= base + learned_margin(base, len(yt), margin_se):
             out[task] = (acc, base)
     return out
+
+
+def learned_margin(base: float, n: int, margin_se: float) -> float:
+    """`margin_se` standard errors of a binomial share at rate `base` over `n` units."""
+    return margin_se * math.sqrt(base * (1 - base) / n) if n else 0.0
 
 
 def _per_unit(values: np.ndarray, units) -> np.ndarray:
