@@ -33,6 +33,9 @@ def predict(
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
     check_outputs(files={"--out": out, "--probs": probs, "--review": review})
     from classify.inference.predictor import predict as run_predict  # imports no torch: an .onnx runs without it
+    from preprocess.runtime import steady_malloc
+
+    steady_malloc()  # memory flat over a long predict (BENCHMARKS §21)
 
     ckpts, source = _models_then(paths, "the folder to predict")
     t0 = time.perf_counter()

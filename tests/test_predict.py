@@ -1,7 +1,9 @@
 """predict: parity with validation, order and completeness of the submission, TTA and ensembles."""
 import csv
+import os
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +166,35 @@ def test_checkpoints_from_differently_cropped_data_are_not_mixed(eval_raw, tmp_p
     save_checkpoint(tmp_path / "b.pt", {k: v for k, v in b.items() if k not in ("format", "version")})
     with pytest.raises(CheckpointError, match="different settings"):
         predict([a, tmp_path / "b.pt"], eval_raw, device="cpu", detector=fake_detector, cache=tmp_path / "cache")
+
+
+def test_predict_pins_the_mmap_threshold_so_freed_activations_go_back(tmp_path):
+    """glibc raises its mmap threshold when a mapped block is freed, so a CNN's next 1-32 MiB buffers come from
+    the heap and stay resident after they are freed (predict's memory drifted by hundreds of MiB, BENCHMARKS
+    §21). After steady_malloc an 8 MiB block freed three times leaves nothing resident; without it, 8 MiB."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    script = textwrap.dedent(f"""
+        import ctypes, os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from preprocess.runtime import steady_malloc
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        def anon():
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) // 1024
+        pinned = steady_malloc() if sys.argv[1] == "pin" else False
+        size, before = 8 << 20, anon()
+        for _ in range(3):
+            p = libc.malloc(size); ctypes.memset(p, 1, size); libc.free(p)
+        print(pinned, anon() - before)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=env,
+                                check=True).stdout.split() for mode in ("pin", "plain")}
+    assert out["pin"][0] == "True" and int(out["pin"][1]) <= 1
+    assert out["plain"][0] == "False" and int(out["plain"][1]) >= 7  # the bug this guards against, seen here
