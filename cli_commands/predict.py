@@ -85,6 +85,9 @@ def pseudo_label(
     """Write the eval photos the model is confident about, with their predicted labels, as a crops folder."""
     check_outputs(folders={"--out": out})
     from classify.inference.pseudo import pseudo_label as run
+    from preprocess.runtime import steady_malloc
+
+    steady_malloc()  # as predict: memory flat over many batches
 
     ckpts, source = _models_then(paths, "the folder to pseudo-label")
     with LazyProgress("crop") as bar:
@@ -116,6 +119,9 @@ def evaluate(
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
     check_outputs(files={"--confusion": confusion})
     from classify.inference.evaluate import evaluate as run_evaluate
+    from preprocess.runtime import steady_malloc
+
+    steady_malloc()  # as predict: memory flat over many batches
 
     ckpts, crops_dir = _models_then(paths, "the crops folder")
     res = run_evaluate(ckpts, crops_dir, tta=tta, device=device, batch_size=batch_size, workers=workers,

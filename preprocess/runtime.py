@@ -91,7 +91,7 @@ def steady_malloc(threshold: int = STEADY_MMAP_THRESHOLD) -> bool:
     memory drifts up and down by hundreds of MiB over a long predict. Pinned, each such block is mapped and
     given back whole. Measured (BENCHMARKS §21): a 4,795-photo predict's main process peaked at 916 MiB
     anonymous instead of 1,267. What MALLOC_MMAP_THRESHOLD_ in the environment sets is left as it is;
-    returns whether the threshold was set (False off glibc)."""
+    returns whether the threshold was set (False off glibc). `predict`, `evaluate` and `pseudo-label` call it."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     try:
