@@ -291,3 +291,36 @@ def test_a_groups_file_is_read_and_checked(tmp_path):
     data = prepare_data(TrainConfig(crops=str(crops), out="x", folds=3, fold=0, groups=str(f)))
     assert len({data.split[f"{p:04d}"] for p in range(0, 30, 3)}) == 1
     assert data.groups == {"file": str(f), "groups": 1, "people": 10}
+
+
+def test_a_person_only_the_fixes_made_usable_joins_its_groups_side(tmp_path):
+    """A person with no known gender is in no split; --label-fixes makes it usable and it trains, unless its
+    group (--groups) sits on the validation side, where it joins the group: one human is never on both sides."""
+    import csv
+
+    from classify.data.dataset import prepare_data
+    from classify.training.config import TrainConfig
+    from preprocess.manifest import read_meta, write_manifest, read_manifest
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=30, size=8)
+    rows = read_manifest(crops)
+    for r in rows:
+        if r["person_id"] == "0007":
+            r["gender"], r["label"] = -1, -1
+    write_manifest(crops, rows, read_meta(crops))
+    fixes = tmp_path / "fixes.csv"
+    with open(fixes, "w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "field", "value"]] +
+                                [[r["image_id"], "gender", "male"] for r in rows if r["person_id"] == "0007"])
+    groups = tmp_path / "groups.csv"
+    groups.write_text("person_id,group\n0007,h\n0012,h\n")
+    sides = []
+    for k in range(3):
+        base = prepare_data(TrainConfig(crops=str(crops), out="x", folds=3, fold=k, label_fixes=str(fixes)))
+        assert base.split["0007"] == "train"  # in no split: it trains in every fold
+        grouped = prepare_data(TrainConfig(crops=str(crops), out="x", folds=3, fold=k, label_fixes=str(fixes),
+                                           groups=str(groups)))
+        assert grouped.split["0007"] == grouped.split["0012"]
+        sides.append(grouped.split["0007"])
+    assert sorted(sides) == ["train", "train", "val"]  # validated in its group's one fold

@@ -325,8 +325,10 @@ def prepare_data(cfg) -> Data:
     groups = read_groups(Path(cfg.groups), {person_key(r) for r in rows}) if cfg.groups else None
     split = split_persons(split_rows, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold,
                           cfg.val_old, groups)
-    for r in usable:  # a person only the fixes made usable trains (it was in no split)
-        split.setdefault(person_key(r), "train")
+    side_of_group = {g: split[p] for p, g in (groups or {}).items() if p in split}
+    for r in usable:  # a person only the fixes made usable trains (it was in no split), or joins its group's side
+        p = person_key(r)
+        split.setdefault(p, side_of_group.get((groups or {}).get(p), "train"))
     train_rows = [r for r in usable if split[person_key(r)] == "train"]
     val_rows = [r for r in usable if split[person_key(r)] == "val"]
     dropped = 0
