@@ -5,7 +5,7 @@ made on purpose: a share of the persons get their incorrect_mask and normal phot
 5% of the persons (others) get the other gender.
 
     python bench/audit.py [--workloads 60:0,90:3] [--rates 0.05,0.10,0.20] [--gender-rate 0.05] [--folds 3]
-                          [--epochs 4] [--img-size 96] [--weak] [--boundary] [--rounds N] [--workdir DIR]
+                          [--epochs 4] [--img-size 96] [--weak] [--boundary] [--rounds N] [--groups] [--workdir DIR]
 
 Per workload (people:seed) and swap rate: a k-fold run on the noisy labels (mobilenet_v2 from torchvision's
 ImageNet file, as bench/finetune.py; seed 42), then `audit` of it judging by each fold's best epoch and by its
@@ -14,7 +14,8 @@ label_fixes.csv right / rows (precision) and the swapped photos and flipped peop
 (recall); and per kind of suspect, the precision of its fixes at score thresholds (what DEFAULT_MIN is chosen
 from). `--weak`: 24 people, 2 swapped, 1 gender flipped, 4 folds x 3 epochs from random weights (a run that
 learned little). `--boundary`: a `--old 58 --val-old 60` k-fold run on right labels, whose audit must suggest no
-age fix. Results in DIR/audit_bench.json.
+age fix. `--groups`: the k-fold keeps each source human's persons in one fold (`train --groups`, the
+workload's groups.csv), so out-of-fold is out-of-identity. Results in DIR/audit_bench.json.
 """
 from __future__ import annotations
 
