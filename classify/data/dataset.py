@@ -322,13 +322,13 @@ def prepare_data(cfg) -> Data:
     # Split on the labels as cropped: a run with --label-fixes validates on the same people as one without,
     # so `compare` sets them side by side on equal terms (a fixed person keeps its side, with its fixed label).
     split_rows = load_rows(crops, cfg.old)[1] if cfg.label_fixes else usable
-    groups = read_groups(Path(cfg.groups), {person_key(r) for r in rows}) if cfg.groups else None
+    groups = read_groups(Path(cfg.groups), {person_key(r) for r in rows}) if cfg.groups else {}
     split = split_persons(split_rows, cfg.seed, cfg.val_ratio, cfg.folds, 0 if cfg.fold == "all" else cfg.fold,
                           cfg.val_old, groups)
-    side_of_group = {g: split[p] for p, g in (groups or {}).items() if p in split}
+    side_of_group = {g: split[p] for p, g in groups.items() if p in split}
     for r in usable:  # a person only the fixes made usable trains (it was in no split), or joins its group's side
         p = person_key(r)
-        split.setdefault(p, side_of_group.get((groups or {}).get(p), "train"))
+        split.setdefault(p, side_of_group.get(groups.get(p), "train"))
     train_rows = [r for r in usable if split[person_key(r)] == "train"]
     val_rows = [r for r in usable if split[person_key(r)] == "val"]
     dropped = 0

@@ -91,7 +91,8 @@ class TrainConfig:
                 raise ConfigError(f"--extra {extra}: not a crops folder (no manifest.csv); give a folder written by "
                                   "`maskcls crop` or `maskcls pseudo-label`")
         if self.groups and not Path(self.groups).is_file():
-            raise ConfigError(f"--groups {self.groups}: no such file (a CSV person_id,group)")
+            what = "a folder, not a file" if Path(self.groups).is_dir() else "no such file"
+            raise ConfigError(f"--groups {self.groups}: {what} (give a CSV person_id,group)")
         if self.fold == "all":
             if self.folds < 2:
                 raise ConfigError("--fold all needs --folds K (K >= 2)")
