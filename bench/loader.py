@@ -72,7 +72,7 @@ def main() -> None:
     if not (crops / "crops.npy").is_file():
         subprocess.run([sys.executable, str(ROOT / "cli.py"), "crop", str(raw), "--out", str(crops), "--device", "cpu"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from classify.data.dataset import CropDataset, load_rows
+    from classify.data.dataset import CropDataset, collate, load_rows
     from classify.data.transforms import build_transform, normalize
 
     torch.set_num_threads(1)  # one worker = one core, for both
@@ -85,9 +85,9 @@ def main() -> None:
     for _ in range(args.repeat):  # interleaved, so drift in the machine's speed hits all three alike
         r, s_base = rate(DataLoader(base, **kw), args.batches)
         runs["base"].append(r)
-        r, s_ours = rate(DataLoader(ours, **kw), args.batches)
+        r, s_ours = rate(DataLoader(ours, collate_fn=collate, **kw), args.batches)  # as engine.make_loader builds it
         runs["ours"].append(r)
-        r, s_norm = rate(DataLoader(ours, **kw), args.batches, post=normalize)
+        r, s_norm = rate(DataLoader(ours, collate_fn=collate, **kw), args.batches, post=normalize)
         runs["norm"].append(r)
     r_base, r_ours, r_norm = (statistics.median(runs[k]) for k in ("base", "ours", "norm"))
     assert s_base == s_norm, (s_base, s_norm)

@@ -53,12 +53,59 @@ def test_the_base_training_transform_is_albumentations_crop_and_flip_pixel_for_p
         ro = img.copy()
         ro.flags.writeable = False
         assert np.array_equal(ours.planes(ro), want.transpose(2, 0, 1)), f"planes, seed {seed}"
+        ours.set_seed(seed)  # a loader batch's path: into a slot of an N x H x W x 3 batch
+        batch = np.zeros((3, size, size, 3), np.uint8)
+        ours.into(ro, batch[1])
+        assert np.array_equal(batch[1], want) and not batch[0].any() and not batch[2].any(), f"into, seed {seed}"
         ours.set_seed(seed)
         box = ours.box(*shape)
         seen.add(box)
         flips += ours._rng.random() < 0.5
     assert len(seen) > (1 if shape != (40, 300) else 0)  # random boxes (one central box for the thin photo)
     assert 40 < flips < 110  # about half flipped
+
+
+def test_a_slot_the_resize_cannot_write_is_refused():
+    """cv2.resize given a dst it cannot use allocates a new array and leaves dst as it was: a batch slot would
+    keep stale pixels, silently."""
+    from classify.data.transforms import resize_into
+
+    img = np.zeros((50, 60, 3), np.uint8)
+    for bad in (np.zeros((32, 32), np.uint8), np.zeros((32, 32, 3), np.float32), np.zeros((3, 32, 32, 3), np.uint8)[:, 0]):
+        with pytest.raises(ValueError, match="cannot resize"):
+            resize_into(img, bad, 1)
+
+
+@pytest.mark.parametrize("preset,train,synth", [("base", True, 0.0), ("base", True, 1.0), ("base", False, 0.0),
+                                                ("strong", True, 0.0)])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_batches_built_in_place_equal_the_stacked_items(sample_crops, preset, train, synth, workers):
+    """make_loader's batches (CropDataset.__getitems__ writes each image into its slot of one channels-last
+    batch, in a worker's shared memory) hold exactly the items `ds[key]` gives, stacked: same pixels (the
+    flip, the box, the synthetic mask), labels and manifest indices, in the sampler's order, the last batch
+    short. The strong preset has no `into` and goes through the stack."""
+    import torch
+
+    from classify.data.dataset import CropDataset, load_rows
+    from classify.inference.engine import EpochOrder, make_loader
+
+    _, rows = load_rows(sample_crops)
+    ds = CropDataset(sample_crops, rows, build_transform(preset, 64, train=train), seed=3, synth_mask=synth)
+    order = list(range(len(ds)))[::-1]
+    loader = make_loader(ds, 5, workers, torch.device("cpu"), sampler=EpochOrder(order, epoch=2))
+    seen, synthetic = [], 0
+    for x, y, idx in loader:
+        keys = [(i, 2) for i in order[len(seen):len(seen) + len(idx)]]
+        items = [ds[k] for k in keys]
+        assert x.shape == (len(keys), 3, 64, 64) and x.dtype == torch.uint8
+        assert x.is_contiguous(memory_format=torch.channels_last) == (preset == "base")  # built in place
+        assert torch.equal(x, torch.stack([it[0] for it in items]))
+        assert torch.equal(y, torch.stack([it[1] for it in items])) and y.dtype == torch.long
+        assert idx.tolist() == [it[2] for it in items]
+        synthetic += sum(int(a) != rows[k[0]]["label"] for a, k in zip(y, keys))
+        seen += keys
+    assert len(seen) == len(ds) and len(ds) % 5  # a short last batch was among them
+    assert (synthetic > 0) == (synth > 0)  # the synthetic masks went through the in-place path too
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +210,7 @@ class CropDataset(Dataset):
         self.synth_mask = synth_mask  # training only: the chance that an unmasked crop gets a drawn mask
         self.epoch = 0
         self.labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        self._label_list = self.labels.tolist()
         self._packed_path = packed_crops(self.crops)
         self._packed = None
 
@@ -229,23 +231,86 @@ class CropDataset(Dataset):
             return self._packed.crop(r["index"], copy)
         return read_crop(self.crops / r["crop"])
 
-    def __getitem__(self, key):
-        """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
+    def _source(self, key) -> tuple[np.ndarray, int, int]:
+        """(the image to transform, its label, its manifest index) for a key, the transform seeded for it."""
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        s = _sample_seed(self.seed, epoch, self.rows[i]["index"])
-        label = self.labels[i]
-        synth = self.synth_mask and self.rows[i]["mask"] == 2 and self.rows[i].get("landmarks")
+        row = self.rows[i]
+        s = _sample_seed(self.seed, epoch, row["index"])
+        label = self._label_list[i]
+        synth = self.synth_mask and row["mask"] == 2 and row.get("landmarks")
         # a view of crops.npy where nothing writes it: the OpenCV transforms only read their input
         img = self.image(i, copy=bool(synth) or not getattr(self.transform, "reads_only", False))
         if synth:
             rng = np.random.default_rng([s, 1])
             if rng.random() < self.synth_mask:
-                img, new = synthesize(img, self.rows[i]["landmarks"], int(label), rng)
-                label = torch.tensor(new)
+                img, label = synthesize(img, row["landmarks"], label, rng)
         self.transform.set_seed(s)
-        planes = getattr(self.transform, "planes", None)  # CropFlip: straight to the batch's layout
+        return img, label, row["index"]
+
+    def __getitem__(self, key):
+        """`key`: an index (augmented for `self.epoch`), or (index, epoch) from an `engine.EpochOrder`."""
+        img, label, index = self._source(key)
+        planes = getattr(self.transform, "planes", None)  # CropFlip: straight to the item's layout
         x = planes(img) if planes else channels_first(self.transform(image=img)["image"])
-        return torch.from_numpy(x), label, self.rows[i]["index"]
+        return torch.from_numpy(x), torch.tensor(label), index
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch's items (what a DataLoader asks for). Where the transform writes into a given array
+        (`into`: CropFlip, EvalResize), every image goes straight into its slot of one batch tensor,
+        N x 3 x H x W in channels-last memory (allocated in shared memory inside a worker, as the default
+        collate does): no per-item array, no split into planes, no stack (BENCHMARKS §25). `collate` hands
+        that tensor on; the default collate still works (it stacks the items' views). The pixels are
+        `__getitem__`'s (tests/test_transforms.py)."""
+        into = getattr(self.transform, "into", None)
+        if into is None or not keys:
+            return [self[k] for k in keys]
+        labels, indices, slots, batch = [], [], None, None
+        for j, k in enumerate(keys):
+            img, label, index = self._source(k)
+            if slots is None:
+                batch = _new_batch(len(keys), self.transform.size, img.shape[2])
+                slots = batch.numpy()
+            into(img, slots[j])
+            labels.append(label)
+            indices.append(index)
+        items = _Batch()
+        items.images = batch.permute(0, 3, 1, 2)
+        items.labels, items.indices = torch.tensor(labels), torch.tensor(indices)
+        items.extend(zip(items.images.unbind(0), items.labels.unbind(0), indices))
+        return items
+
+
+class _Batch(list):
+    """The items of one batch, whose images are views of one batch tensor (`images`), with the batch's
+    labels and manifest indices as `collate` returns them."""
+
+    images: "torch.Tensor"
+    labels: "torch.Tensor"
+    indices: "torch.Tensor"
+
+
+def _new_batch(n: int, size: int, channels: int) -> "torch.Tensor":
+    """An empty uint8 n x size x size x channels tensor; in a DataLoader worker, in shared memory, so the
+    batch reaches the main process without a copy (torch's default collate does the same)."""
+    from torch.utils.data import get_worker_info
+
+    shape = (n, size, size, channels)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    proto = torch.empty(0, dtype=torch.uint8)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).view(shape)
+
+
+def collate(items: list) -> list:
+    """A DataLoader's collate for CropDataset: [images N x 3 x H x W uint8, labels N, manifest indices N].
+    A batch `__getitems__` built in place is handed on as it is; other items are stacked as the default
+    collate stacks them."""
+    from torch.utils.data import default_collate
+
+    if isinstance(items, _Batch):
+        return [items.images, items.labels, items.indices]
+    return default_collate(items)
 
 
 class PackedCrops:

@@ -57,6 +57,16 @@ class EvalResize:
         return {"image": cv2.resize(image, (self.size, self.size),
                                     interpolation=cv2.INTER_AREA if shrink else self.interpolation)}
 
+    def into(self, image: np.ndarray, out: np.ndarray) -> None:
+        """The same pixels as `__call__`, written into `out` (size x size x C uint8, C-contiguous: a
+        slot of a loader's batch), so the batch needs no per-item array and no stack."""
+        h, w = image.shape[:2]
+        if (h, w) == (self.size, self.size):
+            np.copyto(out, image)
+            return
+        shrink = self.size < h or self.size < w
+        resize_into(image, out, cv2.INTER_AREA if shrink else self.interpolation)
+
 
 class CropFlip:
     """The `base` preset's training transform: a random crop of scale `scale` (a fraction of the crop's
@@ -78,7 +88,7 @@ class CropFlip:
         self._buf = None
 
     def set_seed(self, seed: int) -> None:
-        self._rng = random.Random(seed)
+        self._rng.seed(seed)  # the state random.Random(seed) starts from, without a new object per item
 
     def box(self, h: int, w: int) -> tuple[int, int, int, int]:
         """(x, y, width, height) of the region to cut, drawn from the current random state."""
@@ -105,21 +115,25 @@ class CropFlip:
     def __call__(self, *, image: np.ndarray) -> dict:
         return {"image": self.planes(image).transpose(1, 2, 0)}
 
-    def planes(self, image: np.ndarray) -> np.ndarray:
-        """The augmented crop as a new contiguous 3 x size x size array (what the loader batches), read from
-        `image` without writing it (a view of the memory-mapped crops.npy will do). The resize goes into a
-        buffer kept between calls (a fresh 150 KB array per item would pay its page faults again), then splits
-        into the planes, flipped there in place (the flip is albumentations' last draw)."""
+    def into(self, image: np.ndarray, out: np.ndarray) -> None:
+        """The augmented crop written into `out` (size x size x C uint8, C-contiguous: a slot of a loader's
+        batch), read from `image` without writing it (a view of the memory-mapped crops.npy will do): the
+        resize lands in the slot and the flip (albumentations' last draw) turns it in place."""
         x, y, cw, ch = self.box(*image.shape[:2])
+        resize_into(image[y:y + ch, x:x + cw], out, self.interpolation)
+        if self._rng.random() < 0.5:
+            cv2.flip(out, 1, dst=out)
+
+    def planes(self, image: np.ndarray) -> np.ndarray:
+        """The augmented crop as a new contiguous 3 x size x size array (one item; a loader's batches go
+        through `into`). The resize goes into a buffer kept between calls (a fresh 150 KB array per item
+        would pay its page faults again), then splits into the planes."""
         shape = (self.size, self.size, image.shape[2])
         if self._buf is None or self._buf.shape != shape:
             self._buf = np.empty(shape, np.uint8)
-        cv2.resize(image[y:y + ch, x:x + cw], (self.size, self.size), dst=self._buf, interpolation=self.interpolation)
+        self.into(image, self._buf)
         out = np.empty((shape[2], self.size, self.size), np.uint8)
         cv2.split(self._buf, list(out))
-        if self._rng.random() < 0.5:
-            for plane in out:
-                cv2.flip(plane, 1, dst=plane)
         return out
 
     def __getstate__(self):  # a DataLoader worker gets its own buffer
@@ -195,6 +209,15 @@ def normalize_factors(mean, std) -> tuple["torch.Tensor", "torch.Tensor"]:
     scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 * scale
     return scale, shift
+
+
+def resize_into(image: np.ndarray, out: np.ndarray, interpolation: int) -> None:
+    """cv2.resize of `image` to `out`'s size, written into `out`. OpenCV allocates a new array, silently,
+    when `dst` does not fit (wrong shape, type or layout): that is refused here, or the slot would keep
+    whatever it held."""
+    if out.dtype != image.dtype or out.shape[2:] != image.shape[2:] or not out.flags.c_contiguous:
+        raise ValueError(f"cannot resize a {image.dtype} {image.shape} image into a {out.dtype} {out.shape} slot")
+    cv2.resize(image, (out.shape[1], out.shape[0]), dst=out, interpolation=interpolation)
 
 
 def channels_first(img: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from classify.errors import ConfigError
+from classify.data.dataset import collate
 from classify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -44,13 +45,13 @@ class EpochOrder(Sampler):
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None,
                 persistent: bool = False) -> DataLoader:
-    """A loader of uint8 N x 3 x H x W batches. `persistent`: workers live for the whole run (set
+    """A loader of uint8 N x 3 x H x W batches (a CropDataset's in channels-last memory: `collate`). `persistent`: workers live for the whole run (set
     the order of an `EpochOrder` sampler per epoch) instead of starting anew each epoch."""
     # Its own generator: a loader must not draw from the global RNG (dropout's), or a run resumed
     # mid-way would draw differently from an uninterrupted one. Augmentation is seeded per sample.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=False, generator=torch.Generator().manual_seed(0),
-                      persistent_workers=persistent and workers > 0)
+                      collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False,
+                      generator=torch.Generator().manual_seed(0), persistent_workers=persistent and workers > 0)
 
 
 def resolve_amp(amp, device: torch.device) -> str:
