@@ -187,6 +187,8 @@ def nms(boxes, scores, idx, thresh: float, mode: str = "union") -> np.ndarray:
 
 # -- the CPU backend: OpenCV DNN ---------------------------------------------------------------------
 
+_INPUT_LUT = (np.arange(256, dtype=np.float32) - 127.5) * np.float32(0.0078125)  # uint8 pixel -> the nets' input
+
 class CvNets:
     """The three nets in OpenCV's DNN module, on the CPU, without torch."""
 
@@ -195,7 +197,10 @@ class CvNets:
         self.max_batch = max_batch
 
     def load(self, images: np.ndarray) -> list[np.ndarray]:
-        return [(img.astype(np.float32) - 127.5) * 0.0078125 for img in images]
+        """Each photo as the nets' input, (pixel - 127.5) / 128 in float32, by a 256-entry table: the same
+        values as the arithmetic (exact in float32: 8 significant bits over a power of two), at a twelfth of
+        its time (0.06 against 0.8 ms for a 192 x 256 photo, measured; BENCHMARKS §25)."""
+        return [cv2.LUT(img, _INPUT_LUT) for img in images]
 
     def pnet(self, batch, size):
         h, w = size

@@ -115,6 +115,18 @@ def test_the_shipped_onnx_nets_compute_what_facenet_pytorchs_nets_compute():
         assert np.allclose(ours[-1].sum(1), 1, atol=1e-5)  # the probability head is a softmax
 
 
+def test_the_nets_input_is_facenet_pytorchs_normalisation_for_every_pixel_value():
+    """CvNets.load converts by a table (cv2.LUT); the nets must still see facenet-pytorch's
+    (pixel - 127.5) * 0.0078125 in float32, bit for bit, for all 256 values in every channel."""
+    from preprocess.mtcnn import CvNets
+
+    img = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=2)
+    img[..., 1] = img[..., 1][::-1]  # channels differ, so a table applied to one channel only would show
+    (got,) = CvNets.load(None, img[None])
+    want = (img.astype(np.float32) - 127.5) * np.float32(0.0078125)
+    assert got.dtype == np.float32 and got.shape == img.shape and np.array_equal(got, want)
+
+
 def test_the_shipped_onnx_files_are_the_exported_ones():
     """export.json (written by the export script) names each file's hash: a file edited or replaced by
     hand, or an export not committed with its record, fails here."""
