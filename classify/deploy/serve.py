@@ -202,18 +202,22 @@ class Batcher:
 
 
 def parse_upload(content_type: str, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of every `file` part of a multipart body, parsed in memory."""
+    """(filename, bytes) of every `file` part of a multipart body, parsed in memory.
+
+    The form a browser, curl or httpx sends (no preamble, CRLF lines, each part a `Content-Disposition:
+    form-data; name="..."[; filename="..."]` and at most a `Content-Type`, ASCII names) is cut with
+    `bytes.find`; anything else goes to the standard library's email parser, as every body did before.
+    Both give the same parts (tests/test_serve_api.py compares them on generated bodies): the email
+    parser took ~4 ms of the ~24 ms of server CPU a photo (BENCHMARKS §24), the cut ~0.02 ms."""
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest(415, "send the photos as multipart/form-data, in the field 'file'")
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart():
-        raise BadRequest(400, "the body is not a multipart form: send the photos in the field 'file'")
+    parts = _plain_form_parts(content_type, body)
+    if parts is None:
+        parts = _email_form_parts(content_type, body)
     files, others = [], []
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+    for name, filename, payload in parts:
         if name == "file":
-            files.append((part.get_filename() or f"photo{len(files) + 1}", part.get_payload(decode=True) or b""))
+            files.append((filename or f"photo{len(files) + 1}", payload))
         else:
             others.append(str(name))
     if not files:
@@ -222,6 +226,60 @@ def parse_upload(content_type: str, body: bytes, max_files: int) -> list[tuple[s
     if len(files) > max_files:
         raise BadRequest(400, f"{len(files)} photos: at most {max_files} a request (--max-files)")
     return files
+
+
+def _email_form_parts(content_type: str, body: bytes) -> list[tuple[str | None, str | None, bytes]]:
+    """(name, filename, payload) of each part, by the standard library's email parser (any valid body)."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise BadRequest(400, "the body is not a multipart form: send the photos in the field 'file'")
+    return [(part.get_param("name", header="content-disposition"), part.get_filename(),
+             part.get_payload(decode=True) or b"") for part in msg.iter_parts()]
+
+
+# RFC 2046's boundary characters, less the space; unquoted, less the MIME specials too (a "(" there opens a comment)
+_BOUNDARY = re.compile(r'multipart/form-data;[ ]?boundary=(?:"([0-9A-Za-z\'()+_,./:=?-]{1,70})"|([0-9A-Za-z\'+_.-]{1,70}))')
+_TOKEN = rb"[0-9A-Za-z!#$%&'*+.^_`{|}~-]+"  # MIME's token characters (no specials: the email parser reads those apart)
+_WORDS = rb"((?:" + _TOKEN + rb"(?: " + _TOKEN + rb")*)?)"  # tokens, single spaces between
+_DISPOSITION = re.compile(rb'Content-Disposition: form-data; name="' + _WORDS + rb'"(?:; filename="' + _WORDS + rb'")?')
+_CONTENT_TYPE = re.compile(rb'Content-Type: [\x21-\x7e]+(?:; ?[\x21-\x7e]+)*')
+
+
+def _plain_form_parts(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]] | None:
+    """The parts of a body in the plain form (see `parse_upload`), or None for any other body: the email
+    parser then reads it. Names and filenames of MIME token characters and single spaces read the same to
+    both parsers (`photo (1).jpg` goes to the email parser); a part's payload ends where its CRLF and the next delimiter begin."""
+    m = _BOUNDARY.fullmatch(content_type)
+    if m is None:
+        return None
+    delim = b"--" + (m.group(1) or m.group(2)).encode("ascii")
+    if not body.startswith(delim + b"\r\n"):
+        return None
+    parts, pos, end = [], len(delim) + 2, len(body)
+    while True:
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            return None
+        name = filename = None
+        for line in body[pos:head_end].split(b"\r\n"):
+            if (d := _DISPOSITION.fullmatch(line)) is not None and name is None:
+                name, filename = (g if g is None else g.decode("ascii") for g in d.groups())
+            elif _CONTENT_TYPE.fullmatch(line) is None:
+                return None  # another header (a transfer encoding, a folded line, a second disposition)
+        if name is None:
+            return None
+        nxt = body.find(b"\r\n" + delim, head_end + 4)
+        if nxt < 0:
+            return None
+        parts.append((name, filename, body[head_end + 4:nxt]))
+        pos = nxt + 2 + len(delim)
+        tail = body[pos:pos + 2]
+        if tail == b"--":
+            return parts if body[pos + 2:] in (b"", b"\r\n") else None
+        if tail != b"\r\n" or pos + 2 >= end:
+            return None
+        pos += 2
 
 
 def decode(filename: str, data: bytes) -> np.ndarray:
