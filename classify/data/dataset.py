@@ -318,7 +318,7 @@ class PackedCrops:
 
     A process that reads a mapped file keeps every page it touched in its resident set until it unmaps
     it: a DataLoader worker of a 12,600-photo predict had read its half of crops.npy, 1.2 GB, and shown
-    it as its RSS (BENCHMARKS §25). The pages stay in the page cache, so giving them back
+    it as its RSS (BENCHMARKS §21). The pages stay in the page cache, so giving them back
     (`madvise(MADV_DONTNEED)`) costs a re-mapping fault on the next read of a crop, not a disk read; a
     crops.npy under the budget is never released. Views handed out stay valid: they re-map on access."""
 
