@@ -4,6 +4,8 @@
 Images are HWC uint8 RGB face crops (square, from the crop stage). Augmentation runs on uint8 and
 the pipeline returns HWC uint8; the dataset hands each image on as 3 x H x W uint8, so a loader
 yields N x 3 x H x W uint8 batches: the model's shape at a quarter of the bytes of float batches.
+`EvalResize` and `CropFlip` also write straight into a slot of a batch (`into`): the dataset then builds
+a loader's batch in place, in channels-last memory, with the same pixels (`dataset.CropDataset.__getitems__`).
 Normalisation comes last, on the device, in `normalize` (called by the training step and by
 `engine.infer`, the only two places that feed a model).
 
