@@ -52,12 +52,11 @@ class EvalResize:
         """Nothing random here (the datasets seed every transform per sample)."""
 
     def __call__(self, *, image: np.ndarray) -> dict:
-        h, w = image.shape[:2]
-        if (h, w) == (self.size, self.size):
+        if image.shape[:2] == (self.size, self.size):
             return {"image": image}
-        shrink = self.size < h or self.size < w
-        return {"image": cv2.resize(image, (self.size, self.size),
-                                    interpolation=cv2.INTER_AREA if shrink else self.interpolation)}
+        out = np.empty((self.size, self.size, *image.shape[2:]), image.dtype)
+        self.into(image, out)
+        return {"image": out}
 
     def into(self, image: np.ndarray, out: np.ndarray) -> None:
         """The same pixels as `__call__`, written into `out` (size x size x C uint8, C-contiguous: a

@@ -205,10 +205,10 @@ def parse_upload(content_type: str, body: bytes, max_files: int) -> list[tuple[s
     """(filename, bytes) of every `file` part of a multipart body, parsed in memory.
 
     The form a browser, curl or httpx sends (no preamble, CRLF lines, each part a `Content-Disposition:
-    form-data; name="..."[; filename="..."]` and at most a `Content-Type`, ASCII names) is cut with
-    `bytes.find`; anything else goes to the standard library's email parser, as every body did before.
-    Both give the same parts (tests/test_serve_api.py compares them on generated bodies): the email
-    parser took ~4 ms of the ~24 ms of server CPU a photo (BENCHMARKS §24), the cut ~0.02 ms."""
+    form-data; name="..."[; filename="..."]` and at most a `Content-Type`, names of MIME token characters)
+    is cut with `bytes.find`; anything else goes to the standard library's email parser, as every body did
+    before. Both give the same parts (tests/test_serve_budget.py compares them on generated bodies): the
+    email parser took ~4 ms of the ~24 ms of server CPU a photo (BENCHMARKS §24), the cut ~0.02 ms (§25)."""
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest(415, "send the photos as multipart/form-data, in the field 'file'")
     parts = _plain_form_parts(content_type, body)
@@ -239,7 +239,8 @@ def _email_form_parts(content_type: str, body: bytes) -> list[tuple[str | None, 
 
 
 # RFC 2046's boundary characters, less the space; unquoted, less the MIME specials too (a "(" there opens a comment)
-_BOUNDARY = re.compile(r'multipart/form-data;[ ]?boundary=(?:"([0-9A-Za-z\'()+_,./:=?-]{1,70})"|([0-9A-Za-z\'+_.-]{1,70}))')
+_BOUNDARY = re.compile(r'multipart/form-data;[ ]?boundary='
+                       r'(?:"([0-9A-Za-z\'()+_,./:=?-]{1,70})"|([0-9A-Za-z\'+_.-]{1,70}))')
 _TOKEN = rb"[0-9A-Za-z!#$%&'*+.^_`{|}~-]+"  # MIME's token characters (no specials: the email parser reads those apart)
 _WORDS = rb"((?:" + _TOKEN + rb"(?: " + _TOKEN + rb")*)?)"  # tokens, single spaces between
 _DISPOSITION = re.compile(rb'Content-Disposition: form-data; name="' + _WORDS + rb'"(?:; filename="' + _WORDS + rb'")?')
@@ -249,14 +250,15 @@ _CONTENT_TYPE = re.compile(rb'Content-Type: [\x21-\x7e]+(?:; ?[\x21-\x7e]+)*')
 def _plain_form_parts(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]] | None:
     """The parts of a body in the plain form (see `parse_upload`), or None for any other body: the email
     parser then reads it. Names and filenames of MIME token characters and single spaces read the same to
-    both parsers (`photo (1).jpg` goes to the email parser); a part's payload ends where its CRLF and the next delimiter begin."""
+    both parsers (`photo (1).jpg` goes to the email parser); a part's payload ends where its CRLF and the
+    next delimiter begin."""
     m = _BOUNDARY.fullmatch(content_type)
     if m is None:
         return None
     delim = b"--" + (m.group(1) or m.group(2)).encode("ascii")
     if not body.startswith(delim + b"\r\n"):
         return None
-    parts, pos, end = [], len(delim) + 2, len(body)
+    parts, pos = [], len(delim) + 2
     while True:
         head_end = body.find(b"\r\n\r\n", pos)
         if head_end < 0:
@@ -277,9 +279,9 @@ def _plain_form_parts(content_type: str, body: bytes) -> list[tuple[str, str | N
         tail = body[pos:pos + 2]
         if tail == b"--":
             return parts if body[pos + 2:] in (b"", b"\r\n") else None
-        if tail != b"\r\n" or pos + 2 >= end:
+        if tail != b"\r\n":
             return None
-        pos += 2
+        pos += 2  # a body that ends here has no header block left: the find above says None
 
 
 def decode(filename: str, data: bytes) -> np.ndarray:

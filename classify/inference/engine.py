@@ -45,8 +45,9 @@ class EpochOrder(Sampler):
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None,
                 persistent: bool = False) -> DataLoader:
-    """A loader of uint8 N x 3 x H x W batches (a CropDataset's in channels-last memory: `collate`). `persistent`: workers live for the whole run (set
-    the order of an `EpochOrder` sampler per epoch) instead of starting anew each epoch."""
+    """A loader of uint8 N x 3 x H x W batches (a CropDataset's built in place, in channels-last memory:
+    `dataset.collate`). `persistent`: workers live for the whole run (set the order of an `EpochOrder`
+    sampler per epoch) instead of starting anew each epoch."""
     # Its own generator: a loader must not draw from the global RNG (dropout's), or a run resumed
     # mid-way would draw differently from an uninterrupted one. Augmentation is seeded per sample.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
