@@ -115,6 +115,7 @@ def test_the_serve_page_shows_a_photos_box_and_class(sample_model, server, tmp_p
         title = driver.find_element(By.CSS_SELECTOR, ".result h3.class").text
         y = int(want.labels[want.image_ids.index(photo.name)])
         assert f"(class {y})" in title
+        assert "has not learned" in driver.find_element(By.CSS_SELECTOR, "#status .caution").text  # as the API says
         WebDriverWait(driver, 10).until(lambda d: d.execute_script(
             "const c = document.querySelector('.result canvas.photo'); return c && c.width > 0"))
         red = driver.execute_script(  # the face box is drawn: red pixels on the photo canvas

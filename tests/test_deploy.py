@@ -153,6 +153,23 @@ def test_served_answers_equal_predict_for_concurrent_clients(server):
     assert [a["filename"] for a in several] == [p.name for p in photos[:3]]  # upload order
 
 
+def test_a_model_that_has_not_learned_says_so_in_every_served_answer(server, sample_model):
+    """predict warns that a model has not learned a task; serve answered the same model's photos with classes
+    and probabilities and no word of it. Each /predict answer and /health now carry the card's caution."""
+    import httpx
+
+    from classify.inference.card import cautions
+    from classify.inference.onnx_model import OnnxModel
+
+    url, _ = server
+    said = cautions(OnnxModel(sample_model[0] / "m.onnx").cards)
+    assert said and "has not learned" in said[0]  # one epoch on 8 sample people with invented labels
+    photo = sorted((SAMPLES / "eval" / "images").iterdir())[0]
+    r = httpx.post(url + "/predict", files=[("file", (photo.name, photo.read_bytes(), "image/jpeg"))], timeout=120)
+    assert r.status_code == 200 and r.json()["caution"] == " ".join(said)
+    assert httpx.get(url + "/health", timeout=10).json()["caution"] == " ".join(said)
+
+
 def test_every_bad_request_is_a_4xx_line_and_the_server_stays_up(server, tmp_path):
     import httpx
 

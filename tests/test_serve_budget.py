@@ -60,7 +60,7 @@ def _png(side: int, value: int = 120) -> bytes:
 
 def _app(monkeypatch, delay: float, **limits):
     monkeypatch.setattr(serve, "Engine", lambda model, detector=None: FakeEngine(delay))
-    model = SimpleNamespace(models=["fake"], img_size=32)
+    model = SimpleNamespace(models=["fake"], img_size=32, cards=[])  # cards: no caution to carry
     return serve.create_app(model, wait_ms=5, **limits)
 
 

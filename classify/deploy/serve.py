@@ -3,7 +3,9 @@
 - `POST /predict`: multipart, field `file` (repeated for several photos) → `{"predictions": [...]}`, one
   object per photo in upload order: `filename`, crop `status`, `box`, face `score`, `class` (0-17),
   `name`, `probs` (18), per task the label and its probability, and a `warning` where the mask is worn
-  incorrectly or not at all. A bad request gets a 4xx `{"error": "..."}`; the server goes on.
+  incorrectly or not at all; beside them a `caution` when the model has not learned a task (as `predict`
+  warns; also in /health, on the page and on the server's terminal). A bad request gets a 4xx
+  `{"error": "..."}`; the server goes on.
 - `GET /openapi.json`: the OpenAPI schema of these routes, /predict's multipart body and every answer
   included (schemathesis fuzzes the server against it in the tests).
 - `GET /health`, and `GET /`: a page to drop or choose photos (or take one with the webcam) that shows
@@ -36,6 +38,7 @@ from preprocess import labels as L
 from preprocess.imageio import UnreadableImage, load_rgb, photo_size
 
 from classify.inference.answer import answer, task_values
+from classify.inference.card import cautions
 from classify.inference.onnx_model import OnnxModel
 
 MAX_BYTES = 10_000_000
@@ -64,8 +67,13 @@ class Prediction(BaseModel):
     warning: str | None = Field(None, description="present where the mask is worn incorrectly or not at all")
 
 
+CAUTION = ("present when the model has not learned a task (its validation was no better than always answering "
+           "the most common label): that task's answers and probabilities say nothing")
+
+
 class Predictions(BaseModel):
     predictions: list[Prediction] = Field(description="one per uploaded photo, in upload order")
+    caution: str | None = Field(None, description=CAUTION)
 
 
 class Error(BaseModel):
@@ -76,6 +84,7 @@ class Health(BaseModel):
     status: str
     models: list[str] = Field(description="the architecture of each model in the ensemble")
     img_size: int
+    caution: str | None = Field(None, description=CAUTION)
 
 
 def _upload_body(max_files: int) -> dict:
@@ -358,6 +367,8 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
     import time
 
     batcher = Batcher(Engine(model, detector), wait_ms)
+    said = cautions(model.cards)  # a model that has not learned a task: every answer says so
+    caution = {"caution": " ".join(said)} if said else {}
     budget = PixelBudget(max(server_pixels, max_pixels))
     body_budget = PixelBudget(SERVER_BYTES_REQUESTS * max_bytes)
     log = logging.getLogger("maskcls.serve")
@@ -381,7 +392,7 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
 
     @app.get("/health", response_model=Health)
     async def health():
-        return {"status": "ok", "models": model.models, "img_size": model.img_size}
+        return {"status": "ok", "models": model.models, "img_size": model.img_size, **caution}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -405,7 +416,7 @@ def create_app(model: OnnxModel, max_bytes: int = MAX_BYTES, max_files: int = MA
             finally:
                 del images
                 budget.release(held)
-            return {"predictions": [{"filename": name} | r for (name, _), r in zip(files, results)]}
+            return {"predictions": [{"filename": name} | r for (name, _), r in zip(files, results)], **caution}
         except BadRequest as e:
             status = e.status
             return JSONResponse({"error": str(e)}, status_code=e.status,
@@ -467,13 +478,16 @@ def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000, max_bytes
 
     import uvicorn
 
-    app = create_app(OnnxModel(model_path), max_bytes, max_files, wait_ms, max_pixels=max_pixels,
+    model = OnnxModel(model_path)
+    app = create_app(model, max_bytes, max_files, wait_ms, max_pixels=max_pixels,
                      server_pixels=max(SERVER_PIXELS, 3 * max_pixels))
     handler = logging.StreamHandler()  # one line per request: time, status, photos, ms
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     request_log = logging.getLogger("maskcls.serve")
     request_log.addHandler(handler)
     request_log.setLevel(logging.INFO)
+    for c in cautions(model.cards):  # on the terminal too, as predict prints it
+        request_log.warning("warning: %s", c)
     if on_ready:
         on_ready()
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -133,3 +133,9 @@ def card_of(obj: dict) -> ModelCard:
                      tuple(obj.get("std", IMAGENET_STD)), cfg.get("old", L.DEFAULT_OLD), cfg.get("val_old", L.DEFAULT_OLD),
                      cfg.get("amp", "off"), obj.get("crop") or {}, calibration,
                      {"weights": obj.get("weights"), "weights_note": obj.get("weights_note"), "crops": cfg.get("crops")})
+
+
+def cautions(cards) -> list[str]:
+    """The distinct cautions of an ensemble's cards (each a model that has not learned a task), in order:
+    what predict prints and what serve answers with."""
+    return list(dict.fromkeys(c.caution for c in cards if c.caution))

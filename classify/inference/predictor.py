@@ -19,6 +19,7 @@ from preprocess.runtime import check_device
 from classify.errors import ConfigError
 from classify.inference.answer import answer, check_vote
 from classify.inference.backends import open_backend
+from classify.inference.card import cautions
 from classify.inference.cropping import crops_for
 from classify.inference.submission import Prediction, conclude
 
@@ -64,7 +65,7 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
         warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
                         f"{trained_key}): predictions may be worse than validation said; pass the raw folder to "
                         "crop it the training way")
-    warnings += list(dict.fromkeys(c.caution for c in backend.cards if c.caution))  # a model that has not learned
+    warnings += cautions(backend.cards)  # a model that has not learned
     rows = read_manifest(crops)
     for i, r in enumerate(rows):
         r["index"] = i
