@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,12 @@ def _optimizer_step(t, params) -> None:
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
-    t.scheduler.step()
+    if t.scaler.is_enabled():  # GradScaler may have skipped this step (an fp16 overflow, counted in skipped_steps):
+        with warnings.catch_warnings():  # torch then warns that the schedule stepped first; it moves per step by design
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            t.scheduler.step()
+    else:
+        t.scheduler.step()
     if t.ema is not None:
         t.ema.update_parameters(t.model)
 
