@@ -189,14 +189,16 @@ def test_reading_crops_npy_keeps_a_bounded_share_of_it_resident(tmp_path, monkey
     np.save(crops / "crops.npy", pixels)
     rows = [{"index": i, "label": i % 18, "mask": 0, "crop": f"{i}.jpg"} for i in range(n)]
     resident = {}
-    for budget in (1 << 30, 1 << 20):  # more than the file; 1 MiB
+    for budget in (1 << 30, 16 << 20, 1 << 20):  # far more than the file; a little more (read 3 times over); 1 MiB
         monkeypatch.setattr(PackedCrops, "RELEASE_BYTES", budget)
         ds = CropDataset(crops, rows, build_transform("none", side, train=False))
         ds._packed_path = crops / "crops.npy"
-        for i in range(n):
+        for i in [*range(n)] * (3 if budget == 16 << 20 else 1):  # 36 MiB read, as epochs of a training run read
             assert np.array_equal(ds[i][0].numpy(), pixels[i].transpose(2, 0, 1))
         resident[budget] = _mapped_rss_kib(crops / "crops.npy")
         del ds
-    # the whole file stays mapped under a budget it fits; else the budget and what the kernel maps around a read
-    # (fault-around, large page-cache folios: measured 1 MiB here)
-    assert resident[1 << 30] >= 12 * 1024 and resident[1 << 20] <= 1024 + 2048, resident
+    # the whole file stays mapped under a budget it fits, however often it is read (a release would re-map it all
+    # on the next pass); else the budget and what the kernel maps around a read (fault-around, large page-cache
+    # folios: measured 1 MiB here)
+    assert resident[1 << 30] >= 12 * 1024 and resident[16 << 20] >= 12 * 1024, resident
+    assert resident[1 << 20] <= 1024 + 2048, resident

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,6 +214,10 @@ class CropDataset(Dataset):
         self._label_list = self.labels.tolist()
         self._packed_path = packed_crops(self.crops)
         self._packed = None
+        self._pool = None  # this process's batch buffers (`_BatchPool`), made on the first batch
+
+    def __getstate__(self):  # a DataLoader worker builds its batches in shared memory, not from the pool
+        return {**self.__dict__, "_pool": None}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -268,7 +273,7 @@ class CropDataset(Dataset):
         for j, k in enumerate(keys):
             img, label, index = self._source(k)
             if slots is None:
-                batch = _new_batch(len(keys), self.transform.size, img.shape[2])
+                batch = self._new_batch((len(keys), self.transform.size, self.transform.size, img.shape[2]))
                 slots = batch.numpy()
             into(img, slots[j])
             labels.append(label)
@@ -278,6 +283,21 @@ class CropDataset(Dataset):
         items.labels, items.indices = torch.tensor(labels), torch.tensor(indices)
         items.extend(zip(items.images.unbind(0), items.labels.unbind(0), indices))
         return items
+
+    def _new_batch(self, shape: tuple) -> "torch.Tensor":
+        """An uint8 batch tensor of `shape` (n x size x size x channels) to write. In a DataLoader worker,
+        a new one in shared memory, so the batch reaches the main process without a copy (torch's default
+        collate does the same); in the process that trains or predicts, a buffer of `_BatchPool`, which
+        nothing else holds any more."""
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is None:
+            if self._pool is None:
+                self._pool = _BatchPool()
+            return self._pool.take(shape)
+        proto = torch.empty(0, dtype=torch.uint8)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        return proto.new(storage).view(shape)
 
 
 class _Batch(list):
@@ -289,17 +309,35 @@ class _Batch(list):
     indices: "torch.Tensor"
 
 
-def _new_batch(n: int, size: int, channels: int) -> "torch.Tensor":
-    """An empty uint8 n x size x size x channels tensor; in a DataLoader worker, in shared memory, so the
-    batch reaches the main process without a copy (torch's default collate does the same)."""
-    from torch.utils.data import get_worker_info
+class _BatchPool:
+    """uint8 batch buffers, each handed out again once no tensor or array holds it any more.
 
-    shape = (n, size, size, channels)
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    proto = torch.empty(0, dtype=torch.uint8)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).view(shape)
+    A fresh 4.8 MB batch (32 x 224 x 224 x 3) costs ~650 page faults, ~1.8 ms, a third of the time its
+    32 items take (BENCHMARKS §26). A buffer is handed out as `torch.from_numpy` of a numpy array, and
+    that tensor, every view of it and every array made from it keep a reference to the array: while
+    any of them lives (the batch the training step still works on, a batch a user keeps) the array's
+    reference count says so and the pool makes another buffer, so a held batch is never written."""
+
+    KEEP = 4  # buffers kept; a batch asked for while all are held is a new tensor the pool forgets
+    _UNHELD = 3  # the references of an array nobody holds, as `take` counts them: the list, `a`, getrefcount's
+
+    def __init__(self):
+        self._arrays: list[np.ndarray] = []
+
+    def take(self, shape: tuple) -> "torch.Tensor":
+        free = None
+        for k in range(len(self._arrays)):
+            a = self._arrays[k]
+            if sys.getrefcount(a) == self._UNHELD:
+                if a.shape == shape:
+                    return torch.from_numpy(a)
+                free = k
+        a = np.empty(shape, np.uint8)
+        if free is not None:  # an unheld buffer of another shape (a short last batch) makes way
+            self._arrays[free] = a
+        elif len(self._arrays) < self.KEEP:
+            self._arrays.append(a)
+        return torch.from_numpy(a)
 
 
 def collate(items: list) -> list:
@@ -334,7 +372,10 @@ class PackedCrops:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.array = np.ndarray(header.shape, header.dtype, buffer=self._map, offset=header.offset)  # a plain view
         del header
-        self._release = getattr(mmap, "MADV_DONTNEED", None) if hasattr(self._map, "madvise") else None
+        # a file the budget holds whole stays mapped: releasing it would re-map all of it each pass of a training
+        # run (3 x 30 faults a batch, BENCHMARKS §26)
+        fits = self.array.nbytes <= self.RELEASE_BYTES
+        self._release = getattr(mmap, "MADV_DONTNEED", None) if hasattr(self._map, "madvise") and not fits else None
         self._read = 0
 
     def crop(self, i: int, copy: bool = True) -> np.ndarray:
