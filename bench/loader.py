@@ -1,6 +1,6 @@
 """Training data path: maskcls's loader over cached crops vs the usual competition loader.
 
-    python bench/loader.py [--photos 301] [--batches 20] [--workdir DIR]
+    python bench/loader.py [--photos 301] [--batches 20] [--workdir DIR] [--workers 0]
 
 Baseline: a Dataset that opens the full photo with PIL and applies torchvision
 CenterCrop(384) → RandomResizedCrop(224) → RandomHorizontalFlip → ToTensor → Normalize.
@@ -8,6 +8,8 @@ maskcls: CropDataset over the crop stage's crops.npy with the `base` preset at 2
 Both run in the main process (num_workers=0), so images/s is per worker. The baseline yields float
 batches 32 x 3 x 224 x 224; maskcls yields the same shape in uint8 and normalises on the device
 (`transforms.normalize`); the third line counts that normalisation on the CPU too.
+`--workers 1`: both loaders with one DataLoader worker each (batches cross from the worker in shared
+memory: a new segment each batch, for both), as a training run with workers loads.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
     work = workdir(args.workdir)
     raw = work / "raw"
@@ -80,7 +83,8 @@ def main() -> None:
     ours = CropDataset(crops, rows, build_transform("base", 224, train=True), seed=0)
     assert ours._packed_path is not None, "crops.npy missing or stale"
     base = CompetitionDataset([raw / s for s in sorted(truth)], [0] * len(truth))
-    kw = dict(batch_size=32, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=32, shuffle=True, num_workers=args.workers, generator=torch.Generator().manual_seed(0),
+              persistent_workers=args.workers > 0)
     runs = {"base": [], "ours": [], "norm": []}
     for _ in range(args.repeat):  # interleaved, so drift in the machine's speed hits all three alike
         r, s_base = rate(DataLoader(base, **kw), args.batches)
@@ -92,8 +96,9 @@ def main() -> None:
     r_base, r_ours, r_norm = (statistics.median(runs[k]) for k in ("base", "ours", "norm"))
     assert s_base == s_norm, (s_base, s_norm)
     assert s_base == s_ours, (s_base, s_ours)  # the same batch shape: N x 3 x 224 x 224
+    where = "one process" if not args.workers else f"{args.workers} worker(s) each"
     print(f"batches: baseline {s_base} float32, maskcls {s_ours} uint8 (→ float32 after normalize()); "
-          f"{args.batches} batches each, median of {args.repeat}, one process, torch threads 1")
+          f"{args.batches} batches each, median of {args.repeat}, {where}, torch threads 1")
     print(f"baseline PIL full photo + torchvision transforms (float batches) : {r_base:7.1f} images/s")
     print(f"maskcls CropDataset over crops.npy, preset base (uint8 batches)  : {r_ours:7.1f} images/s")
     print(f"  the same + normalize() on the CPU (what a CPU training step adds): {r_norm:7.1f} images/s")

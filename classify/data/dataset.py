@@ -322,22 +322,26 @@ class _BatchPool:
     _UNHELD = 3  # the references of an array nobody holds, as `take` counts them: the list, `a`, getrefcount's
 
     def __init__(self):
+        import threading
+
         self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()  # two threads sharing a dataset must not both take one unheld buffer
 
     def take(self, shape: tuple) -> "torch.Tensor":
-        free = None
-        for k in range(len(self._arrays)):
-            a = self._arrays[k]
-            if sys.getrefcount(a) == self._UNHELD:
-                if a.shape == shape:
-                    return torch.from_numpy(a)
-                free = k
-        a = np.empty(shape, np.uint8)
-        if free is not None:  # an unheld buffer of another shape (a short last batch) makes way
-            self._arrays[free] = a
-        elif len(self._arrays) < self.KEEP:
-            self._arrays.append(a)
-        return torch.from_numpy(a)
+        with self._lock:
+            free = None
+            for k in range(len(self._arrays)):
+                a = self._arrays[k]
+                if sys.getrefcount(a) == self._UNHELD:
+                    if a.shape == shape:
+                        return torch.from_numpy(a)
+                    free = k
+            a = np.empty(shape, np.uint8)
+            if free is not None:  # an unheld buffer of another shape (a short last batch) makes way
+                self._arrays[free] = a
+            elif len(self._arrays) < self.KEEP:
+                self._arrays.append(a)
+            return torch.from_numpy(a)
 
 
 def collate(items: list) -> list:
