@@ -10,6 +10,7 @@ them (0666 less the umask, applied by the kernel).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -161,13 +162,22 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader (or a killed run) sees the old file or the new one, never half."""
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, text: bool = False):
+    """A file to write `path` through piece by piece (binary, or UTF-8 text with no newline translation):
+    a reader, or a killed run, sees the old file or the new one, never half. Large files (the manifest, the
+    journal) are written as they are made instead of built whole in memory first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     # 0o666: the kernel applies the umask, so the file gets the permissions open() would give it.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with (os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb")) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

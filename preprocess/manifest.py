@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import labels as L
-from .imageio import atomic_write_bytes, read_crop
+from .imageio import atomic_write_bytes, atomic_writer, read_crop
 from .journal import fingerprint
 from .layouts import LayoutError, safe_relative
 
@@ -53,13 +52,13 @@ PACKED = "crops.npy"
 
 
 def write_manifest(crops: Path, rows: list[dict], meta: dict) -> None:
-    """Write manifest.csv and crops.json atomically (each is replaced whole, or not at all)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-    atomic_write_bytes(Path(crops) / MANIFEST, buf.getvalue().encode("utf-8"))
+    """Write manifest.csv and crops.json atomically (each is replaced whole, or not at all); the manifest
+    row by row, not built whole in memory first."""
+    with atomic_writer(Path(crops) / MANIFEST, text=True) as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
     atomic_write_bytes(Path(crops) / META, json.dumps(meta, indent=2).encode("utf-8"))
 
 

@@ -202,3 +202,70 @@ def test_reading_crops_npy_keeps_a_bounded_share_of_it_resident(tmp_path, monkey
     # folios: measured 1 MiB here)
     assert resident[1 << 30] >= 12 * 1024 and resident[16 << 20] >= 12 * 1024, resident
     assert resident[1 << 20] <= 1024 + 2048, resident
+
+
+def _traced_peak(fn) -> int:
+    """Bytes of Python memory at the peak of `fn()` beyond what was allocated before it."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_manifest_and_the_journal_are_written_as_made_not_built_whole_in_memory(tmp_path):
+    """At the competition's size both files are MBs; built whole (text, then bytes) they set the crop's
+    peak memory as it finishes (BENCHMARKS §26). The files must hold every row, and the writing must not
+    hold them: the traced peak stays under a quarter of each file's size."""
+    from types import SimpleNamespace
+
+    from preprocess.journal import JOURNAL, compact, read_journal
+    from preprocess.manifest import write_manifest
+
+    n = 4000
+    rows = [{"image_id": f"{i:06d}_female_Asian_45/mask1", "source": f"images/{i:06d}_female_Asian_45/mask1.jpg",
+             "crop": f"crops/{i:06d}/mask1.jpg", "label": i % 18, "status": "ok", "x1": 101.25, "y1": 98.5,
+             "x2": 230.75, "y2": 260.0, "score": 0.998, "landmarks": [float(v) + 0.5 for v in range(10)]}
+            for i in range(n)]
+    peak = _traced_peak(lambda: write_manifest(tmp_path, rows, {"rows": n}))
+    size = (tmp_path / "manifest.csv").stat().st_size
+    assert [r["image_id"] for r in read_manifest(tmp_path)] == [r["image_id"] for r in rows]
+    assert peak < size / 4, (peak, size)
+
+    units = [[SimpleNamespace(source=r["source"])] for r in rows]
+    det = {"w": 384, "h": 512, "cands": [[101.25, 98.5, 230.75, 260.0, 0.998, 0, [float(v) for v in range(10)]]],
+           "relaxed": False, "sha256": "ab" * 32}
+    done = {(r["source"],): {"crop": {"size": 64, "margin": 0.2}, "det": [det], "crop_boxes": [[1.0, 2.0, 3.0, 4.0]]}
+            for r in rows}
+    peak = _traced_peak(lambda: compact(tmp_path, "k", units, [[[1, 2]]] * n, done))
+    size = (tmp_path / JOURNAL).stat().st_size
+    assert len(read_journal(tmp_path, "k")) == n
+    assert peak < size / 4, (peak, size)
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_a_manifest_write_that_fails_half_way_leaves_the_old_manifest_and_no_temporary_file(raw_train, tmp_path,
+                                                                                           fake_detector):
+    """Written row by row, the manifest still replaces the old one whole or not at all (a full disk, a
+    kill): no reader ever sees half a manifest."""
+    import errno
+
+    from preprocess.manifest import write_manifest
+
+    out = tmp_path / "c"
+    crop_dataset(raw_train, out, CFG, detector=fake_detector)
+    before = (out / "manifest.csv").read_bytes()
+
+    class Full(dict):
+        def get(self, *a):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    rows = [dict(r) for r in read_manifest(out)]
+    rows[len(rows) // 2] = Full(rows[len(rows) // 2])
+    with pytest.raises(OSError, match="No space left"):
+        write_manifest(out, rows, {})
+    assert (out / "manifest.csv").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
