@@ -217,9 +217,9 @@ def _traced_peak(fn) -> int:
 
 
 def test_the_manifest_and_the_journal_are_written_as_made_not_built_whole_in_memory(tmp_path):
-    """At the competition's size both files are MBs; built whole (text, then bytes) they set the crop's
-    peak memory as it finishes (BENCHMARKS §26). The files must hold every row, and the writing must not
-    hold them: the traced peak stays under a quarter of each file's size."""
+    """At the competition's size both files are MBs; built whole (text, then bytes) they took ~3x each
+    file and set the peak of a cached rerun (BENCHMARKS §26). The files must hold every row, and the
+    writing must not hold them: the traced peak stays under a quarter of each file's size."""
     from types import SimpleNamespace
 
     from preprocess.journal import JOURNAL, compact, read_journal
