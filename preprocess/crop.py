@@ -44,7 +44,7 @@ from . import labels as L
 from .detector import FaceDetector
 from .geometry import crop_landmarks, crop_square, square_around
 from .imageio import UnreadableImage, atomic_write_bytes, encode_jpeg, load_photo
-from .journal import JOURNAL, fingerprint, read_journal, remove_stale_temp_files
+from .journal import JOURNAL, fingerprint, read_journal, remove_stale_temp_files, unit_record
 from .journal import compact as compact_journal
 from .layouts import LayoutError, Photo, discover
 from .manifest import STATUSES, pack_crops, read_meta, write_manifest
@@ -156,7 +156,7 @@ class _Plan:
     """What a run has to do: the units to detect or re-cut (with their fingerprints and cached
     detections), the units the cache already holds in full, and each unit's fingerprints."""
     todo: list            # (unit, fingerprints, per-photo cached detection or None)
-    done: dict            # unit sources → {"crop", "det", "crop_boxes"}
+    done: dict            # unit sources → its journal line (`unit_record`), or where this run wrote it in its journal
     chosen: dict          # unit sources → choices (made once)
     unit_fps: list        # per unit, per photo fingerprint
 
@@ -175,7 +175,8 @@ def _plan(raw: Path, out: Path, units, paths, key: str, params: dict, prior: Pri
         if all(d is not None for d in dets):
             choices = choose_unit(u, dets, prior)
             if _current(out, paths, u, dets, boxes, choices):
-                plan.done[tuple(p.source for p in u)] = {"crop": params, "det": dets, "crop_boxes": boxes}
+                plan.done[tuple(p.source for p in u)] = unit_record(key, [p.source for p in u], fps, params, dets,
+                                                                    boxes)
                 plan.chosen[tuple(p.source for p in u)] = choices
                 continue
         plan.todo.append((u, fps, dets))
@@ -200,17 +201,31 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
         barrier()  # every rank's journal is complete
         if rank == 0:  # rank 0 alone merges the journals and writes; the others return their share
             merged = read_journal(out, key)
-            for u in units:
+            for u, fps in zip(units, plan.unit_fps):
                 k = tuple(p.source for p in u)
                 if k not in done:
-                    done[k] = {"crop": params, "det": [merged[s]["det"] for s in k],
-                               "crop_boxes": [merged[s]["crop_box"] for s in k]}
+                    done[k] = unit_record(key, list(k), fps, params, [merged[s]["det"] for s in k],
+                                          [merged[s]["crop_box"] for s in k])
+    with open(journal_path, "rb") as written:
+        def record(k) -> str:
+            """A finished unit's journal line: held as text, or read back from where this run wrote it."""
+            if isinstance(done[k], str):
+                return done[k]
+            written.seek(done[k])
+            return written.readline().decode().rstrip("\n")
+
+        return _finish(raw, out, found, config, detector, prior, rank, units, paths, done, chosen, detected, record)
+
+
+def _finish(raw, out, found, config, detector, prior, rank, units, paths, done, chosen, detected, record) -> CropResult:
+    """The manifest rows of every unit (rank 0: write the manifest, the compacted journal and the pack)."""
     rows_of = {}
     for u in units:
         k = tuple(p.source for p in u)
         if k in done:  # a unit another rank (torchrun) cropped was not chosen in this process yet
-            choices = chosen[k] if k in chosen else choose_unit(u, done[k]["det"], prior)
-            rows_of.update(zip(k, _rows(u, done[k]["det"], choices, paths, config)))
+            det = json.loads(record(k))["det"]
+            choices = chosen[k] if k in chosen else choose_unit(u, det, prior)
+            rows_of.update(zip(k, _rows(u, det, choices, paths, config)))
     if rank != 0:
         return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of], {},
                           detected, found.warnings)
@@ -224,7 +239,7 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
             "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
             "prior_used": prior.to_dict()}
     write_manifest(out, rows, meta)
-    compact_journal(out, key, units, plan.unit_fps, done)
+    compact_journal(out, (record(tuple(p.source for p in u)) for u in units))
     if config.pack:
         pack_crops(out, rows, config.size, config.workers)
     # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
@@ -234,9 +249,13 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
 
 def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, journal_path, done, chosen,
                 on_progress) -> None:
-    """Detect, choose and crop this rank's units, journalling each chunk once its crops are on disk."""
+    """Detect, choose and crop this rank's units, journalling each chunk once its crops are on disk. A
+    finished unit is held in `done` as the offset of its line in the journal, not as its detections (at
+    the competition's size those grew the crop's peak memory with the folder: BENCHMARKS §26)."""
     total = sum(len(u) for u, *_ in mine)
-    with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "a", encoding="utf-8") as journal:
+    with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "ab") as journal:
+        if journal.tell() and not _ends_a_line(journal_path):
+            journal.write(b"\n")  # a kill tore the last line: this run's records start on lines of their own
         finished = 0
 
         def record(chunk, recs, writes, choices):
@@ -245,10 +264,10 @@ def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, jou
             for f in writes:
                 f.result()
             for (u, fps, _), rec, c in zip(chunk, recs, choices):
-                rec = {"key": key, "sources": [p.source for p in u], "fps": fps, "crop": params, **rec}
-                journal.write(json.dumps(rec) + "\n")
-                done[tuple(rec["sources"])] = rec
-                chosen[tuple(rec["sources"])] = c
+                k = tuple(p.source for p in u)
+                done[k] = journal.tell()
+                journal.write(unit_record(key, list(k), fps, params, rec["det"], rec["crop_boxes"]).encode() + b"\n")
+                chosen[k] = c
             journal.flush()
             os.fsync(journal.fileno())
             finished += sum(len(u) for u, *_ in chunk)
@@ -263,6 +282,12 @@ def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, jou
             pending = (chunk, recs, writes, choices)
         if pending:
             record(*pending)
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def settings_key(config: CropConfig, detector: FaceDetector) -> str:

@@ -220,9 +220,7 @@ def test_the_manifest_and_the_journal_are_written_as_made_not_built_whole_in_mem
     """At the competition's size both files are MBs; built whole (text, then bytes) they took ~3x each
     file and set the peak of a cached rerun (BENCHMARKS §26). The files must hold every row, and the
     writing must not hold them: the traced peak stays under a quarter of each file's size."""
-    from types import SimpleNamespace
-
-    from preprocess.journal import JOURNAL, compact, read_journal
+    from preprocess.journal import JOURNAL, compact, read_journal, unit_record
     from preprocess.manifest import write_manifest
 
     n = 4000
@@ -235,12 +233,11 @@ def test_the_manifest_and_the_journal_are_written_as_made_not_built_whole_in_mem
     assert [r["image_id"] for r in read_manifest(tmp_path)] == [r["image_id"] for r in rows]
     assert peak < size / 4, (peak, size)
 
-    units = [[SimpleNamespace(source=r["source"])] for r in rows]
     det = {"w": 384, "h": 512, "cands": [[101.25, 98.5, 230.75, 260.0, 0.998, 0, [float(v) for v in range(10)]]],
            "relaxed": False, "sha256": "ab" * 32}
-    done = {(r["source"],): {"crop": {"size": 64, "margin": 0.2}, "det": [det], "crop_boxes": [[1.0, 2.0, 3.0, 4.0]]}
-            for r in rows}
-    peak = _traced_peak(lambda: compact(tmp_path, "k", units, [[[1, 2]]] * n, done))
+    records = (unit_record("k", [r["source"]], [[1, 2]], {"size": 64, "margin": 0.2}, [det], [[1.0, 2.0, 3.0, 4.0]])
+               for r in rows)
+    peak = _traced_peak(lambda: compact(tmp_path, records))
     size = (tmp_path / JOURNAL).stat().st_size
     assert len(read_journal(tmp_path, "k")) == n
     assert peak < size / 4, (peak, size)
@@ -269,3 +266,27 @@ def test_a_manifest_write_that_fails_half_way_leaves_the_old_manifest_and_no_tem
         write_manifest(out, rows, {})
     assert (out / "manifest.csv").read_bytes() == before
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_resumed_after_a_kill_that_tore_the_journal_keeps_its_own_records_readable(raw_train, tmp_path,
+                                                                                         fake_detector):
+    """A kill mid-write leaves a torn last line in the journal. The resumed run's records must start on a
+    line of their own: appended to the torn bytes, its first unit's record is unreadable, and a second
+    kill before the journal is compacted detects that person again."""
+    from preprocess.crop import settings_key
+    from preprocess.journal import JOURNAL, read_journal
+
+    out = tmp_path / "c"
+    cfg = CropConfig(size=64, workers=2, device="cpu", batch_size=1)  # a unit a chunk
+    crop_dataset(raw_train, out, cfg, detector=fake_detector)
+    lines = (out / JOURNAL).read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    (out / JOURNAL).write_bytes(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing person 2
+
+    def killed_at_the_second_unit(done, total):
+        if done == total:
+            raise KeyboardInterrupt  # the resumed run dies too, after both units are journalled, before compaction
+    with pytest.raises(KeyboardInterrupt):
+        crop_dataset(raw_train, out, cfg, detector=fake_detector, on_progress=killed_at_the_second_unit)
+    cached = read_journal(out, settings_key(cfg, fake_detector))
+    assert len(cached) == 21, f"{21 - len(cached)} photos' detections lost"
