@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import labels as L
-from preprocess.imageio import atomic_write_bytes
+from preprocess.imageio import atomic_write_bytes, atomic_writer
 
 from classify.errors import ConfigError
 
@@ -67,11 +67,11 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def write_csv(path: Path, header: list[str], rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
+    """`header` and `rows` (any iterable: taken as it is written) replace `path` whole; lines end in \\n."""
+    with atomic_writer(Path(path), text=True) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def read_csv(path: Path) -> list[dict]:

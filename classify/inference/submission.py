@@ -3,17 +3,14 @@ probabilities, and the review list of unsure photos. Numpy only (no torch), for 
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from preprocess import labels as L
-from preprocess.imageio import atomic_write_bytes
-
 from classify.inference.answer import class_probability
+from classify.inference.rundir import write_csv
 
 
 @dataclass
@@ -59,12 +56,7 @@ def conclude(rows: list[dict], probs: np.ndarray, labels: np.ndarray, crops: Pat
 
 
 def write_submission(path: Path, pred: Prediction) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID", "ans"])
-    for iid, y in zip(pred.image_ids, pred.labels):
-        w.writerow([iid, int(y)])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    write_csv(path, ["ImageID", "ans"], ([iid, int(y)] for iid, y in zip(pred.image_ids, pred.labels)))
 
 
 def write_review(path: Path, pred: Prediction, below: float) -> int:
@@ -74,20 +66,12 @@ def write_review(path: Path, pred: Prediction, below: float) -> int:
     top = np.argsort(-pred.probs, axis=1)[:, :3]
     sure = pred.confidence
     picked = [i for i in np.argsort(sure, kind="stable") if sure[i] < below]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID", "status", "p_top", *[f"{k}{n}" for n in (1, 2, 3) for k in ("class", "name", "p")]])
-    for i in picked:
-        w.writerow([pred.image_ids[i], pred.rows[i]["status"], f"{sure[i]:.4f}",
-                    *[v for c in top[i] for v in (int(c), names[c], f"{pred.probs[i, c]:.4f}")]])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    write_csv(path, ["ImageID", "status", "p_top", *[f"{k}{n}" for n in (1, 2, 3) for k in ("class", "name", "p")]],
+              ([pred.image_ids[i], pred.rows[i]["status"], f"{sure[i]:.4f}",
+                *[v for c in top[i] for v in (int(c), names[c], f"{pred.probs[i, c]:.4f}")]] for i in picked))
     return len(picked)
 
 
 def write_probs(path: Path, pred: Prediction) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ImageID"] + [f"p{k}" for k in range(L.NUM_CLASSES)])
-    for iid, p in zip(pred.image_ids, pred.probs):
-        w.writerow([iid] + [f"{v:.8f}" for v in p])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    write_csv(path, ["ImageID"] + [f"p{k}" for k in range(L.NUM_CLASSES)],
+              ([iid] + [f"{v:.8f}" for v in p] for iid, p in zip(pred.image_ids, pred.probs)))

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import math
 from pathlib import Path
 
@@ -24,10 +23,11 @@ import torch
 from torch import nn
 
 from preprocess import labels as L
-from preprocess.imageio import atomic_write_bytes, read_crop
+from preprocess.imageio import read_crop
 
 from classify.errors import ConfigError
 from classify.data.transforms import build_transform, normalize
+from classify.inference.rundir import write_csv
 
 TASKS = ("mask", "gender", "age")
 
@@ -160,11 +160,8 @@ def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: s
             table.append([r["image_id"], t, names[t][true[t]] if t in true else "", names[t][preds[t][k]],
                           "" if flat else f"{lower:.4f}", "" if flat else f"{face:.4f}", int(flat)])
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_id", "task", "true", "predicted", "lower_face_share", "face_share", "flat"])
-    w.writerows(table)
-    atomic_write_bytes(out / "gradcam.csv", buf.getvalue().encode())
+    write_csv(out / "gradcam.csv", ["image_id", "task", "true", "predicted", "lower_face_share", "face_share", "flat"],
+              table)
     _figure(out / "gradcam.png", imgs, rows, maps, preds, names, title, truth)
     return out / "gradcam.png", out / "gradcam.csv"
 
