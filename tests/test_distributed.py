@@ -55,6 +55,8 @@ def test_two_process_crop_writes_the_one_process_manifest(tmp_path):
     crop_dataset(SAMPLES / "train", tmp_path / "one", CropConfig(device="cpu"))
     torchrun("crop", SAMPLES / "train", "--out", tmp_path / "two", "--device", "cpu")
     assert (tmp_path / "one" / "manifest.csv").read_bytes() == (tmp_path / "two" / "manifest.csv").read_bytes()
+    # the merged journal (rank 0's records read back from its file, the others' from theirs) is the one-process cache
+    assert (tmp_path / "one" / ".journal.jsonl").read_bytes() == (tmp_path / "two" / ".journal.jsonl").read_bytes()
     assert np.array_equal(np.load(tmp_path / "one" / "crops.npy"), np.load(tmp_path / "two" / "crops.npy"))
     assert not list((tmp_path / "two").glob(".journal.rank*"))
 
