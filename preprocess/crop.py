@@ -207,39 +207,34 @@ def _crop_locked(raw, out, found, config, detector, prior, on_progress, rank, wo
                     done[k] = unit_record(key, list(k), fps, params, [merged[s]["det"] for s in k],
                                           [merged[s]["crop_box"] for s in k])
     with open(journal_path, "rb") as written:
-        def record(k) -> str:
+        def line(k) -> str:
             """A finished unit's journal line: held as text, or read back from where this run wrote it."""
             if isinstance(done[k], str):
                 return done[k]
             written.seek(done[k])
             return written.readline().decode().rstrip("\n")
 
-        return _finish(raw, out, found, config, detector, prior, rank, units, paths, done, chosen, detected, record)
-
-
-def _finish(raw, out, found, config, detector, prior, rank, units, paths, done, chosen, detected, record) -> CropResult:
-    """The manifest rows of every unit (rank 0: write the manifest, the compacted journal and the pack)."""
-    rows_of = {}
-    for u in units:
-        k = tuple(p.source for p in u)
-        if k in done:  # a unit another rank (torchrun) cropped was not chosen in this process yet
-            det = json.loads(record(k))["det"]
-            choices = chosen[k] if k in chosen else choose_unit(u, det, prior)
-            rows_of.update(zip(k, _rows(u, det, choices, paths, config)))
-    if rank != 0:
-        return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of], {},
-                          detected, found.warnings)
-    rows = [rows_of[p.source] for p in found.photos]
-    counts = {s: 0 for s in STATUSES if s != "no_face"}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    learned = _learn_prior(units, rows_of)
-    meta = {"version": CROP_VERSION, "key": crops_key(config, detector), "layout": found.layout, "raw": str(raw),
-            "config": asdict(config), "detector": detector.settings, "engine": getattr(detector, "engine", None),
-            "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
-            "prior_used": prior.to_dict()}
-    write_manifest(out, rows, meta)
-    compact_journal(out, (record(tuple(p.source for p in u)) for u in units))
+        rows_of = {}
+        for u in units:
+            k = tuple(p.source for p in u)
+            if k in done:  # a unit another rank (torchrun) cropped was not chosen in this process yet
+                det = json.loads(line(k))["det"]
+                choices = chosen[k] if k in chosen else choose_unit(u, det, prior)
+                rows_of.update(zip(k, _rows(u, det, choices, paths, config)))
+        if rank != 0:
+            return CropResult(out, found.layout, [rows_of[p.source] for p in found.photos if p.source in rows_of],
+                              {}, detected, found.warnings)
+        rows = [rows_of[p.source] for p in found.photos]
+        counts = {s: 0 for s in STATUSES if s != "no_face"}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        learned = _learn_prior(units, rows_of)
+        meta = {"version": CROP_VERSION, "key": crops_key(config, detector), "layout": found.layout, "raw": str(raw),
+                "config": asdict(config), "detector": detector.settings, "engine": getattr(detector, "engine", None),
+                "counts": counts, "rows": len(rows), "prior": (learned or prior).to_dict(),
+                "prior_used": prior.to_dict()}
+        write_manifest(out, rows, meta)
+        compact_journal(out, (line(tuple(p.source for p in u)) for u in units))
     if config.pack:
         pack_crops(out, rows, config.size, config.workers)
     # No collective after rank 0's writes: the other ranks need nothing more (they wait for rank 0 in
@@ -251,7 +246,7 @@ def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, jou
                 on_progress) -> None:
     """Detect, choose and crop this rank's units, journalling each chunk once its crops are on disk. A
     finished unit is held in `done` as the offset of its line in the journal, not as its detections (at
-    the competition's size those grew the crop's peak memory with the folder: BENCHMARKS §26)."""
+    the competition's size those grew the crop's peak memory with the folder: BENCHMARKS §27)."""
     total = sum(len(u) for u, *_ in mine)
     with ThreadPoolExecutor(max(1, config.workers)) as pool, open(journal_path, "ab") as journal:
         if journal.tell() and not _ends_a_line(journal_path):

@@ -49,9 +49,9 @@ def remove_stale_temp_files(out: Path) -> None:
 
 
 def unit_record(key: str, sources: list[str], fps: list, crop: dict, det: list[dict], crop_boxes: list) -> str:
-    """A finished unit's journal line (without its newline). The crop stage holds each finished unit as
-    this text until the run ends, not as Python objects: for 18,900 photos the text is 11 MiB, the
-    objects were 33 MiB and grew the crop's peak with the folder (BENCHMARKS §26)."""
+    """A finished unit's journal line (without its newline). Until the run ends, the crop stage holds a
+    unit it detected as this line's offset in the journal, and a cached one as this text, never as Python
+    objects: for 18,900 photos those were 33 MiB and grew the crop's peak with the folder (BENCHMARKS §27)."""
     return json.dumps({"key": key, "sources": sources, "fps": fps, "crop": crop, "det": det,
                        "crop_boxes": crop_boxes})
 
