@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ def read_torch_file(path: Path, what: str, error=CheckpointError):
         kind = "text" if all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "binary data"
         raise error(f"{what} is not a PyTorch file (it starts with {kind}: {head[:8]!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol other than its own: noise on the
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)  # user's terminal
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise error(f"{what} carries Python objects that would run code when loaded; refused "

@@ -1,5 +1,6 @@
 """Checkpoints describe themselves, round-trip, and can never run code when loaded."""
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -39,9 +40,12 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
     with open(path, "wb") as f:
         pickle.dump({"format": "maskcls-checkpoint", "payload": _Evil(marker)}, f)
-    with pytest.raises(CheckpointError, match="carries Python objects that would run code when loaded; refused"):
-        load_checkpoint(path)
+    with warnings.catch_warnings(record=True) as seen:  # the one error line, and no torch warning beside it
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="carries Python objects that would run code when loaded; refused"):
+            load_checkpoint(path)
     assert not marker.exists()
+    assert not [str(w.message) for w in seen], [str(w.message) for w in seen]
 
 
 def test_foreign_and_corrupt_files_are_clear_errors_each_saying_what_it_is(tmp_path):
