@@ -14,10 +14,10 @@ if __package__ in (None, "") and str(Path(__file__).resolve().parent) not in sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python cli.py` from a checkout
 
 from cli_commands import crop, deploy, predict, study, train  # noqa: E402
-from cli_commands.common import Command  # noqa: E402
+from cli_commands.common import Command, Group  # noqa: E402
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Face crops, training and prediction for mask status x gender x age group.")
 
 

@@ -2,6 +2,7 @@
 the options that predict, evaluate and pseudo-label declare alike."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import re
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -17,14 +18,50 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 console = Console(stderr=True)
 
 
+@contextlib.contextmanager
+def one_line_usage_errors():
+    """A mistake on the command line (an unknown option or command, a missing argument, a value of the wrong
+    type) as one `error:` line and exit code 1, like every other user mistake, instead of typer's boxed usage
+    and exit code 2. `maskcls` alone still prints the help."""
+    try:
+        yield
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" ({ctx.command_path} --help lists what it takes)" if ctx is not None else ""
+        message = " ".join(str(e.format_message()).split())
+        console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 class Command(TyperCommand):
     """A command whose usage line names its arguments as the help does (`crop [OPTIONS] RAW`): typer
-    writes a required one as `{RAW}`, which reads as a set or a placeholder to fill in."""
+    writes a required one as `{RAW}`, which reads as a set or a placeholder to fill in; and whose
+    command-line mistakes are one `error:` line (`one_line_usage_errors`)."""
 
     def collect_usage_pieces(self, ctx):
         pieces = [re.sub(r"\{([^{}]*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
         # 'CKPT... RAW_OR_CROPS' already says which part repeats: no '...' after the whole metavar
         return [p[:-3] if p.endswith("...") and "..." in p[:-3] else p for p in pieces]
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if parent is None:  # parsed by a caller (tune parses train's options), which words the error itself
+            return super().make_context(info_name, args, parent=parent, **extra)
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+
+class Group(TyperGroup):
+    """The `maskcls` group: an unknown command or group option is one `error:` line too."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx, args):
+        with one_line_usage_errors():
+            return super().resolve_command(ctx, args)
 
 TTA = typer.Option(1, help="Views averaged: 1 none, 2 + mirror, 3 + zoom, 4 + zoomed mirror. "
                            "--tta alone is not valid: give a number.")

@@ -129,6 +129,13 @@ MISTAKES = [
     ("tune {w}/crops --out {w}/out/t --trials 0", "--trials 0: must be >= 1"),
     ("tune {w}/crops --out {w}/out/t --lr -1", "--lr -1.0: must be > 0"),
     ("tune {w}/crops --out {w}/out/t --epochs notanumber", "Invalid value for '--epochs'"),
+    # the command line itself (typer's boxed usage and exit code 2 before): one line naming the fix
+    ("crop {w}/raw --out {w}/out/c --sise 64", "No such option: --sise (Possible options: --size) (cli.py crop --help"),
+    ("crop --out {w}/out/c", "Missing argument 'RAW'. (cli.py crop --help lists what it takes)"),
+    ("crop {w}/raw --out {w}/out/c --size big", "Invalid value for '--size': Input should be a valid integer"),
+    ("export {w}/run", "Missing option '--out' / '-o'. (cli.py export --help"),
+    ("crpo {w}/raw --out {w}/out/c", "No such command 'crpo'. Did you mean 'crop'"),
+    ("--verbose crop {w}/raw --out {w}/out/c", "No such option: --verbose (Possible options: --version) (cli.py --help"),
     ("tune {w}/crops --out {w}/out/t --storage nonsense://user:secret@host/db", "--storage nonsense://***@host/db: not a database URL"),
     ("train {w}/raw/images --out {w}/out/r", "holds raw photos (person folders), not crops: crop them first with "
                                              "`maskcls crop {w}/raw/images --out CROPS`"),
