@@ -64,7 +64,7 @@ class Prediction(BaseModel):
     name: str
     probs: list[float] = Field(min_length=18, max_length=18)
     tasks: dict[str, TaskValue] = Field(description="mask, gender and age: the class's parts, never another class")
-    warning: str | None = Field(None, description="present where the mask is worn incorrectly or not at all")
+    warning: str | None = Field(None, description="present where the answer is a mask worn incorrectly or not at all; it says so when the model has not learned mask")
 
 
 CAUTION = ("present when the model has not learned a task (its validation was no better than always answering "
@@ -126,6 +126,7 @@ class Engine:
         self.model = model
         self.names = list(model.cards[0].classes)  # the card's names: at the model's own `old`
         self.tasks = model.cards[0].tasks
+        self.mask_unlearned = any("mask" in c.unlearned for c in model.cards)
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         from preprocess.faces import crop_lone_photos
@@ -143,6 +144,8 @@ class Engine:
         tasks = task_values(p, y, self.model.old, self.tasks)
         mask = L.decode(y)[0]
         warning = {1: "the mask is worn incorrectly", 2: "no mask"}.get(mask)
+        if warning and self.mask_unlearned:  # a model that has not learned mask cannot raise this alarm
+            warning = f"the model answers '{warning}', but it has not learned mask: this says nothing yet (see caution)"
         return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box],
                 "score": None if cand is None else float(cand[4]), "class": y, "name": self.names[y],
                 "probs": [float(v) for v in p], "tasks": tasks, **({"warning": warning} if warning else {})}

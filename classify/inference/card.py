@@ -79,6 +79,11 @@ class ModelCard:
         return replace(self, validation=dict(validation))
 
     @property
+    def unlearned(self) -> tuple[str, ...]:
+        """The tasks its validation found it has not learned (no better than the most common label)."""
+        return tuple((self.validation or {}).get("not_learned") or {})
+
+    @property
     def caution(self) -> str | None:
         """The caution of a model that has not learned a task (metrics.not_learned_caution), or None."""
         from classify.metrics import not_learned_caution
