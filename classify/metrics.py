@@ -99,3 +99,10 @@ def not_learned_caution(unlearned: dict[str, tuple[float, float]], where: str = 
     return (f"the model has not learned {', '.join(unlearned)}: on {where} it is no better than always answering "
             f"the most common label ({parts}); its {'/'.join(unlearned)} answers and probabilities say nothing yet "
             "(train longer, from pretrained weights, or on more people)")
+
+
+def unlearned_labels(folder, tasks) -> str:
+    """What pseudo-labels from a model that has not learned `tasks` are: said where they are made and used."""
+    return (f"{folder}: its {'/'.join(tasks)} labels are the guesses of a model that has not learned "
+            f"{', '.join(tasks)} (its caution), not what it knows; `train --extra` would teach those guesses. "
+            "Pseudo-label with a model that has learned them")

@@ -262,3 +262,28 @@ def test_an_edited_crop_voids_the_pack_so_both_backends_read_the_same_pixels(tmp
     atomic_write_bytes(crops / r["crop"], encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
     os.utime(crops / r["crop"], ns=(1, 1))
     assert packed_crops(crops) is None  # the torch backend now decodes the JPEGs, as the ONNX one does
+
+
+def test_pseudo_labels_of_a_model_that_has_not_learned_are_named_as_guesses_where_made_and_used(weak_run, tmp_path):
+    """pseudo-label wrote a weak model's answers as labels, and `train --extra` took them like any labels: the
+    caution printed at pseudo-label time was gone by training time. The folder now records the tasks the model had
+    not learned, and both commands say what those labels are."""
+    from classify.data.dataset import extra_rows, load_rows
+    from classify.inference.pseudo import pseudo_label
+    from classify.training.config import TrainConfig
+    from preprocess.manifest import read_meta
+
+    crops, run, summary = weak_run
+    unlearned = list(summary["validation"]["not_learned"])
+    assert unlearned
+    other = make_crops(tmp_path / "eval", people=3, size=16, seed=7)  # photos outside the training crops
+    res = pseudo_label([run], other, tmp_path / "p", min_prob=0.01, device="cpu", workers=0)
+    assert res.kept == 21
+    assert read_meta(tmp_path / "p")["pseudo"]["unlearned"] == unlearned
+    said = [w for w in res.warnings if "labels are the guesses of a model that has not learned" in w]
+    assert said and said[0].startswith(f"{tmp_path / 'p'}: its {'/'.join(unlearned)} labels")
+    warnings: list[str] = []
+    cfg = TrainConfig(crops=str(crops), out=str(tmp_path / "r"), extra=(str(tmp_path / "p"),), **FAST)
+    rows = extra_rows(cfg, load_rows(crops, cfg.old)[1], warnings)
+    assert len(rows) == 21
+    assert [w for w in warnings if w.startswith(f"--extra {tmp_path / 'p'}: its {'/'.join(unlearned)} labels are the guesses")]

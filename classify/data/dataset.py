@@ -26,7 +26,7 @@ from preprocess.imageio import content_digest, read_crop
 from preprocess.manifest import TRAINABLE, packed_crops, read_manifest, read_meta
 
 from classify.errors import ConfigError
-from classify.metrics import few_people
+from classify.metrics import few_people, unlearned_labels
 from classify.data.masks import SYNTH_INCORRECT, synthesize
 from classify.data.transforms import channels_first
 
@@ -479,6 +479,9 @@ def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str,
     for k, folder in enumerate(cfg.extra, start=1):
         folder = Path(folder)
         check_extra(folder, cfg.old)
+        unlearned = (read_meta(folder).get("pseudo") or {}).get("unlearned")
+        if unlearned:
+            warnings.append(f"--extra {unlearned_labels(folder, unlearned)}")
         _, usable = load_rows(folder, cfg.old)
         if own is None:
             own = {d: r for r, d in zip(main_rows, photo_digests(Path(cfg.crops), main_rows)) if d}

@@ -72,6 +72,8 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
     if not rows:
         raise LayoutError(f"{source} holds no photo to predict")
     ans = answer(backend.logits(crops, rows, tta, batch_size), backend.temperatures, calibrate, vote)
-    return conclude(rows, ans.scores, ans.labels, crops, warnings, backend.card.old, backend.names, out, probs_out,
+    pred = conclude(rows, ans.scores, ans.labels, crops, warnings, backend.card.old, backend.names, out, probs_out,
                     review, below, ans.votes, list(backend.card.classes))
+    pred.unlearned = tuple(dict.fromkeys(t for c in backend.cards for t in c.unlearned))
+    return pred
 

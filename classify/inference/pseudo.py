@@ -20,6 +20,7 @@ from preprocess import labels as L
 from preprocess.manifest import TRAINABLE, read_meta, write_manifest
 
 from classify.errors import ConfigError
+from classify.metrics import unlearned_labels
 from classify.inference.predictor import predict
 
 
@@ -67,8 +68,11 @@ def pseudo_label(checkpoints: list[Path], source: Path, out: Path, min_prob: flo
     meta = read_meta(pred.crops) | {
         "layout": "pseudo", "rows": len(rows),
         "pseudo": {"models": pred.models, "source": str(source), "min_prob": min_prob,
-                   "tta": tta, "vote": vote, "old": old, "kept": len(rows), "predicted": len(pred.rows)}}
+                   "tta": tta, "vote": vote, "old": old, "kept": len(rows), "predicted": len(pred.rows),
+                   "unlearned": list(pred.unlearned)}}
     meta.pop("counts", None)
     write_manifest(out, rows, meta)
-    return PseudoResult(out, len(rows), len(pred.rows), dict(sorted(by_class.items())), pred.warnings,
-                        pred.classes)
+    warnings = list(pred.warnings)
+    if pred.unlearned and rows:
+        warnings.append(unlearned_labels(out, pred.unlearned))
+    return PseudoResult(out, len(rows), len(pred.rows), dict(sorted(by_class.items())), warnings, pred.classes)

@@ -25,6 +25,7 @@ class Prediction:
     models: list[str] = None   # each checkpoint, as "path (model)"
     votes: np.ndarray | None = None  # --vote hard: N x 18, the share of models voting each class
     classes: list[str] = None  # the 18 class names, from the model's card
+    unlearned: tuple[str, ...] = ()  # the tasks a model of the ensemble has not learned (its card's caution)
 
     def __post_init__(self):
         if self.classes is None:
