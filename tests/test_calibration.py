@@ -160,3 +160,12 @@ def test_explain_draws_each_photos_task_maps(sample_crops, tmp_path, cli_run):
     flat = len(rows) - len(drawn)
     assert (f"{flat} of {len(rows)} Grad-CAM maps are flat" in res.stderr) == (flat > 0), res.stderr
     assert (tmp_path / "ex" / "gradcam.png").stat().st_size > 10_000
+    # A model that has not learned a task: explain says so as predict does, and the CSV marks those tasks' rows
+    # (their answers and maps show a guess). It printed neither before.
+    from classify.inference.card import card_of_run
+
+    card = card_of_run(tmp_path / "r")
+    assert card.unlearned  # one epoch from random init on 8 sample people with invented labels
+    assert card.caution in " ".join(res.stderr.split())
+    assert {(r["task"], r["learned"]) for r in rows} == {(t, str(int(t not in card.unlearned)))
+                                                          for t in ("mask", "gender", "age")}

@@ -134,8 +134,9 @@ FLAT = 1e-6  # a map whose peak is below this is all zero: Grad-CAM found no evi
 def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: str, truth: bool = True) -> tuple[Path, Path]:
     """gradcam.png (each photo's crop and its three task maps, titled with true and predicted labels)
     and gradcam.csv (per photo and task: predicted value, the map's share below the nose and in the
-    face, and whether the map is `flat`) for `rows` of `crops`, with the checkpoint's eval transform.
-    A flat map (all zero: the hooked layer holds no positive evidence for the predicted value, as for a
+    face, whether the map is `flat`, and whether the model has `learned` the task at all: its card's
+    validation) for `rows` of `crops`, with the checkpoint's eval transform. A task the model has not
+    learned is titled so in the figure: its map shows where a guess looks. A flat map (all zero: the hooked layer holds no positive evidence for the predicted value, as for a
     model that has not learned the task) says nothing about where the model looks: the CSV marks it,
     the figure says so instead of drawing it, and `flat_maps` counts them."""
     from classify.inference.torch_backend import load_model
@@ -158,11 +159,14 @@ def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: s
             flat = is_flat(maps[t][k])
             lower, face = mask_region_shares(maps[t][k], margin)
             table.append([r["image_id"], t, names[t][true[t]] if t in true else "", names[t][preds[t][k]],
-                          "" if flat else f"{lower:.4f}", "" if flat else f"{face:.4f}", int(flat)])
+                          "" if flat else f"{lower:.4f}", "" if flat else f"{face:.4f}", int(flat),
+                          int(t not in spec.unlearned)])
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "gradcam.csv", ["image_id", "task", "true", "predicted", "lower_face_share", "face_share", "flat"],
-              table)
-    _figure(out / "gradcam.png", imgs, rows, maps, preds, names, title, truth)
+    write_csv(out / "gradcam.csv", ["image_id", "task", "true", "predicted", "lower_face_share", "face_share", "flat",
+                                    "learned"], table)
+    if spec.unlearned:
+        title += f"\nthe model has not learned {', '.join(spec.unlearned)}: those answers and maps show a guess"
+    _figure(out / "gradcam.png", imgs, rows, maps, preds, names, title, truth, spec.unlearned)
     return out / "gradcam.png", out / "gradcam.csv"
 
 
@@ -219,6 +223,8 @@ def explain_photos(model: Path, photos: list[Path], out: Path, cache: Path | Non
         for r, p in zip(rows, photos):
             r["image_id"] = str(p)  # the path as given: two photos named normal.jpg stay apart
         png, table = explain_crops(ckpt, folder, rows, Path(out), f"Grad-CAM per task ({len(rows)} photos)", truth=False)
+    if card_of(ckpt).caution:  # as predict says it: where a model has not learned, its maps show a guess
+        warnings.insert(0, card_of(ckpt).caution)
     flat, total = flat_maps(table)
     if flat:
         warnings.append(f"{flat} of {total} Grad-CAM maps are flat (all zero): the model holds no evidence for its "
@@ -227,7 +233,7 @@ def explain_photos(model: Path, photos: list[Path], out: Path, cache: Path | Non
     return png, table, warnings
 
 
-def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool) -> None:
+def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool, unlearned=()) -> None:
     from classify.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -247,9 +253,10 @@ def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool)
                                 va="center", fontsize=8, transform=axes[k, j].transAxes)
             else:
                 axes[k, j].imshow(maps[t][k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            axes[k, j].set_title(f"{t}: {said}predicted {names[t][preds[t][k]]}", fontsize=7)
+            guess = " (not learned: a guess)" if t in unlearned else ""
+            axes[k, j].set_title(f"{t}: {said}predicted {names[t][preds[t][k]]}{guess}", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(top=1 - 0.75 / height, bottom=0.01, left=0.01, right=0.99, hspace=0.35, wspace=0.05)
+    fig.subplots_adjust(top=1 - (1.0 if unlearned else 0.75) / height, bottom=0.01, left=0.01, right=0.99, hspace=0.35, wspace=0.05)
     save_figure(fig, path)
