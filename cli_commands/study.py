@@ -101,6 +101,8 @@ def tune(
 
     def show(rec):
         value = f"F1 {rec['value']:.4f}" if rec["value"] is not None else rec["state"].lower()
+        if rec.get("not_learned"):
+            value += f" (has not learned {', '.join(rec['not_learned'])})"
         console.print(f"trial {rec['number']}: {value}  " + escape(_params(rec["params"])), highlight=False)
 
     res = run_tune(fixed, out, trials, storage, space, timeout, sampler_seed, prune_startup, prune_warmup,
@@ -125,6 +127,10 @@ def _tune_table(res) -> None:
     if res.best:
         console.print(f"best: trial {res.best['number']} (F1 {res.best['value']:.4f}); train it with "
                       f"`maskcls train --config {escape(str(res.out / 'best.toml'))} --out RUN`", highlight=False)
+        from classify.study.tune_results import best_caution
+
+        if best_caution(res.best):
+            warning(best_caution(res.best))
     console.print(f"study: {escape(str(res.out / 'index.html'))}", highlight=False)
 
 

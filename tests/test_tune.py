@@ -145,3 +145,21 @@ def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_folder(crops, tmp_pat
     # Which trials fall below the median at their step depends on the split and the sampler's draws (optuna 5
     # draws in another order; the stable split changed the people): only the recording is asserted.
     assert all(r["note"].startswith("pruned: epoch") for r in pruned)
+
+
+def test_a_best_trial_that_has_not_learned_is_named_no_recipe(crops, tmp_path, cli_run):
+    """tune printed 'best: trial 0 (F1 0.0204); train it with best.toml' for a study whose every trial had learned
+    nothing (no better than the most common label): a recipe that does not work, presented as the answer."""
+    (tmp_path / "space.toml").write_text('[loss]\nchoices = ["wce", "ce"]\n')
+    res = cli_run("tune", crops, "--out", tmp_path / "s", "--trials", 1, "--space", tmp_path / "space.toml",
+                  "--lr", "1e-7", "--epochs", 1, *TINY[2:], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = " ".join(res.stderr.split()) + " ".join(res.stdout.split())
+    summary = json.loads((tmp_path / "s" / "trial-0" / "summary.json").read_text())
+    unlearned = list(summary["validation"]["not_learned"])
+    assert unlearned  # one epoch at lr 1e-7 learns nothing
+    assert f"trial 0: F1 {summary['best']['val_f1']:.4f} (has not learned {', '.join(unlearned)})" in said
+    assert f"the best trial (trial 0, F1 {summary['best']['val_f1']:.4f}) has not learned {', '.join(unlearned)}" in said
+    assert "not a recipe that works" in said
+    assert _trials(tmp_path / "s")[0]["not_learned"] == " ".join(unlearned)
+    assert "Caution: the best trial (trial 0" in (tmp_path / "s" / "index.html").read_text()

@@ -332,6 +332,8 @@ def _run_trial(trial, params: list[Param], base: dict, out: Path, warn) -> dict:
         trial.set_user_attr("stopped", f"failed: {why}")
         return record | {"state": "FAIL", "value": None, "why": why}
     value = summary["oof"]["f1"] if "oof" in summary else summary["best"]["val_f1"]
-    return record | {"state": "COMPLETE", "value": float(value)}
+    unlearned = list((summary.get("validation") or {}).get("not_learned") or {})
+    trial.set_user_attr("not_learned", unlearned)  # a best trial that learned nothing is no recipe: said at the end
+    return record | {"state": "COMPLETE", "value": float(value), "not_learned": unlearned}
 
 

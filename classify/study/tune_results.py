@@ -18,7 +18,7 @@ from classify.training.config import TrainConfig
 class TuneResult:
     study: object
     out: Path
-    best: dict | None         # {"number", "value", "params", "run"} of the best complete trial
+    best: dict | None         # {"number", "value", "params", "run", "not_learned"} of the best complete trial
     finished: int
     mine: int                 # trials this process ran
 
@@ -31,21 +31,34 @@ def write_results(study, out: Path, mine: int) -> TuneResult:
     trials = study.get_trials(deepcopy=False)
     complete = sorted((t for t in trials if t.state == S.COMPLETE), key=lambda t: -t.value)
     names = sorted({k for t in trials for k in t.params})
-    rundir.write_csv(out / "trials.csv", ["number", "state", "value", *names, "seconds", "run", "note"],
+    rundir.write_csv(out / "trials.csv", ["number", "state", "value", *names, "seconds", "run", "note", "not_learned"],
                      [[t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
                        *[t.params.get(k, "") for k in names],
                        f"{t.duration.total_seconds():.1f}" if t.duration else "", t.user_attrs.get("run", ""),
-                       t.user_attrs.get("stopped", "")] for t in sorted(trials, key=lambda t: t.number)])
+                       t.user_attrs.get("stopped", ""), " ".join(t.user_attrs.get("not_learned") or [])]
+                      for t in sorted(trials, key=lambda t: t.number)])
     best = None
     if complete:
         b = complete[0]
-        best = {"number": b.number, "value": b.value, "params": b.params, "run": b.user_attrs.get("run")}
+        best = {"number": b.number, "value": b.value, "params": b.params, "run": b.user_attrs.get("run"),
+                "not_learned": list(b.user_attrs.get("not_learned") or [])}
         _write_best_toml(out / "best.toml", b.number, study.user_attrs.get("fixed") or {}, b.params)
     figures = _figures(study, out)
     compared = _compare_best(out, [Path(t.user_attrs["run"]) for t in complete[:5]])
     _index(out, study, trials, best, figures, compared)
     finished = sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
     return TuneResult(study, out, best, finished, mine)
+
+
+def best_caution(best: dict | None) -> str | None:
+    """What the best trial is when it has not learned a task: no recipe, only the least bad of the trials."""
+    if not best or not best.get("not_learned"):
+        return None
+    tasks = best["not_learned"]
+    return (f"the best trial (trial {best['number']}, F1 {best['value']:.4f}) has not learned {', '.join(tasks)}: on its "
+            f"validation it is no better than always answering the most common label, so best.toml is the least bad "
+            "of these trials, not a recipe that works; search with more epochs, from pretrained weights, or on more "
+            "people")
 
 
 def _write_best_toml(path: Path, number: int, fixed: dict, params: dict) -> None:
@@ -154,6 +167,8 @@ def _index(out: Path, study, trials, best, figures, compared: bool) -> None:
     if best:
         parts.append(f"<p>Best: trial {best['number']}, F1 {best['value']:.4f}, <a href='best.toml'>best.toml</a> "
                      f"(<code>maskcls train --config best.toml --out RUN</code>).</p>")
+        if best_caution(best):
+            parts.append(f"<p style='color:#b03a2e'>Caution: {html.escape(best_caution(best))}.</p>")
     if compared:
         parts.append("<p>The best five trials side by side: <a href='compare/index.html'>compare/index.html</a>.</p>")
     for name, caption in figures:
