@@ -38,7 +38,7 @@ class PhotoAnswer:
     probs: np.ndarray           # 18 (calibrated, the models' mean)
     box: list[float] | None     # x1, y1, x2, y2 in the photo's pixels
     status: str                 # ok, relaxed, prior_box, no_face, ... (manifest.STATUSES)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the photo's own (no face...), then the model's cautions
 
     @property
     def top1(self) -> int:
@@ -70,6 +70,14 @@ class Model:
     def cards(self) -> list:
         return self.backend.cards
 
+    @property
+    def cautions(self) -> list[str]:
+        """What the model has not learned (a task no better than always answering the most common label, by
+        its validation), as `maskcls predict` prints it; every PhotoAnswer's `warnings` carries it too."""
+        from classify.inference.card import cautions
+
+        return cautions(self.backend.cards)
+
     def __repr__(self) -> str:
         return f"Model({', '.join(self.backend.names)})"
 
@@ -98,7 +106,7 @@ class Model:
                            batch_size=batch_size, vote=vote, calibrate=calibrate, detector=detector,
                            backend=self.backend)
         by_name = {r["image_id"]: k for k, r in enumerate(pred.rows)}
-        card = self.backend.card
+        card, said = self.backend.card, self.cautions
         out = []
         for n, (source, _) in zip(names, items):
             k = by_name[n]
@@ -106,7 +114,7 @@ class Model:
             box = [r["x1"], r["y1"], r["x2"], r["y2"]] if r.get("x1") is not None else None
             out.append(PhotoAnswer(source, y, pred.classes[y], task_values(pred.probs[k], y, card.old, card.tasks),
                                    pred.probs[k], box, r["status"],
-                                   [w for w in pred.warnings if w.startswith(f"{n}:")]))
+                                   [w for w in pred.warnings if w.startswith(f"{n}:")] + said))
         return out
 
 

@@ -56,6 +56,9 @@ def test_files_arrays_and_pil_images_give_the_commands_probabilities(trained):
         assert a.tasks["mask"]["label"] == a.name.split("/")[0]
     folder = model.predict(SAMPLES / "eval" / "images")  # a folder: every photo, sorted by name
     assert [p.source for p in folder][:6] == [str(f) for f in files]
+    # A model that has not learned a task: `maskcls predict` says so; the API's answers carried no word of it.
+    assert model.cautions and model.cautions == [model.card.caution]  # 1 epoch on 8 people with invented labels
+    assert all(a.warnings[-1] == model.card.caution for a in by_file + by_array + folder)
 
 
 def test_the_api_refuses_what_the_command_refuses_in_one_line(trained, tmp_path):
