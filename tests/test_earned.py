@@ -228,8 +228,15 @@ def test_evaluate_on_training_people_says_so(weak_run):
     crops, run, _ = weak_run
     res = evaluate([run], crops, device="cpu", workers=0)
     trained = sum(1 for v in read_split(run).values() if v == "train")
-    (w,) = res["warnings"]
+    w, caution = res["warnings"]
     assert f"({trained} people) show people the model trained on" in w
+    # evaluate's table of accuracies read as skill where they were chance: it now says which tasks are no better
+    # than always answering the most common label on the photos it scored (mask per photo, the rest per person)
+    assert res["not_learned"] and set(res["not_learned"]) <= {"mask", "gender", "age"}
+    mask = res["not_learned"].get("mask")
+    if mask:  # per photo: the table's own mask accuracy
+        assert mask[0] == pytest.approx(res["scores"]["mask_acc"])
+    assert caution.startswith(f"the model has not learned {', '.join(res['not_learned'])}: on these {res['n']} photos")
 
 
 # -- a newer card is refused by every reader; class names come from the card ---------------------------------

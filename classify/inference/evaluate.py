@@ -16,7 +16,7 @@ from classify.inference.answer import answer, check_vote
 from classify.inference.backends import open_backend
 from classify.inference.calibration import ece
 from classify.inference.predictor import check_infer_options
-from classify.metrics import confusion, per_class_f1, scores
+from classify.metrics import confusion, not_learned_caution, per_class_f1, scores, unlearned_tasks
 from classify.plots import plot_confusion
 
 
@@ -55,6 +55,11 @@ def evaluate(models: list[Path], crops: Path, tta: int = 1, device: str = "auto"
                             "people the model trained on (its split.csv): this score measures memory, not new people; "
                             "evaluate on people it never saw (a single run's validation people are in split.csv; a "
                             "k-fold run's honest score is its out-of-fold one, in summary.json)")
-    return {"warnings": warnings, "scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
+    # The table's accuracies read as skill; one no better than always answering the most common label is none
+    # (mask judged per photo, gender and age per person, as training judges its validation).
+    unlearned = unlearned_tasks(y, p, [person_key(r) for r in rows])
+    if unlearned:
+        warnings.append(not_learned_caution(unlearned, f"these {len(rows)} photos"))
+    return {"warnings": warnings, "not_learned": {t: list(ab) for t, ab in unlearned.items()}, "scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": backend.names,
             "ece_before": ece(before, y), "ece_after": ece(after, y), "temperatures": temps}
