@@ -18,12 +18,18 @@ def square_around(box: Iterable[float], margin: float) -> tuple[float, float, fl
     return (x1 + x2) / 2, (y1 + y2) / 2, max(side, 8.0)
 
 
+def square_region(cx: float, cy: float, side: float) -> tuple[int, int, int, int]:
+    """The pixels (x0, y0, x1, y1; end exclusive) `crop_square` cuts for the square (cx, cy, side)."""
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = int(round(side))
+    return x0, y0, x0 + s, y0 + s
+
+
 def crop_square(img: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:
     """Cut the square (cx, cy, side) out of `img`, replicating edges outside it, and resize to size x size."""
     h, w = img.shape[:2]
-    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
-    s = int(round(side))
-    x1, y1 = x0 + s, y0 + s
+    x0, y0, x1, y1 = square_region(cx, cy, side)
+    s = x1 - x0
     pad = max(0, -x0, -y0, x1 - w, y1 - h)
     if pad:
         img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
@@ -37,7 +43,6 @@ def crop_landmarks(lm: list[float] | None, box, margin: float, size: int) -> lis
     """The five landmarks (x, y, ...) in the crop's pixels, as `crop_square` cuts it."""
     if not lm:
         return None
-    cx, cy, side = square_around(box, margin)
-    x0, y0, s = round(cx - side / 2), round(cy - side / 2), round(side)
-    k = size / s
+    x0, y0, x1, _ = square_region(*square_around(box, margin))
+    k = size / (x1 - x0)
     return [round((v - (x0 if i % 2 == 0 else y0)) * k, 1) for i, v in enumerate(lm)]

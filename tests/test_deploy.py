@@ -153,6 +153,33 @@ def test_served_answers_equal_predict_for_concurrent_clients(server):
     assert [a["filename"] for a in several] == [p.name for p in photos[:3]]  # upload order
 
 
+def test_each_answer_names_the_square_its_crop_was_cut_from(server):
+    """The page drew each answer's crop as the face box x 1.6, a guess at the crop margin, and the schema called
+    the face box 'the crop'. Each answer now carries the square the model's crop was cut from: cut from the photo
+    (edges replicated) and resized, it gives predict's crop of the same photo."""
+    import cv2
+    import httpx
+
+    from preprocess.imageio import load_photo, read_crop
+
+    url, want = server
+    crop_of = {r["image_id"]: want.crops / r["crop"] for r in want.rows}
+    for photo in sorted((SAMPLES / "eval" / "images").iterdir())[:4]:
+        a = httpx.post(url + "/predict", files=[("file", (photo.name, photo.read_bytes(), "image/jpeg"))],
+                       timeout=120).json()["predictions"][0]
+        x0, y0, x1, y1 = a["crop"]
+        bx0, by0, bx1, by1 = a["box"]
+        assert x1 - x0 == y1 - y0 and x0 <= bx0 and y0 <= by0 and x1 >= bx1 and y1 >= by1  # a square around the face
+        img = load_photo(photo)[0]
+        pad = max(0, -x0, -y0, x1 - img.shape[1], y1 - img.shape[0])
+        img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        expected = read_crop(crop_of[photo.name])
+        size = expected.shape[0]
+        cut = cv2.resize(img[y0 + pad:y1 + pad, x0 + pad:x1 + pad], (size, size),
+                         interpolation=cv2.INTER_AREA if x1 - x0 > size else cv2.INTER_LINEAR)
+        assert np.abs(cut.astype(int) - expected).mean() < 2.0, photo.name  # the same pixels, but for JPEG's loss
+
+
 def test_a_model_that_has_not_learned_says_so_in_every_served_answer(server, sample_model):
     """predict warns that a model has not learned a task; serve answered the same model's photos with classes
     and probabilities and no word of it. Each /predict answer and /health now carry the card's caution."""

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from preprocess import labels as L
+from preprocess.geometry import square_around, square_region
 from preprocess.imageio import UnreadableImage, load_rgb, photo_size
 
 from classify.inference.answer import answer, task_values
@@ -58,7 +59,10 @@ class Prediction(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
     filename: str
     status: str = Field(description="how the face was found: ok, no_face, ... (as in a crop manifest)")
-    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 of the crop in the photo")
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 of the face in the photo")
+    crop: list[int] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 (end exclusive) of the square "
+                            "the model's crop was cut from: the face box and the model's crop margin, edges "
+                            "replicated where it leaves the photo")
     score: float | None = Field(description="the detector's face score; null where no face was found")
     class_: int = Field(alias="class", ge=0, le=17, description="6*mask + 3*gender + age group")
     name: str
@@ -146,7 +150,8 @@ class Engine:
         warning = {1: "the mask is worn incorrectly", 2: "no mask"}.get(mask)
         if warning and self.mask_unlearned:  # a model that has not learned mask cannot raise this alarm
             warning = f"the model answers '{warning}', but it has not learned mask: this says nothing yet (see caution)"
-        return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box],
+        region = square_region(*square_around(choice.box, self.config.margin))  # the pixels crop_lone_photos cut
+        return {"status": choice.status, "box": [round(float(v), 2) for v in choice.box], "crop": list(region),
                 "score": None if cand is None else float(cand[4]), "class": y, "name": self.names[y],
                 "probs": [float(v) for v in p], "tasks": tasks, **({"warning": warning} if warning else {})}
 
