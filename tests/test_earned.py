@@ -294,3 +294,17 @@ def test_pseudo_labels_of_a_model_that_has_not_learned_are_named_as_guesses_wher
     rows = extra_rows(cfg, load_rows(crops, cfg.old)[1], warnings)
     assert len(rows) == 21
     assert [w for w in warnings if w.startswith(f"--extra {tmp_path / 'p'}: its {'/'.join(unlearned)} labels are the guesses")]
+
+
+def test_training_above_the_crops_size_says_every_crop_is_upscaled(tmp_path):
+    """`crop --size 64` then `train --img-size 128` trained on crops blown up 2x, in silence."""
+    from classify.data.dataset import prepare_data
+    from classify.training.config import TrainConfig
+
+    crops = make_crops(tmp_path / "c", people=6, size=16)
+    said = lambda img: [w for w in prepare_data(TrainConfig(crops=str(crops), out="x", **(FAST | {"img_size": img}))).warnings  # noqa: E731
+                        if "every crop is upscaled" in w]
+    assert said(32) == ["--img-size 32 is larger than the crops (16 px, `maskcls crop --size 16`): every crop is "
+                        "upscaled, which adds compute and no detail; crop again with --size 32 or more, or train at "
+                        "--img-size 16"]
+    assert said(16) == [] and said(12) == []

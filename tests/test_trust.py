@@ -207,7 +207,8 @@ def test_an_extra_folder_holding_training_photos_is_refused_by_content(tmp_path)
     with pytest.raises(ConfigError, match=r"2 of its photos are photos of the training crops .*e3\.jpg = 00000[12]"):
         prepare_data(cfg(tmp_path / "ps_leaked"))
     data = prepare_data(cfg(tmp_path / "ps_clean"))
-    assert data.extra == 3 and not [w for w in data.warnings if not w.startswith("validation holds")]
+    guesses = [w for w in data.warnings if "labels are the guesses of a model that has not learned" in w]  # a weak run
+    assert data.extra == 3 and not [w for w in data.warnings if not w.startswith("validation holds") and w not in guesses]
     pseudo_label([run], tmp_path / "crops", tmp_path / "ps_self", min_prob=0.01, device="cpu", workers=0)
     with pytest.raises(ConfigError, match="photos of the training crops"):  # the training crops themselves
         prepare_data(cfg(tmp_path / "ps_self"))

@@ -450,6 +450,11 @@ def prepare_data(cfg) -> Data:
                           "use more people or another --val-ratio/--folds")
     val_labels = np.array([L.encode(r["mask"], r["gender"], L.age_group(r["age"], cfg.val_old)) for r in val_rows])
     warnings: list[str] = []
+    made = (read_meta(Path(cfg.crops)).get("config") or {}).get("size")
+    if made and cfg.img_size > made:  # every crop is blown up: the model pays for pixels that hold nothing new
+        warnings.append(f"--img-size {cfg.img_size} is larger than the crops ({made} px, `maskcls crop --size "
+                        f"{made}`): every crop is upscaled, which adds compute and no detail; crop again with "
+                        f"--size {cfg.img_size} or more, or train at --img-size {made}")
     extra = extra_rows(cfg, rows, warnings, split)
     grouped = {"file": str(cfg.groups), "groups": len(set(groups.values())), "people": len(groups)} if groups else None
     return Data(rows, train_rows + extra, val_rows, val_labels, split, dropped, len(extra), warnings, fixes or None,
