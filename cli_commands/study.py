@@ -23,10 +23,10 @@ def report(
 ):
     """Figures of the data (and of a run) with their numbers as CSV, and one index.html."""
     check_outputs(folders={"--out": out})
-    from classify.study.report import report as run_report, run_cautions
+    from classify.study.report import report as run_report, report_cautions
 
     index = run_report(crops, out, run=run, seed=seed, per_class=per_class)
-    for c in run_cautions(run) if run is not None else []:
+    for c in report_cautions(crops, run) if run is not None else []:
         warning(c)
     console.print(f"report: {escape(str(index))}", highlight=False)
 

@@ -113,3 +113,25 @@ def test_report_takes_a_kfold_run_folder_as_predict_and_compare_do(tmp_path):
     folds = [float(_csv(tmp_path / "k" / f"fold{k}" / "metrics.csv")[0]["val_f1"]) for k in range(2)]
     assert float(curve["val_f1"]) == pytest.approx(np.mean(folds))
     assert index.is_file() and "calibration.png" in index.read_text()
+
+
+def test_a_run_trained_on_other_crops_is_named_and_a_moved_copy_is_not(tmp_path):
+    """`report CROPS_B RUN` of a run trained on CROPS_A drew CROPS_B's data beside the run's validation on CROPS_A,
+    as if they were one folder's, with no word of it."""
+    import shutil
+
+    from classify.study.report import report_cautions
+    from tests.conftest import make_crops
+
+    a, b = make_crops(tmp_path / "a", people=8, size=16), make_crops(tmp_path / "b", people=9, size=16, seed=3)
+    fit(TrainConfig(crops=str(a), out=str(tmp_path / "r"), model="resnet18", img_size=16, epochs=1, workers=0,
+                    weights="none", device="cpu", preset="none"), warn=lambda m: None)
+    index = report(b, tmp_path / "rep", run=tmp_path / "r")
+    said = [c for c in report_cautions(b, tmp_path / "r") if "was trained on the crops in" in c]
+    assert said == [f"{tmp_path / 'r'} was trained on the crops in {a}, not on {b}: its Model section (scores, "
+                    f"confusion, curves, calibration) is its validation there, beside {b}'s data figures; report {a} "
+                    f"with this run, or {b} with a run trained on it"]
+    assert f"was trained on the crops in {a}, not on {b}" in index.read_text()
+    shutil.copytree(a, tmp_path / "moved")  # the same crops, moved: the same key and raw folder
+    assert not [c for c in report_cautions(tmp_path / "moved", tmp_path / "r") if "was trained on" in c]
+    assert not [c for c in report_cautions(a, tmp_path / "r") if "was trained on" in c]

@@ -67,7 +67,20 @@ def report(crops: Path, out: Path, run: Path | None = None, seed: int = 0, per_c
     if run is not None:
         val_names = L.class_names(val_old)
         sections.append(("Model", model_figures(out, crops, run, rows, val_names)))
-    return _index(out, crops, run, rows, sections, run_cautions(run) if run is not None else [])
+    return _index(out, crops, run, rows, sections, report_cautions(crops, run) if run is not None else [])
+
+
+def report_cautions(crops: Path, run: Path) -> list[str]:
+    """The run's cautions (`run_cautions`), and a run trained on other crops than the ones reported: its Model
+    section is its validation on those other crops, beside this folder's data figures."""
+    said = run_cautions(run)
+    folds = rundir.fold_dirs(Path(run))
+    trained = Path(rundir.read_config(folds[0] if folds else Path(run)).get("crops") or "")
+    if trained.resolve() != Path(crops).resolve() and not _same_files(Path(crops), trained, ("manifest.csv", "crops.json")):
+        said.append(f"{run} was trained on the crops in {trained}, not on {crops}: its Model section (scores, "
+                     f"confusion, curves, calibration) is its validation there, beside {crops}'s data figures; "
+                     f"report {trained} with this run, or {crops} with a run trained on it")
+    return said
 
 
 def run_cautions(run: Path) -> list[str]:
@@ -80,6 +93,14 @@ def run_cautions(run: Path) -> list[str]:
         return []
     caution = card_of_run(run).caution
     return [caution] if caution else []
+
+
+def _same_files(a: Path, b: Path, names) -> bool:
+    """Whether two folders hold the same bytes under each name (a crops folder moved or copied elsewhere)."""
+    try:
+        return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    except OSError:
+        return False
 
 
 # -- data figures -------------------------------------------------------------------------------------
