@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from classify.inference.card import ModelCard
-from classify.checkpoint import save_checkpoint
+from classify.checkpoint import load_checkpoint, save_checkpoint
 from classify.errors import CheckpointError
 from classify.models.nets import create_model, model_kwargs, register_model
 from classify.inference.predictor import predict
@@ -198,3 +198,26 @@ def test_predict_pins_the_mmap_threshold_so_freed_activations_go_back(tmp_path):
                                 check=True).stdout.split() for mode in ("pin", "plain")}
     assert out["pin"][0] == "True" and int(out["pin"][1]) <= 1
     assert out["plain"][0] == "False" and int(out["plain"][1]) >= 7  # the bug this guards against, seen here
+
+
+def test_evaluate_names_crops_cut_otherwise_than_the_training_crops(tmp_path):
+    """predict warned when its crops were cut with other settings than the model's training crops; evaluate
+    scored such a folder (say crop --size 64 against training's 256) in silence, as if its score were the model's."""
+    import json
+
+    from classify.inference.evaluate import evaluate
+    from tests.conftest import make_crops
+
+    crops = make_crops(tmp_path / "c", people=4, size=48)
+    ckpt = load_checkpoint(make_ckpt(tmp_path / "m.pt"))
+    ckpt["card"]["crop"] = dict(ckpt["card"]["crop"], key="trained-key")
+    save_checkpoint(tmp_path / "m.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    meta = json.loads((crops / "crops.json").read_text())
+    for key, warned in (("trained-key", False), ("other-key", True)):
+        (crops / "crops.json").write_text(json.dumps(meta | {"key": key}))
+        said = [w for w in evaluate([tmp_path / "m.pt"], crops, device="cpu", workers=0)["warnings"]
+                if "was cropped with other settings" in w]
+        assert bool(said) == warned, said
+    assert said[0] == (f"{crops} was cropped with other settings than the training crops (key other-key vs trained-key): "
+                       "these scores may be worse than validation said; crop its raw photos again as the training crops "
+                       "were (`maskcls crop RAW --out CROPS --size 48 --margin 0.3 --detect-side 256 --min-face 0.3`)")

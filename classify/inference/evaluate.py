@@ -15,7 +15,7 @@ from classify.errors import ConfigError
 from classify.inference.answer import answer, check_vote
 from classify.inference.backends import open_backend
 from classify.inference.calibration import ece
-from classify.inference.predictor import check_infer_options
+from classify.inference.predictor import check_infer_options, other_cropping
 from classify.metrics import confusion, not_learned_caution, per_class_f1, scores, unlearned_tasks
 from classify.plots import plot_confusion
 
@@ -46,7 +46,11 @@ def evaluate(models: list[Path], crops: Path, tta: int = 1, device: str = "auto"
         plot_confusion(Path(confusion_png), cm, L.class_names(old),
                        f"{Path(crops).name}, {len(rows)} photos\n{', '.join(backend.names)}; tta {tta}, vote {vote}",
                        blocks=6)
-    warnings = []
+    made = backend.card.crop.get("config") or {}
+    warnings = other_cropping(Path(crops), backend.card.crop, "these scores",
+                              f"crop its raw photos again as the training crops were (`maskcls crop RAW --out CROPS "
+                              f"--size {made.get('size')} --margin {made.get('margin')} --detect-side "
+                              f"{made.get('detect_side')} --min-face {made.get('min_face')}`)")
     seen = backend.trained_people()
     if seen:
         trained = [r for r in rows if person_key(r) in seen]

@@ -33,6 +33,16 @@ def check_infer_options(tta: int, batch_size: int, workers: int | None) -> None:
             raise ConfigError(f"--{name} {value}: must be {allowed}")
 
 
+def other_cropping(crops: Path, crop_meta: dict, what: str, remedy: str) -> list[str]:
+    """The warning for a crops folder cropped otherwise than the model's training crops (crops.json's key: the
+    detector's settings, crop size and margin), or none."""
+    given_key, trained_key = read_meta(crops).get("key"), crop_meta.get("key")
+    if given_key and trained_key and given_key != trained_key:
+        return [f"{crops} was cropped with other settings than the training crops (key {given_key} vs {trained_key}): "
+                f"{what} may be worse than validation said; {remedy}"]
+    return []
+
+
 def predict(models: list[Path], source: Path, out: Path | None = None, tta: int = 1, probs_out: Path | None = None,
             cache: Path | None = None, device: str = "auto", batch_size: int = 64, workers: int | None = None,
             detector=None, on_progress=None, vote: str = "soft", calibrate: bool = True,
@@ -60,11 +70,7 @@ def predict(models: list[Path], source: Path, out: Path | None = None, tta: int 
         backend.check_options(tta)  # refused before any work, as open_backend refuses
     crop = backend.card.crop
     crops, warnings = crops_for(Path(source), crop, cache, backend.crop_device(device), detector, on_progress)
-    given_key, trained_key = read_meta(crops).get("key"), crop.get("key")
-    if given_key and trained_key and given_key != trained_key:
-        warnings.append(f"{crops} was cropped with other settings than the training crops (key {given_key} vs "
-                        f"{trained_key}): predictions may be worse than validation said; pass the raw folder to "
-                        "crop it the training way")
+    warnings += other_cropping(crops, crop, "predictions", "pass the raw folder to crop it the training way")
     warnings += cautions(backend.cards)  # a model that has not learned
     rows = read_manifest(crops)
     for i, r in enumerate(rows):
