@@ -308,3 +308,31 @@ def test_training_above_the_crops_size_says_every_crop_is_upscaled(tmp_path):
                         "upscaled, which adds compute and no detail; crop again with --size 32 or more, or train at "
                         "--img-size 16"]
     assert said(16) == [] and said(12) == []
+
+
+def test_an_extra_folder_cropped_otherwise_than_the_training_crops_is_named(tmp_path):
+    """`train CROPS --extra X` where X was cut at another size or margin (a pseudo-label folder of a model trained
+    on other crops) mixed two framings into training, in silence."""
+    import json
+
+    from classify.data.dataset import extra_rows, load_rows
+    from classify.training.config import TrainConfig
+
+    crops, extra = make_crops(tmp_path / "c", people=4, size=16), make_crops(tmp_path / "x", people=3, size=16, seed=9)
+    for folder, key in ((crops, "k-main"), (extra, "k-main")):
+        meta = json.loads((folder / "crops.json").read_text())
+        (folder / "crops.json").write_text(json.dumps(meta | {"key": key}))
+    cfg = TrainConfig(crops=str(crops), out=str(tmp_path / "r"), extra=(str(extra),), **FAST)
+    said = lambda: [w for w in warned() if "was cropped with other settings" in w]  # noqa: E731
+
+    def warned():
+        warnings: list[str] = []
+        extra_rows(cfg, load_rows(crops, cfg.old)[1], warnings)
+        return warnings
+
+    assert said() == []
+    meta = json.loads((extra / "crops.json").read_text())
+    (extra / "crops.json").write_text(json.dumps(meta | {"key": "k-other"}))
+    assert said() == [f"--extra {extra} was cropped with other settings than {crops}: its photos are framed otherwise "
+                      "than those validation and predict see (crop size, margin or detector; key k-other vs k-main); "
+                      "crop (or pseudo-label) them with the training crops' settings"]

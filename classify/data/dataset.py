@@ -484,9 +484,15 @@ def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str,
     for k, folder in enumerate(cfg.extra, start=1):
         folder = Path(folder)
         check_extra(folder, cfg.old)
-        unlearned = (read_meta(folder).get("pseudo") or {}).get("unlearned")
+        meta = read_meta(folder)
+        unlearned = (meta.get("pseudo") or {}).get("unlearned")
         if unlearned:
             warnings.append(f"--extra {unlearned_labels(folder, unlearned)}")
+        mine = read_meta(Path(cfg.crops)).get("key")
+        if meta.get("key") and mine and meta["key"] != mine:  # another size, margin or detector: other framing
+            warnings.append(f"--extra {folder} was cropped with other settings than {cfg.crops}: its photos are framed "
+                            f"otherwise than those validation and predict see (crop size, margin or detector; key "
+                            f"{meta['key']} vs {mine}); crop (or pseudo-label) them with the training crops' settings")
         _, usable = load_rows(folder, cfg.old)
         if own is None:
             own = {d: r for r, d in zip(main_rows, photo_digests(Path(cfg.crops), main_rows)) if d}
