@@ -336,3 +336,18 @@ def test_an_extra_folder_cropped_otherwise_than_the_training_crops_is_named(tmp_
     assert said() == [f"--extra {extra} was cropped with other settings than {crops}: its photos are framed otherwise "
                       "than those validation and predict see (crop size, margin or detector; key k-other vs k-main); "
                       "crop (or pseudo-label) them with the training crops' settings"]
+
+
+def test_amp_asked_for_on_the_cpu_says_the_run_trains_in_fp32(tmp_path):
+    """`train --amp fp16 --device cpu` recorded amp fp16 and trained in fp32, in silence."""
+    from classify.training.config import TrainConfig
+    from classify.training.train import fit
+
+    crops = make_crops(tmp_path / "c", people=6, size=16)
+    said = {}
+    for amp in ("fp16", "off"):
+        summary = fit(TrainConfig(crops=str(crops), out=str(tmp_path / amp), epochs=1, **(FAST | {"img_size": 16, "amp": amp})),
+                      warn=lambda m: None)
+        said[amp] = [w for w in summary["warnings"] if w.startswith("--amp")]
+    assert said == {"fp16": ["--amp fp16 on cpu: mixed precision runs on CUDA only, so this run trains in fp32 "
+                             "(config.json's amp_resolved says off)"], "off": []}

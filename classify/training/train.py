@@ -144,6 +144,9 @@ def fit_one(cfg: TrainConfig, d: Dist, resume: bool, on_epoch, on_step, warn, ca
     if note and d.main and state is None:
         warn(note)
     t, kwargs = build_trainer(cfg, d, data, weights, state)
+    if cfg.amp in ("bf16", "fp16") and t.amp == "off":  # asked for by name: say it is not what runs
+        data.warnings.append(f"--amp {cfg.amp} on {t.d.device.type}: mixed precision runs on CUDA only, so this run "
+                             "trains in fp32 (config.json's amp_resolved says off)")
     progress = _restore(t, state) if state is not None else Progress(history=[])
     workers = cfg.workers if cfg.workers is not None else default_workers(d.world)
     if d.main:
