@@ -45,6 +45,7 @@ TRAINABLE = ("ok", "relaxed", "person_box", "prior_box", "no_face")
 FALLBACKS = tuple(s for s in STATUSES if s != "ok")  # rows the report shows in its own gallery
 PROBLEMS = ("unreadable", "too_small", "missing", "bad_name")  # rows the CLI lists after cropping
 NO_PIXELS = ("unreadable", "too_small", "missing")             # rows whose crop is a grey stand-in
+NO_FACE_FOUND = ("person_box", "prior_box", "no_face")         # rows cropped where a face should be, none found
 
 MANIFEST = "manifest.csv"
 META = "crops.json"

@@ -135,6 +135,10 @@ def test_a_served_answer_names_its_class_in_every_task_field():
     engine.model = dataclasses.make_dataclass("M", [("old", int)])(60)
     engine.names = L.class_names(60)
     engine.tasks = None  # the card's task names; None: rebuilt at old
+    engine.mask_unlearned = False  # the card says the model has learned mask
+    from preprocess.crop import CropConfig
+
+    engine.config = CropConfig()  # the model's crop settings: the answer's `crop` square uses its margin
     choice = dataclasses.make_dataclass("C", [("status", str), ("box", tuple), ("index", object)])("ok", (0, 0, 1, 1), None)
     ans = engine.describe(p, int(p.argmax()), choice, None)
     assert ans["name"] == engine.names[L.encode(0, 0, 0)] and "warning" not in ans

@@ -221,3 +221,21 @@ def test_evaluate_names_crops_cut_otherwise_than_the_training_crops(tmp_path):
     assert said[0] == (f"{crops} was cropped with other settings than the training crops (key other-key vs trained-key): "
                        "these scores may be worse than validation said; crop its raw photos again as the training crops "
                        "were (`maskcls crop RAW --out CROPS --size 48 --margin 0.3 --detect-side 256 --min-face 0.3`)")
+
+
+def test_photos_without_a_face_found_are_counted_and_named(eval_raw, tmp_path, fake_detector):
+    """predict answered photos in which no face was found (noise, a landscape) with a class each, in silence."""
+    (eval_raw / "images" / "noise.jpg").parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    save_rgb(eval_raw / "images" / "noise.jpg", (rng.random((512, 384, 3)) * 150).astype(np.uint8))  # under 200: no face
+    with open(eval_raw / "info.csv", "a") as f:
+        f.write("noise.jpg,0\n")
+    pred = predict([make_ckpt(tmp_path / "m.pt")], eval_raw, tmp_path / "sub.csv", cache=tmp_path / "cache",
+                   device="cpu", workers=0, detector=fake_detector)
+    status = {r["image_id"]: r["status"] for r in pred.rows}
+    guessed = [i for i in pred.image_ids if status[i] in ("prior_box", "person_box", "no_face")]
+    assert "noise.jpg" in guessed and "a.png" not in guessed
+    (said,) = [w for w in pred.warnings if "no face found" in w]
+    assert said.startswith(f"{len(guessed)} of 7 photos: no face found, so each answer reads the crop where a face "
+                           "should be") and f"noise.jpg ({status['noise.jpg']})" in said
+    assert said.endswith(f"(every photo's status: {pred.crops / 'manifest.csv'})")

@@ -42,10 +42,17 @@ def conclude(rows: list[dict], probs: np.ndarray, labels: np.ndarray, crops: Pat
              below: float, votes: np.ndarray | None = None, classes: list[str] | None = None) -> Prediction:
     """The Prediction of a model (or ensemble) over `rows`, with a warning per photo that had no pixels,
     and the files asked for: the submission, the probabilities, the review list."""
-    from preprocess.manifest import NO_PIXELS
+    from preprocess.manifest import NO_FACE_FOUND, NO_PIXELS
 
     warnings += [f"{r['image_id']}: {r['reason']}; predicted from a blank stand-in crop"
                  for r in rows if r["status"] in NO_PIXELS]
+    guessed = [r for r in rows if r["status"] in NO_FACE_FOUND]
+    if guessed:  # their answers read a crop where a face should be, not a face the detector found
+        shown = ", ".join(f"{r['image_id']} ({r['status']})" for r in guessed[:3])
+        warnings.append(f"{len(guessed)} of {len(rows)} photos: no face found, so each answer reads the crop where a face "
+                        f"should be (prior_box: where faces sit in the training photos; person_box: where the "
+                        f"person's other photos show it), not a face: {shown}{', ...' if len(guessed) > 3 else ''} "
+                        f"(every photo's status: {Path(crops) / 'manifest.csv'})")
     pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, old, models, votes, classes)
     if out is not None:
         write_submission(Path(out), pred)
