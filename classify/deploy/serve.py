@@ -68,7 +68,8 @@ class Prediction(BaseModel):
     name: str
     probs: list[float] = Field(min_length=18, max_length=18)
     tasks: dict[str, TaskValue] = Field(description="mask, gender and age: the class's parts, never another class")
-    warning: str | None = Field(None, description="present where the answer is a mask worn incorrectly or not at all; it says so when the model has not learned mask")
+    warning: str | None = Field(None, description="present where the answer is a mask worn incorrectly or not at all; "
+                                "it says so when the model has not learned mask")
 
 
 CAUTION = ("present when the model has not learned a task (its validation was no better than always answering "

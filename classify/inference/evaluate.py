@@ -64,6 +64,7 @@ def evaluate(models: list[Path], crops: Path, tta: int = 1, device: str = "auto"
     unlearned = unlearned_tasks(y, p, [person_key(r) for r in rows])
     if unlearned:
         warnings.append(not_learned_caution(unlearned, f"these {len(rows)} photos"))
-    return {"warnings": warnings, "not_learned": {t: list(ab) for t, ab in unlearned.items()}, "scores": scores(y, p), "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
+    return {"warnings": warnings, "not_learned": {t: list(ab) for t, ab in unlearned.items()}, "scores": scores(y, p),
+            "per_class_f1": per_class_f1(y, p, L.NUM_CLASSES).tolist(),
             "confusion": cm.tolist(), "n": len(rows), "class_names": L.class_names(old), "models": backend.names,
             "ece_before": ece(before, y), "ece_after": ece(after, y), "temperatures": temps}

@@ -49,8 +49,8 @@ def conclude(rows: list[dict], probs: np.ndarray, labels: np.ndarray, crops: Pat
     guessed = [r for r in rows if r["status"] in NO_FACE_FOUND]
     if guessed:  # their answers read a crop where a face should be, not a face the detector found
         shown = ", ".join(f"{r['image_id']} ({r['status']})" for r in guessed[:3])
-        warnings.append(f"{len(guessed)} of {len(rows)} photos: no face found, so each answer reads the crop where a face "
-                        f"should be (prior_box: where faces sit in the training photos; person_box: where the "
+        warnings.append(f"{len(guessed)} of {len(rows)} photos: no face found, so each answer reads the crop where "
+                        f"a face should be (prior_box: where faces sit in the training photos; person_box: where the "
                         f"person's other photos show it), not a face: {shown}{', ...' if len(guessed) > 3 else ''} "
                         f"(every photo's status: {Path(crops) / 'manifest.csv'})")
     pred = Prediction([r["image_id"] for r in rows], probs, rows, crops, warnings, labels, old, models, votes, classes)

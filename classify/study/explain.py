@@ -136,9 +136,10 @@ def explain_crops(ckpt: dict, crops: Path, rows: list[dict], out: Path, title: s
     and gradcam.csv (per photo and task: predicted value, the map's share below the nose and in the
     face, whether the map is `flat`, and whether the model has `learned` the task at all: its card's
     validation) for `rows` of `crops`, with the checkpoint's eval transform. A task the model has not
-    learned is titled so in the figure: its map shows where a guess looks. A flat map (all zero: the hooked layer holds no positive evidence for the predicted value, as for a
-    model that has not learned the task) says nothing about where the model looks: the CSV marks it,
-    the figure says so instead of drawing it, and `flat_maps` counts them."""
+    learned is titled so in the figure: its map shows where a guess looks. A flat map (all zero: the
+    hooked layer holds no positive evidence for the predicted value, as for a model that has not learned
+    the task) says nothing about where the model looks: the CSV marks it, the figure says so instead of
+    drawing it, and `flat_maps` counts them."""
     from classify.inference.torch_backend import load_model
     from classify.inference.card import card_of
 
@@ -258,5 +259,6 @@ def _figure(path: Path, imgs, rows, maps, preds, names, title: str, truth: bool,
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(top=1 - (1.0 if unlearned else 0.75) / height, bottom=0.01, left=0.01, right=0.99, hspace=0.35, wspace=0.05)
+    fig.subplots_adjust(top=1 - (1.0 if unlearned else 0.75) / height, bottom=0.01, left=0.01, right=0.99, hspace=0.35,
+                        wspace=0.05)
     save_figure(fig, path)

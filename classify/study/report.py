@@ -76,7 +76,8 @@ def report_cautions(crops: Path, run: Path) -> list[str]:
     said = run_cautions(run)
     folds = rundir.fold_dirs(Path(run))
     trained = Path(rundir.read_config(folds[0] if folds else Path(run)).get("crops") or "")
-    if trained.resolve() != Path(crops).resolve() and not _same_files(Path(crops), trained, ("manifest.csv", "crops.json")):
+    moved = _same_files(Path(crops), trained, ("manifest.csv", "crops.json"))  # the run's crops, elsewhere
+    if trained.resolve() != Path(crops).resolve() and not moved:
         said.append(f"{run} was trained on the crops in {trained}, not on {crops}: its Model section (scores, "
                      f"confusion, curves, calibration) is its validation there, beside {crops}'s data figures; "
                      f"report {trained} with this run, or {crops} with a run trained on it")

@@ -55,10 +55,10 @@ def best_caution(best: dict | None) -> str | None:
     if not best or not best.get("not_learned"):
         return None
     tasks = best["not_learned"]
-    return (f"the best trial (trial {best['number']}, F1 {best['value']:.4f}) has not learned {', '.join(tasks)}: on its "
-            f"validation it is no better than always answering the most common label, so best.toml is the least bad "
-            "of these trials, not a recipe that works; search with more epochs, from pretrained weights, or on more "
-            "people")
+    return (f"the best trial (trial {best['number']}, F1 {best['value']:.4f}) has not learned {', '.join(tasks)}: "
+            "on its validation it is no better than always answering the most common label, so best.toml is the least "
+            "bad of these trials, not a recipe that works; search with more epochs, from pretrained weights, or on "
+            "more people")
 
 
 def _write_best_toml(path: Path, number: int, fixed: dict, params: dict) -> None:
