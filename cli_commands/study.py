@@ -129,8 +129,9 @@ def _tune_table(res) -> None:
                       f"`maskcls train --config {escape(str(res.out / 'best.toml'))} --out RUN`", highlight=False)
         from classify.study.tune_results import best_caution
 
-        if best_caution(res.best):
-            warning(best_caution(res.best))
+        said = best_caution(res.best)
+        if said:
+            warning(said)
     console.print(f"study: {escape(str(res.out / 'index.html'))}", highlight=False)
 
 

@@ -481,6 +481,7 @@ def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str,
     seeds differ from the main folder's."""
     out = []
     own = None
+    mine = read_meta(Path(cfg.crops)).get("key") if cfg.extra else None  # the training crops' settings
     for k, folder in enumerate(cfg.extra, start=1):
         folder = Path(folder)
         check_extra(folder, cfg.old)
@@ -488,7 +489,6 @@ def extra_rows(cfg, main_rows: list[dict], warnings: list[str], split: dict[str,
         unlearned = (meta.get("pseudo") or {}).get("unlearned")
         if unlearned:
             warnings.append(f"--extra {unlearned_labels(folder, unlearned)}")
-        mine = read_meta(Path(cfg.crops)).get("key")
         if meta.get("key") and mine and meta["key"] != mine:  # another size, margin or detector: other framing
             warnings.append(f"--extra {folder} was cropped with other settings than {cfg.crops}: its photos are framed "
                             f"otherwise than those validation and predict see (crop size, margin or detector; key "

@@ -205,6 +205,7 @@ def explain_photos(model: Path, photos: list[Path], out: Path, cache: Path | Non
         raise ConfigError(f"{model}: explain needs a checkpoint (Grad-CAM follows the torch model's gradients); "
                           "give the run folder or best.pt it was exported from")
     ckpt = load_checkpoint(checkpoint_paths([model])[0])
+    card = card_of(ckpt)
     for p in photos:
         if not Path(p).is_file():
             raise ConfigError(f"{p}: no such photo")
@@ -219,13 +220,13 @@ def explain_photos(model: Path, photos: list[Path], out: Path, cache: Path | Non
         for p, n in zip(photos, names):
             shutil.copyfile(p, raw / "images" / n)
         (raw / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},0\n" for n in names))
-        folder, warnings = crops_for(raw, card_of(ckpt).crop, base / "crops", device)
+        folder, warnings = crops_for(raw, card.crop, base / "crops", device)
         rows = read_manifest(folder)
         for r, p in zip(rows, photos):
             r["image_id"] = str(p)  # the path as given: two photos named normal.jpg stay apart
         png, table = explain_crops(ckpt, folder, rows, Path(out), f"Grad-CAM per task ({len(rows)} photos)", truth=False)
-    if card_of(ckpt).caution:  # as predict says it: where a model has not learned, its maps show a guess
-        warnings.insert(0, card_of(ckpt).caution)
+    if card.caution:  # as predict says it: where a model has not learned, its maps show a guess
+        warnings.insert(0, card.caution)
     flat, total = flat_maps(table)
     if flat:
         warnings.append(f"{flat} of {total} Grad-CAM maps are flat (all zero): the model holds no evidence for its "

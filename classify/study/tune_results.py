@@ -167,8 +167,9 @@ def _index(out: Path, study, trials, best, figures, compared: bool) -> None:
     if best:
         parts.append(f"<p>Best: trial {best['number']}, F1 {best['value']:.4f}, <a href='best.toml'>best.toml</a> "
                      f"(<code>maskcls train --config best.toml --out RUN</code>).</p>")
-        if best_caution(best):
-            parts.append(f"<p style='color:#b03a2e'>Caution: {html.escape(best_caution(best))}.</p>")
+        said = best_caution(best)
+        if said:
+            parts.append(f"<p style='color:#b03a2e'>Caution: {html.escape(said)}.</p>")
     if compared:
         parts.append("<p>The best five trials side by side: <a href='compare/index.html'>compare/index.html</a>.</p>")
     for name, caption in figures:
