@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def server(model: Path, port: int) -> None:
+def server(model: Path, port: int, lanes: int | None = None) -> None:
     """The app of `maskcls serve`, with timers around its stages and a /_stats route for this script."""
     import logging
 
@@ -85,6 +85,9 @@ def server(model: Path, port: int) -> None:
         return real_predict(self, images)
     S.Engine.predict = predict
 
+    if lanes is not None:
+        S.LANES = lanes
+        S.Engine.__init__.__defaults__ = (None, lanes)
     app = S.create_app(OnnxModel(model))
     handler = logging.StreamHandler(open(os.devnull, "w"))  # the request log is formatted, as serve does
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -125,10 +128,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--photos", type=int, default=105)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--client", default="lean", choices=["lean", "httpx"],
+                    help="the load generator (bench/serve.py's): lean leaves the cores to the server")
+    ap.add_argument("--lanes", type=int, default=None, help="micro-batches at once (default: serve's LANES)")
     ap.add_argument("--server", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server:
-        return server(args.model, args.server)
+        return server(args.model, args.server, args.lanes)
     import httpx
 
     from serve import free_port, load, start
@@ -138,19 +144,20 @@ def main() -> None:
     make_lone_workload(base / "lone", args.photos)
     photos = sorted((base / "lone" / "images").iterdir())
     port = free_port()
-    proc = start([sys.executable, __file__, "--model", str(args.model), "--server", str(port)], port)
+    proc = start([sys.executable, __file__, "--model", str(args.model), "--server", str(port)]
+                 + (["--lanes", str(args.lanes)] if args.lanes is not None else []), port)
     url = f"http://127.0.0.1:{port}"
     try:
-        load(url + "/predict", photos[:16], args.clients, 32)  # warm up
+        load(url + "/predict", photos[:16], args.clients, 32, args.client)  # warm up
         before = httpx.get(url + "/_stats").json()
-        res = load(url + "/predict", photos, args.clients, args.requests)
+        res = load(url + "/predict", photos, args.clients, args.requests, args.client)
         after = httpx.get(url + "/_stats").json()
     finally:
         proc.terminate()
         proc.wait()
     n = args.requests
     cpu, wall = after["cpu"] - before["cpu"], after["wall"] - before["wall"]
-    print(f"{args.clients} clients, {n} requests of one photo: {res['per_s']} requests/s, failed {res['failed']}, "
+    print(f"{args.clients} {args.client} clients, {n} requests of one photo: {res['per_s']} requests/s, failed {res['failed']}, "
           f"p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms")
     print(f"server process: {cpu / n * 1000:.1f} ms of CPU per photo ({cpu / wall:.2f} cores busy of 2, the "
           "clients on the same cores)")

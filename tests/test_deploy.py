@@ -153,6 +153,51 @@ def test_served_answers_equal_predict_for_concurrent_clients(server):
     assert [a["filename"] for a in several] == [p.name for p in photos[:3]]  # upload order
 
 
+def test_two_lanes_never_share_a_detector_and_answer_as_one_lane(sample_model, monkeypatch):
+    """serve's Engine runs two micro-batches at once, each with a detector of its own (an OpenCV net is not
+    safe to share between threads). Four threads hammering one engine: no detector is ever entered twice at
+    once, and every answer equals the one-lane engine's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import preprocess.detector as D
+    from classify.deploy.serve import Engine
+    from classify.inference.onnx_model import OnnxModel
+    from preprocess.imageio import load_rgb
+
+    base, _ = sample_model
+    made, clashes, real = [], [], D.build_detector
+
+    def guarded(*a, **k):
+        det, busy = real(*a, **k), threading.Lock()
+        inner = det.detect
+
+        def detect(images, relaxed=False):
+            if not busy.acquire(blocking=False):
+                clashes.append(det)
+                return inner(images, relaxed=relaxed)
+            try:
+                return inner(images, relaxed=relaxed)
+            finally:
+                busy.release()
+        det.detect = detect
+        made.append(det)
+        return det
+
+    monkeypatch.setattr(D, "build_detector", guarded)
+    model = OnnxModel(base / "m.onnx")
+    photos = [load_rgb(p) for p in sorted((SAMPLES / "eval" / "images").iterdir())]
+    one = Engine(model, lanes=1).predict(photos)
+    two = Engine(model, lanes=2)
+    assert two.lanes == 2 and len(made) == 3 and made[1] is not made[2]
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(two.predict, [photos] * 8))
+    assert not clashes
+    for run in runs:
+        assert [a["class"] for a in run] == [a["class"] for a in one]
+        assert [a["box"] for a in run] == [a["box"] for a in one]
+        assert np.abs(np.array([a["probs"] for a in run]) - np.array([a["probs"] for a in one])).max() < 1e-6
+
+
 def test_each_answer_names_the_square_its_crop_was_cut_from(server):
     """The page drew each answer's crop as the face box x 1.6, a guess at the crop margin, and the schema called
     the face box 'the crop'. Each answer now carries the square the model's crop was cut from: cut from the photo

@@ -52,6 +52,47 @@ def test_a_failed_batch_is_retried_job_by_job_so_only_the_bad_request_fails():
     assert sorted(engine.calls[1:]) == [1, 1, 2]
 
 
+class Overlap(FakeEngine):
+    """A fake engine with `lanes`, counting how many of its batches run at the same moment."""
+
+    def __init__(self, lanes: int):
+        super().__init__(delay=0.15)
+        self.lanes, self.now, self.most, self.lock = lanes, 0, 0, threading.Lock()
+
+    def predict(self, images):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super().predict(images)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_an_engine_with_two_lanes_runs_two_micro_batches_at_once_and_each_request_gets_its_own(lanes):
+    """serve's engine has two lanes (a detector each): while one micro-batch runs, the photos that arrive
+    meanwhile go through the other lane at once, not after it (BENCHMARKS §29). One lane never overlaps."""
+    engine = Overlap(lanes)
+    photos = [np.full((8, 8, 3), v, np.uint8) for v in (10, 20, 30, 40)]
+
+    async def main():
+        batcher = serve.Batcher(engine, wait_ms=1)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(photos[:1]))
+            await asyncio.sleep(0.05)  # the first micro-batch is running now
+            return await asyncio.gather(first, *(batcher.submit([im]) for im in photos[1:]))
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert engine.most == lanes
+    assert [r[0]["mean"] for r in results] == [10.0, 20.0, 30.0, 40.0]  # answers go back to their own requests
+    assert sum(engine.calls) == 4
+
+
 def _png(side: int, value: int = 120) -> bytes:
     ok, buf = cv2.imencode(".png", np.full((side, side, 3), value, np.uint8))
     assert ok
@@ -179,7 +220,9 @@ def test_the_plain_form_cut_reads_every_body_as_the_email_parser_does():
                      payload)
     taken = {"fast": 0, "email": 0}
 
-    @settings(max_examples=600, deadline=None, database=None)
+    # derandomize: the same 600 bodies every run. Drawn afresh, about one run in ten took the fast cut only
+    # 99 times and failed the count below (seen in stop 46), a flake CI must not have.
+    @settings(max_examples=600, deadline=None, database=None, derandomize=True)
     @given(parts=st.lists(part, min_size=1, max_size=4), boundary=st.sampled_from(["b0und", "----WebKitFormBoundaryAbC9", "a'b(c)"]),
            quoted=st.booleans(), crlf=st.sampled_from([b"\r\n"] * 3 + [b"\n"]), preamble=st.sampled_from([b""] * 3 + [b"junk\r\n"]),
            odd=st.just(ODD[0]) | st.sampled_from(ODD))

@@ -14,7 +14,8 @@
 The same cropping as `predict` (the model's detector settings and face prior, `faces.crop_lone_photos`),
 the same eval transform and model (`OnnxModel`): a served answer equals `maskcls predict`'s for the
 same photo. Requests are batched: photos that arrive within `wait_ms` of each other go through one
-detector call and one model call, off the event loop. Uploads are read into memory (at most
+detector call and one model call, off the event loop; two such micro-batches run at once (`LANES`), each
+with its own detector. Uploads are read into memory (at most
 `max_bytes` a request) and never written to disk.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import email.parser
 import email.policy
 import io
+import queue
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from classify.inference.onnx_model import OnnxModel
 MAX_BYTES = 10_000_000
 MAX_FILES = 16
 WAIT_MS = 5
+LANES = 2                    # micro-batches that may run at once (Engine, Batcher)
 MAX_PIXELS = 50_000_000      # decoded pixels in one request (a 131 KB PNG can decode to 119 MB)
 SERVER_PIXELS = 150_000_000  # decoded pixels held by all requests at once; past it: 503, Retry-After
 SERVER_BYTES_REQUESTS = 4      # request bodies buffered at once, in --max-bytes: past it a new body gets 503
@@ -115,9 +118,11 @@ class BadRequest(Exception):
 
 
 class Engine:
-    """Detection, cropping and the model for a batch of decoded photos (one thread at a time)."""
+    """Detection, cropping and the model for a batch of decoded photos. `lanes` batches may run at once,
+    each in its own thread with its own detector (an OpenCV net is not safe to share between threads;
+    onnxruntime's session is). A `detector` given runs alone: one lane."""
 
-    def __init__(self, model: OnnxModel, detector=None):
+    def __init__(self, model: OnnxModel, detector=None, lanes: int = LANES):
         from preprocess.crop import CropConfig
         from preprocess.detector import build_detector
         from preprocess.subject import DEFAULT_PRIOR, Prior
@@ -126,7 +131,10 @@ class Engine:
         known = set(CropConfig.__dataclass_fields__)
         self.config = CropConfig(**{k: v for k, v in (crop.get("config") or {}).items() if k in known}
                                  | {"device": "cpu", "strict": False})
-        self.detector = detector or build_detector(crop.get("detector", {}), "cpu", self.config.batch_size)
+        self.lanes = 1 if detector is not None else max(1, lanes)
+        self._detectors = queue.SimpleQueue()
+        for _ in range(self.lanes):
+            self._detectors.put(detector or build_detector(crop.get("detector", {}), "cpu", self.config.batch_size))
         self.prior = Prior.from_dict(crop["prior"]) if crop.get("prior") else DEFAULT_PRIOR
         self.model = model
         self.names = list(model.cards[0].classes)  # the card's names: at the model's own `old`
@@ -136,7 +144,11 @@ class Engine:
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         from preprocess.faces import crop_lone_photos
 
-        cropped = crop_lone_photos(images, self.config.size, self.config.margin, self.detector, self.prior)
+        detector = self._detectors.get()
+        try:
+            cropped = crop_lone_photos(images, self.config.size, self.config.margin, detector, self.prior)
+        finally:
+            self._detectors.put(detector)
         ans = answer(self.model.run(np.stack([self.model.prepare(c) for c, _, _ in cropped])), self.model.temperatures)
         out = []
         for (_, choice, det), p, y in zip(cropped, ans.scores, ans.labels):
@@ -165,12 +177,16 @@ class _Job:
 
 class Batcher:
     """Collects the photos of concurrent requests for up to `wait_ms`, then runs them as one batch in a
-    worker thread (the event loop keeps accepting requests meanwhile)."""
+    worker thread (the event loop keeps accepting requests meanwhile). Up to the engine's `lanes` batches
+    run at once: one lane's detector works while the other's batch is cut and classified, so both cores
+    stay busy (one lane left a 2-core machine a third idle at 16 clients, BENCHMARKS §29)."""
 
     def __init__(self, engine: Engine, wait_ms: float = WAIT_MS, max_batch: int = 64):
         self.engine, self.wait, self.max_batch = engine, wait_ms / 1000, max_batch
+        self.lanes = getattr(engine, "lanes", 1)
         self.queue: asyncio.Queue | None = None
         self.task = None
+        self.running: set[asyncio.Task] = set()
 
     async def start(self):
         self.queue = asyncio.Queue()
@@ -179,6 +195,8 @@ class Batcher:
     async def stop(self):
         if self.task:
             self.task.cancel()
+        for t in list(self.running):
+            t.cancel()
 
     async def submit(self, images: list[np.ndarray]) -> list[dict]:
         job = _Job(images, asyncio.get_running_loop().create_future())
@@ -187,17 +205,30 @@ class Batcher:
 
     async def _loop(self):
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.lanes)
         while True:
-            jobs = [await self.queue.get()]
-            deadline = loop.time() + self.wait
-            while sum(len(j.images) for j in jobs) < self.max_batch:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+            await free.acquire()  # a lane is free: the next batch is what has arrived by now (or within wait)
+            try:
+                jobs = [await self.queue.get()]
+                deadline = loop.time() + self.wait
+                while sum(len(j.images) for j in jobs) < self.max_batch:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            except BaseException:
+                free.release()
+                raise
+            task = asyncio.create_task(self._run(jobs, free))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _run(self, jobs: list[_Job], free: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             images = [im for j in jobs for im in j.images]
             try:
                 results = await loop.run_in_executor(None, self.engine.predict, images)
@@ -211,12 +242,14 @@ class Batcher:
                     else:
                         if not j.future.done():
                             j.future.set_result(result)
-                continue
+                return
             k = 0
             for j in jobs:
                 if not j.future.done():
                     j.future.set_result(results[k:k + len(j.images)])
                 k += len(j.images)
+        finally:
+            free.release()
 
 
 def parse_upload(content_type: str, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
