@@ -207,3 +207,46 @@ def test_an_opencv_that_cannot_load_the_nets_falls_back_to_torch_with_a_warning(
     with pytest.warns(RuntimeWarning, match="detecting with torch on the CPU instead"):
         found = det.detect([photos[0][0]])
     assert det.engine == "torch" and iou(_largest(found[0]).box, photos[0][1]) >= 0.5
+
+
+def test_two_detection_lanes_crop_exactly_what_one_lane_crops_and_never_share_a_net(tmp_path, monkeypatch):
+    """On the CPU crop detects two chunks at once, each with a detector of its own (`MTCNNDetector.twin`;
+    an OpenCV net used by two threads at once fails inside forward). The manifest, the packed crops, the
+    crop files and the journal are byte for byte what one lane writes, the two lanes did overlap, and no
+    detector was ever entered by two threads at once."""
+    import threading
+    import time
+
+    import preprocess.crop as C
+    from preprocess import CropConfig, crop_dataset
+    from tests.conftest import SAMPLES
+
+    cfg = CropConfig(device="cpu", batch_size=7)  # a person's folder a chunk: 8 chunks of data_samples/train
+    with monkeypatch.context() as m:
+        m.setattr(C, "detection_lanes", lambda d: [d])
+        crop_dataset(SAMPLES / "train", tmp_path / "one", cfg)
+
+    lock, busy, state, real = threading.Lock(), set(), {"now": 0, "most": 0, "clashes": 0}, MTCNNDetector.detect
+
+    def detect(self, images, relaxed=False):
+        with lock:
+            state["clashes"] += id(self) in busy
+            busy.add(id(self))
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.02)  # room for the other lane to start
+            return real(self, images, relaxed=relaxed)
+        finally:
+            with lock:
+                busy.discard(id(self))
+                state["now"] -= 1
+
+    monkeypatch.setattr(MTCNNDetector, "detect", detect)
+    crop_dataset(SAMPLES / "train", tmp_path / "two", cfg)
+    assert state["most"] == 2 and state["clashes"] == 0
+    for name in ("manifest.csv", "crops.npy", ".journal.jsonl", "crops.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    crops = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "crops").rglob("*") if p.is_file())
+    assert len(crops) == 56  # data_samples/train's 8 people x 7 photos
+    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in crops)
