@@ -28,13 +28,11 @@ training memory-maps: reading a crop is then a memory copy, not a JPEG decode (s
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -271,39 +269,14 @@ def _crop_units(raw, out, paths, mine, key, params, config, detector, prior, jou
             if on_progress:
                 on_progress(finished, total)
 
-        lanes = detection_lanes(detector)
-        free = queue.SimpleQueue()
-        for d in lanes:
-            free.put(d)
-
-        def detect(chunk, images, digests):
-            d = free.get()
-            try:
-                return _crop_chunk(pool, out, paths, chunk, images, digests, config, d, prior)
-            finally:
-                free.put(d)
-
-        # Chunks are detected in len(lanes) threads at once, and journalled in order: the oldest chunk's
-        # crops are encoded and written while the next ones are detected.
-        inflight = collections.deque()
-        with ThreadPoolExecutor(len(lanes), thread_name_prefix="detect") as detecting:
-            for chunk, images, digests in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
-                inflight.append((chunk, detecting.submit(detect, chunk, images, digests)))
-                if len(inflight) > len(lanes):
-                    c, f = inflight.popleft()
-                    record(c, *f.result())
-            while inflight:
-                c, f = inflight.popleft()
-                record(c, *f.result())
-
-
-def detection_lanes(detector: FaceDetector) -> list:
-    """The detectors crop runs at once: on the CPU, an OpenCV detector and its twin (one lane left ~12% of a
-    2-core machine idle while the next chunk waited, BENCHMARKS §29); one lane elsewhere (a GPU's batches,
-    a detector that cannot be twinned)."""
-    if getattr(detector, "engine", None) == "opencv" and hasattr(detector, "twin") and (os.cpu_count() or 1) > 1:
-        return [detector, detector.twin()]
-    return [detector]
+        pending = None  # the previous chunk: its crops are encoded while this chunk is detected
+        for chunk, images, digests in _prefetch(pool, raw, _chunks(mine, config.batch_size)):
+            recs, writes, choices = _crop_chunk(pool, out, paths, chunk, images, digests, config, detector, prior)
+            if pending:
+                record(*pending)
+            pending = (chunk, recs, writes, choices)
+        if pending:
+            record(*pending)
 
 
 def _ends_a_line(path: Path) -> bool:

@@ -70,9 +70,6 @@ class MTCNNDetector:
                  factor: float = 0.709, batch_size: int = 32, engine: str = "auto"):
         if engine not in ("auto", "torch"):
             raise ValueError(f"engine must be 'auto' or 'torch', not {engine!r}")
-        self._init = dict(device=device, detect_side=detect_side, min_face=min_face, thresholds=tuple(thresholds),
-                          relaxed_thresholds=tuple(relaxed_thresholds), factor=factor, batch_size=batch_size,
-                          engine=engine)
         self.device = device_name(device)  # a string: on the CPU, torch is never imported
         self.engine = "opencv" if engine == "auto" and self.device == "cpu" else "torch"
         self.detect_side, self.min_face, self.batch_size = detect_side, min_face, batch_size
@@ -84,11 +81,6 @@ class MTCNNDetector:
         self.settings = {"detector": "mtcnn", "impl": SETTINGS_VERSION, "detect_side": detect_side, "min_face": min_face,
                          "thresholds": list(thresholds), "relaxed_thresholds": list(relaxed_thresholds),
                          "factor": factor}
-
-    def twin(self) -> "MTCNNDetector":
-        """A detector with these settings and nets of its own, for a second thread: the same faces, but an
-        OpenCV net is not safe to share between threads (two at once fail inside `forward`)."""
-        return MTCNNDetector(**self._init)
 
     def _nets(self) -> Nets:
         if self._net is None and self.engine == "opencv":
