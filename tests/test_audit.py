@@ -37,7 +37,7 @@ def noisy_run(tmp_path_factory):
     crop_dataset(raw, w / "crops", CropConfig(size=112, device="cpu"))
     truth = {r["image_id"]: r["mask"] for r in read_manifest(w / "crops")}
     swap_incorrect_and_normal(w / "crops", SWAPPED)
-    fit(TrainConfig(crops=str(w / "crops"), out=str(w / "k"), folds=3, fold="all", epochs=6, img_size=128, workers=0,
+    fit(TrainConfig(crops=str(w / "crops"), out=str(w / "k"), folds=3, fold="all", epochs=4, img_size=128, workers=0,
                     weights=str(_real_mobilenet_file()), device="cpu", model="mobilenet_v2"), warn=lambda m: None)
     return w, truth
 
@@ -53,10 +53,11 @@ def test_swapped_pairs_rank_first_and_their_fixes_give_back_the_true_labels(nois
     with open(w / "a" / "suspects.csv", newline="") as f:
         suspects = list(csv.DictReader(f))
     pairs = [s["id"].split("_")[0] if s["kind"] == "pair" else None for s in suspects]
-    # Measured here (36 people, 4 swapped, mobilenet_v2 ImageNet, 128 px, 6 epochs, 3 folds): 3 of the 4 swapped
-    # persons in the top 4, the fourth at rank 5 (a correctly labelled person of the same source face ranked
-    # above it: this workload's 7 faces let a swap teach the model that face's confusion). The bound asserted:
-    # recall >= 3/4 at the number of errors, and every swapped person within twice that.
+    # Measured here (36 people, 4 swapped, mobilenet_v2 ImageNet, 128 px, 3 folds): at 4 epochs the swapped
+    # persons rank 4, 5, 3, 1 (at 6 epochs 2, 5, 3, 1, for half as much training again); a correctly labelled
+    # person of the same source face ranks 2 (this workload's 7 faces let a swap teach the model that face's
+    # confusion). The bound asserted: recall >= 3/4 at the number of errors, and every swapped person within
+    # twice that.
     assert len(set(pairs[:len(SWAPPED)]) & set(SWAPPED)) >= 3, [(s["id"], s["score"]) for s in suspects[:10]]
     assert set(SWAPPED) <= set(pairs[:2 * len(SWAPPED)]), [(s["id"], s["score"]) for s in suspects[:10]]
     top = [s for s in suspects if s["id"].split("_")[0] in SWAPPED]
