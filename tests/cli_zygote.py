@@ -1,8 +1,8 @@
 """A zygote for command-line tests: it imports maskcls and its heavy libraries (torch, torchvision,
 OpenCV, Optuna) once, then forks one child per command, which runs exactly as `python cli.py ARGS`
 would: its own process, its own stdout and stderr, its exit status (a traceback and exit 1 where an
-exception escapes, as Python's own). What a fork saves is the ~6 s of imports each real start pays
-on these 2-core machines, on the ~100 command lines the tests run.
+exception escapes, as Python's own). What a fork saves is the ~6 s of imports (and matplotlib's first
+figure) each real start pays on these 2-core machines, on the ~100 command lines the tests run.
 
 Protocol, one JSON object a line: the zygote first says {"ready": true} (or false, with why, when it
 cannot fork safely; the tests then start real interpreters); then the test writes {"argv", "cwd",
@@ -36,6 +36,17 @@ for extra in ("classify.study.tune", "classify.deploy.export", "classify.study.e
         importlib.import_module(extra)
     except ImportError:  # the extra is not installed: its commands say so themselves
         pass
+
+# matplotlib's pyplot, its fonts and the Agg renderer, as the first figure loads them: ~0.45 s a command
+# otherwise, and train, report, compare, audit, tune and explain each draw figures.
+import io  # noqa: E402
+
+from classify.plots import pyplot  # noqa: E402
+
+_fig = pyplot().figure(figsize=(1, 1))
+_fig.text(0.5, 0.5, "warm")
+_fig.savefig(io.BytesIO(), format="png")  # in memory: nothing written
+pyplot().close(_fig)
 
 
 def _child(req: dict) -> int:
