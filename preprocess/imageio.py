@@ -16,6 +16,7 @@ import io
 import os
 import re
 import secrets
+import stat
 import warnings
 from pathlib import Path
 
@@ -170,7 +171,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_writer(path: Path, text: bool = False):
     """A file to write `path` through piece by piece (binary, or UTF-8 text with no newline translation):
     a reader, or a killed run, sees the old file or the new one, never half. Large files (the manifest, the
-    journal) are written as they are made instead of built whole in memory first."""
+    journal) are written as they are made instead of built whole in memory first.
+
+    A symlink is written through: its target is replaced and the link stays. A path that is no regular file
+    (/dev/stdout, /dev/null, a named pipe) is written straight into: renaming over it replaced the device
+    or pipe with a file (as root, /dev/null itself), and its reader got nothing."""
+    path = Path(path)
+    try:
+        st = os.stat(path)  # follows links
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        with (open(path, "w", encoding="utf-8", newline="") if text else open(path, "wb")) as f:
+            yield f
+        return
+    if st is not None and path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     # 0o666: the kernel applies the umask, so the file gets the permissions open() would give it.

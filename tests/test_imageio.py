@@ -164,3 +164,39 @@ def test_a_plain_jpeg_decodes_to_pils_pixels_bit_for_bit_and_other_jpegs_take_pi
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(UnreadableImage, match="not a readable image"):
         load_rgb(tmp_path / "cut.jpg")
+
+
+def test_an_output_path_that_is_a_pipe_or_a_symlink_is_written_through_not_replaced(tmp_path):
+    """`predict --out /dev/stdout` (or a named pipe, or a symlink to a synced folder): the atomic write renamed a
+    temporary file over the path, so a pipe or device became a plain file and its reader got nothing (as root,
+    /dev/stdout and /dev/null themselves were replaced), and a symlink became a file while its target kept the old
+    submission."""
+    import os
+    import stat
+    import threading
+
+    from classify.inference.rundir import write_csv
+    from preprocess.imageio import atomic_write_bytes
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_csv(fifo, ["ImageID", "ans"], [["a.jpg", 3]])
+    reader.join(timeout=30)
+    assert got == [b"ImageID,ans\na.jpg,3\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    target, link = tmp_path / "synced" / "submission.csv", tmp_path / "submission.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link.symlink_to(target)
+    write_csv(link, ["ImageID", "ans"], [["a.jpg", 5]])
+    assert link.is_symlink() and target.read_text() == "ImageID,ans\na.jpg,5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "submission.csv", "synced"]  # no temporary left
+    assert [p.name for p in target.parent.iterdir()] == ["submission.csv"]
+
+    dangling = tmp_path / "dangling"  # a link whose target does not exist yet: written as before (the link replaced)
+    dangling.symlink_to(tmp_path / "nowhere" / "x.bin")
+    atomic_write_bytes(dangling, b"y")
+    assert dangling.read_bytes() == b"y"
