@@ -166,6 +166,10 @@ def _mark_missing(raw: Path, d: Discovery) -> None:
 
 def _train(raw: Path, images: Path) -> Discovery:
     folders = sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # A crops folder written inside RAW (`maskcls crop people --out people/crops`) is maskcls' output, not a
+    # person: read as one, its files became bad_name photos and the next crop of RAW failed on their ids.
+    ours = [p for p in folders if (p / "crops.json").is_file() and (p / "manifest.csv").is_file()]
+    folders = [p for p in folders if p not in ours]
     if not folders and any(p.suffix.lower() in IMAGE_EXTS for p in images.iterdir()):
         where = next((d for d in (raw.parent, raw.parent.parent) if (d / "info.csv").is_file()), None)
         if where is not None:
@@ -198,6 +202,9 @@ def _train(raw: Path, images: Path) -> Discovery:
                           "validation: " + "; ".join(f"{pid}: {', '.join(n)}" for pid, n in clash.items()))
     if hidden:
         warnings.append(f"{hidden} hidden file(s) (names starting with '.') ignored")
+    if ours:
+        warnings.append(f"{', '.join(p.name for p in ours)}: a maskcls crops folder (it holds crops.json), not a person: "
+                        "skipped")
     if not any(Path(p.source).suffix.lower() in IMAGE_EXTS for p in photos):
         raise LayoutError(f"{images} holds {len(folders)} folder(s) but no photo (.jpg/.jpeg/.png) in them "
                           f"(e.g. {folders[0].name}/): is it the right folder? Expected "

@@ -290,3 +290,19 @@ def test_a_run_resumed_after_a_kill_that_tore_the_journal_keeps_its_own_records_
         crop_dataset(raw_train, out, cfg, detector=fake_detector, on_progress=killed_at_the_second_unit)
     cached = read_journal(out, settings_key(cfg, fake_detector))
     assert len(cached) == 21, f"{21 - len(cached)} photos' detections lost"
+
+
+def test_a_crops_folder_written_inside_raw_is_skipped_when_raw_is_cropped_again(raw_train, tmp_path, fake_detector):
+    """`maskcls crop people --out people/crops` (person folders directly in RAW): the second crop of RAW read
+    the crops folder as a person, its files as bad_name photos, and failed ("image id crops/crops occurs more
+    than once"). It is skipped with a warning that names it, and the rerun reuses the first run's crops."""
+    from preprocess.layouts import discover
+    from preprocess.manifest import read_manifest
+
+    people = raw_train / "images"
+    first = crop_dataset(people, people / "crops", CFG, detector=fake_detector)
+    again = crop_dataset(people, people / "crops", CFG, detector=fake_detector)
+    assert [r["image_id"] for r in read_manifest(people / "crops")] == [p.image_id for p in discover(raw_train).photos]
+    assert len(read_manifest(people / "crops")) == 21 and again.detected == 0 and first.detected == 21
+    assert [w for w in discover(people).warnings if "crops" in w] == [
+        "crops: a maskcls crops folder (it holds crops.json), not a person: skipped"]
