@@ -118,3 +118,39 @@ def test_a_resume_whose_split_file_names_other_validation_people_is_refused(tmp_
     rundir.write_split(run / rundir.SPLIT, split | {val[0]: "train", train[0]: "val"})  # as an older split would
     with pytest.raises(ConfigError, match="other validation people"):
         fit(TrainConfig(crops=str(crops), out=str(run), epochs=2, **FAST), resume=True, warn=lambda m: None)
+
+
+def test_a_run_is_never_written_among_other_files_so_an_overwrite_cannot_delete_them(tmp_path, cli_run):
+    """`train --out FOLDER` into a folder of other files trained a run among them, and `--overwrite` then swapped
+    the whole folder away: a user's notes, or the very crops the run trained on (`train crops --out crops`), were
+    deleted. Now each is one error line and nothing is touched; a run folder whose only strangers are a kill's
+    temporary files is still replaced."""
+    crops = make_crops(tmp_path / "c", people=12)
+    before = _tree(crops)
+    opts = ["--epochs", "1", "--img-size", "32", "--workers", "0", "--weights", "none", "--device", "cpu",
+            "--preset", "none"]
+    notes = tmp_path / "mine" / "docs" / "thesis.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("precious")
+    for out, said in [(crops, f"--out {crops} is the crops folder this run trains on"),
+                      (tmp_path, f"--out {tmp_path} holds the crops folder this run trains on"),
+                      (notes.parent.parent, f"{notes.parent.parent} holds docs, which no run writes")]:
+        for extra in ([], ["--overwrite"]):
+            res = cli_run("train", crops, "--out", out, *opts, *extra, timeout=300)
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+            assert said in " ".join(res.stdout.split() + res.stderr.split()), res.stdout + res.stderr
+    assert _tree(crops) == before and notes.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "mine"]  # no run written anywhere
+
+    run = tmp_path / "r"
+    fit(TrainConfig(crops=str(crops), out=str(run), epochs=1, **FAST), warn=lambda m: None)
+    (run / "submission.csv").write_text("ImageID,ans\n")  # e.g. predict --out run/submission.csv
+    res = cli_run("train", crops, "--out", run, "--overwrite", *opts, timeout=300)
+    assert res.returncode == 1 and "holds submission.csv beside its run: --overwrite replaces the whole folder" in \
+        " ".join(res.stdout.split() + res.stderr.split()), res.stdout + res.stderr
+    assert (run / "submission.csv").read_text() == "ImageID,ans\n" and (run / rundir.BEST).is_file()
+    (run / "submission.csv").unlink()
+    (run / ".best.pt.0a1b2c3d.tmp").write_bytes(b"half")  # what a killed write leaves: the run's own
+    res = cli_run("train", crops, "--out", run, "--overwrite", *opts, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (run / ".best.pt.0a1b2c3d.tmp").exists() and (run / rundir.BEST).is_file()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,19 @@ def recover_swap(out: Path) -> str | None:
 def existing_run(out: Path) -> list[str]:
     """What in `out` says it already holds a run."""
     return [n for n in (LAST, BEST, CONFIG, "fold0") if (Path(out) / n).exists()]
+
+
+# Everything a run (single, k-fold, a tune trial) writes into its folder, and the temporary names of its writes.
+RUN_ENTRIES = {CONFIG, SPLIT, METRICS, SUMMARY, VAL_PREDICTIONS, VAL_PREDICTIONS_LAST, OOF_PREDICTIONS, VAL_LOGITS, BEST,
+               LAST, "confusion.png", "tensorboard", "pruned.json", "result.json"}
+_RUN_ENTRY = re.compile(r"fold\d+|\..+\.[0-9a-f]{8}\.tmp")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in the folder `out` no run writes (another program's files, a crops folder, a user's notes).
+    `train` neither writes a run among them nor, with --overwrite, replaces the folder they are in: the swap
+    replaces the whole folder, so they would go with the old run."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not _RUN_ENTRY.fullmatch(p.name))

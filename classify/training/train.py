@@ -74,6 +74,8 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
             if done:
                 warn(done)
         found = rundir.existing_run(final) if not resume else []
+        if not resume:
+            _refuse_foreign_out(final, Path(cfg.crops), overwrite and bool(found))
         if found and not overwrite:
             raise ConfigError(f"{cfg.out} already holds a run ({', '.join(found)}): add --resume to continue "
                               "it, --overwrite to replace it, or choose another --out")
@@ -95,6 +97,26 @@ def fit(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         raise
     d.close()
     return summary
+
+
+def _refuse_foreign_out(out: Path, crops: Path, replacing: bool) -> None:
+    """A run is written into a folder of its own: never into the crops it trains on or a folder above them, and
+    never among files no run writes, which a later --overwrite would delete with the run (it did: a user's
+    folder given as --out, and a crops folder given as its own --out, were deleted by the swap)."""
+    import os
+
+    where, data = Path(os.path.realpath(out)), Path(os.path.realpath(crops))
+    if where == data or where in data.parents:
+        raise ConfigError(f"--out {out} {'is' if where == data else 'holds'} the crops folder this run trains on "
+                          f"({crops}): give the run a folder of its own (e.g. {data.parent / 'runs' / 'r1'})")
+    foreign = rundir.foreign_entries(out)
+    if foreign:
+        names = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        if replacing:
+            raise ConfigError(f"{out} holds {names} beside its run: --overwrite replaces the whole folder and would "
+                              "delete them; move them out first, or choose another --out")
+        raise ConfigError(f"{out} holds {names}, which no run writes: train into a new or empty folder (a later "
+                          "--overwrite replaces the whole run folder, and would delete them)")
 
 
 # -- one run ----------------------------------------------------------------------------------------------
