@@ -100,9 +100,25 @@ def _find(util, module: str):
         return None
 
 
-def check_outputs(folders: dict | None = None, files: dict | None = None) -> None:
+# In a folder a command reads (a run, a crops folder, an eval folder): the files it reads there. A file option
+# naming one of them would overwrite the command's own input.
+READ_NAMES = {"manifest.csv", "crops.json", "info.csv", "labels.csv", "train.csv", "config.json", "summary.json",
+              "split.csv", "metrics.csv", "val_predictions.csv", "val_predictions_last.csv", "oof_predictions.csv"}
+READ_SUFFIXES = {".pt", ".pth", ".npz", ".npy", ".jpg", ".jpeg", ".png"}
+MODEL_SUFFIXES = {".pt", ".pth", ".onnx"}
+
+
+def check_outputs(folders: dict | None = None, files: dict | None = None, reads=(), model_out: bool = False) -> None:
     """Refuse, before any work, an output option that cannot be written: a folder option given an existing
-    file, a file option given a folder, or a path below a file. `folders`/`files`: {option: path or None}."""
+    file, a file option given a folder, or a path below a file. `folders`/`files`: {option: path or None}.
+
+    Also refused, as they would destroy data: two file options naming one file (the last written replaced the
+    other: `--out s.csv --probs s.csv` left a submission of probabilities); a file option naming a file the
+    command reads (`reads`: the models, run folders and photo or crops folders it was given; `predict m.onnx
+    eval --out m.onnx` replaced the model, `export RUN --out RUN/best.pt` the checkpoint); and, where the
+    option writes no model (`model_out` False), an existing checkpoint or ONNX file."""
+    import os
+
     from classify.errors import ConfigError
 
     for kind, given in (("folder", folders or {}), ("file", files or {})):
@@ -117,6 +133,35 @@ def check_outputs(folders: dict | None = None, files: dict | None = None) -> Non
                 raise ConfigError(f"{option} {path} is a folder: give a file name inside it")
             if blocker is not None and blocker != path:
                 raise ConfigError(f"{option} {path}: {blocker} is a file, so nothing can be written below it")
+    named: dict[str, str] = {}
+    for option, path in (files or {}).items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in named:
+            raise ConfigError(f"{named[real]} and {option} name the same file ({path}): give each its own, or the "
+                              "last one written replaces the other")
+        named[real] = option
+        what = _read_by(Path(real), reads)
+        if what:
+            raise ConfigError(f"{option} {path} is {what}: writing there would destroy it; give another file name")
+        if not model_out and Path(real).is_file() and Path(real).suffix.lower() in MODEL_SUFFIXES:
+            raise ConfigError(f"{option} {path} is a model file: writing there would destroy it; give another file "
+                              "name")
+
+
+def _read_by(target: Path, reads) -> str | None:
+    """What `target` (a real path) is among the inputs `reads`, or None when the command does not read it."""
+    import os
+
+    for given in reads:
+        real = Path(os.path.realpath(given))
+        if target == real:
+            return f"this command's input {given}"
+        if real.is_dir() and real in target.parents and target.exists() and (
+                target.name in READ_NAMES or target.suffix.lower() in READ_SUFFIXES):
+            return f"a file this command reads from {given}"
+    return None
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}

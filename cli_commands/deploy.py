@@ -21,7 +21,7 @@ def export(
                                                     "run's own, from its config)."),
 ):
     """Export the classifier as one ONNX graph (uint8 crops in, each model's logits out; predict and serve apply the card's temperature) for predict and serve without torch."""
-    check_outputs(files={"--out": out})
+    check_outputs(files={"--out": out}, reads=[*paths, *([crops] if crops else [])], model_out=True)
     require_extra("export", "maskcls export")
     from classify.deploy.export import export as run_export
 

@@ -31,7 +31,7 @@ def predict(
     below: float = typer.Option(0.5, help="The --review threshold: a top probability below this is listed."),
 ):
     """Predict eval photos with checkpoints or run folders (a k-fold run: every fold); writes ImageID,ans."""
-    check_outputs(files={"--out": out, "--probs": probs, "--review": review})
+    check_outputs(files={"--out": out, "--probs": probs, "--review": review}, reads=paths)
     from classify.inference.predictor import predict as run_predict  # imports no torch: an .onnx runs without it
     from preprocess.runtime import steady_malloc
 
@@ -117,7 +117,7 @@ def evaluate(
     calibrate: bool = CALIBRATE,
 ):
     """Accuracy and macro F1 (18 classes and per task) of checkpoint(s) or run folders on a labelled crops folder."""
-    check_outputs(files={"--confusion": confusion})
+    check_outputs(files={"--confusion": confusion}, reads=paths)
     from classify.inference.evaluate import evaluate as run_evaluate
     from preprocess.runtime import steady_malloc
 

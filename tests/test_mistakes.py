@@ -156,6 +156,18 @@ MISTAKES = [
     ("predict {w}/run {w}/crops --out {w}/afile.txt/s.csv", "{w}/afile.txt is a file, so nothing can be written below it"),
     ("export {w}/run --out {w}/crops", "--out {w}/crops is a folder: give a file name"),
     ("explain {w}/a.onnx {w}/model.txt --out {w}/out/e", "explain needs a checkpoint (Grad-CAM follows the torch"),
+    # an output that would destroy an input or another output (each did, with exit 0)
+    ("predict {w}/run {w}/crops --out {w}/out/s.csv --probs {w}/out/s.csv", "--out and --probs name the same file"),
+    ("predict {w}/run {w}/crops --out {w}/out/s.csv --review {w}/out/./s.csv", "--out and --review name the same file"),
+    ("predict {w}/a.onnx {w}/crops --out {w}/a.onnx", "--out {w}/a.onnx is this command's input {w}/a.onnx"),
+    ("predict {w}/run {w}/crops --out {w}/run/best.pt", "--out {w}/run/best.pt is a file this command reads from {w}/run"),
+    ("predict {w}/run {w}/evalraw --out {w}/evalraw/info.csv", "is a file this command reads from {w}/evalraw"),
+    ("predict {w}/run {w}/crops --out {w}/b.onnx", "--out {w}/b.onnx is a model file: writing there would destroy it"),
+    ("evaluate {w}/run {w}/crops --confusion {w}/crops/manifest.csv", "is a file this command reads from {w}/crops"),
+    ("export {w}/run --out {w}/run/best.pt", "--out {w}/run/best.pt is a file this command reads from {w}/run"),
+    ("train {w}/crops --out {w}/crops --epochs 1", "--out {w}/crops is the crops folder this run trains on"),
+    ("train {w}/crops --out {w} --epochs 1", "--out {w} holds the crops folder this run trains on"),
+    ("train {w}/crops --out {w}/raw --epochs 1", "{w}/raw holds images, which no run writes"),
 ]
 
 
@@ -177,19 +189,30 @@ def test_a_user_mistake_is_one_line_exit_1_and_changes_nothing(world, cli_run, a
 
 
 def _unwritable_folder() -> Path | None:
-    """A folder that exists and that even root cannot write into (sysfs), or None."""
+    """An empty folder that exists and that even root cannot write into (sysfs), or None. Empty: train refuses,
+    before writing, a folder that holds anything no run writes."""
     import os
     import tempfile
 
-    d = Path("/sys/kernel/mm")
-    if not d.is_dir():
-        return None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=d)
-    except OSError:
-        return d
-    os.close(fd)
-    os.unlink(tmp)
+    for parent in (Path("/sys/kernel"), Path("/sys/class")):
+        try:
+            folders = sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            continue
+        for d in folders:
+            try:
+                if any(d.iterdir()):
+                    continue
+            except OSError:  # not even listed
+                continue
+            try:
+                fd, tmp = tempfile.mkstemp(dir=d)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return d
+            os.close(fd)
+            os.unlink(tmp)
     return None
 
 
