@@ -164,6 +164,8 @@ MISTAKES = [
     ("predict {w}/run {w}/evalraw --out {w}/evalraw/info.csv", "is a file this command reads from {w}/evalraw"),
     ("predict {w}/run {w}/crops --out {w}/b.onnx", "--out {w}/b.onnx is a model file: writing there would destroy it"),
     ("evaluate {w}/run {w}/crops --confusion {w}/crops/manifest.csv", "is a file this command reads from {w}/crops"),
+    ("predict {w}/run {w}/evalraw --out {w}/out/s.csv --crops {w}/rawcrops",
+     "--crops {w}/rawcrops holds the crops of {w}/raw, not of {w}/evalraw: give another --crops folder"),
     ("export {w}/run --out {w}/run/best.pt", "--out {w}/run/best.pt is a file this command reads from {w}/run"),
     ("train {w}/crops --out {w}/crops --epochs 1", "--out {w}/crops is the crops folder this run trains on"),
     ("train {w}/crops --out {w} --epochs 1", "--out {w} holds the crops folder this run trains on"),
