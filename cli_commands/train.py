@@ -73,7 +73,7 @@ def train(
                                              help="Fit a temperature on the validation predictions after training, "
                                                   "stored in best.pt (default: on)."),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the run in --out (a k-fold run: fold by fold)."),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the run already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the run already in --out (refused where --out also holds files no run writes)."),
 ):
     """Train a classifier on the crops (person-level split); writes RUN/best.pt and friends."""
     check_outputs(folders={"--out": out})
