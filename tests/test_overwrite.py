@@ -151,6 +151,8 @@ def test_a_run_is_never_written_among_other_files_so_an_overwrite_cannot_delete_
     assert (run / "submission.csv").read_text() == "ImageID,ans\n" and (run / rundir.BEST).is_file()
     (run / "submission.csv").unlink()
     (run / ".best.pt.0a1b2c3d.tmp").write_bytes(b"half")  # what a killed write leaves: the run's own
+    (run / ".DS_Store").write_bytes(b"\0")  # what a file manager leaves: nobody's work
     res = cli_run("train", crops, "--out", run, "--overwrite", *opts, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert not (run / ".best.pt.0a1b2c3d.tmp").exists() and (run / rundir.BEST).is_file()
+    assert not (run / ".best.pt.0a1b2c3d.tmp").exists() and not (run / ".DS_Store").exists()
+    assert (run / rundir.BEST).is_file()

@@ -197,6 +197,7 @@ def existing_run(out: Path) -> list[str]:
 RUN_ENTRIES = {CONFIG, SPLIT, METRICS, SUMMARY, VAL_PREDICTIONS, VAL_PREDICTIONS_LAST, OOF_PREDICTIONS, VAL_LOGITS, BEST,
                LAST, "confusion.png", "tensorboard", "pruned.json", "result.json"}
 _RUN_ENTRY = re.compile(r"fold\d+|\..+\.[0-9a-f]{8}\.tmp")
+_FILE_MANAGERS = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what Finder or Explorer leave in a folder they showed
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -206,4 +207,5 @@ def foreign_entries(out: Path) -> list[str]:
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not _RUN_ENTRY.fullmatch(p.name))
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in RUN_ENTRIES | _FILE_MANAGERS and not _RUN_ENTRY.fullmatch(p.name))
