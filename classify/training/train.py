@@ -105,6 +105,8 @@ def _refuse_foreign_out(out: Path, crops: Path, replacing: bool) -> None:
     folder given as --out, and a crops folder given as its own --out, were deleted by the swap)."""
     import os
 
+    if not (crops / "manifest.csv").is_file():
+        return  # no crops at all: that error comes first (from prepare_data), before anything is written
     where, data = Path(os.path.realpath(out)), Path(os.path.realpath(crops))
     if where == data or where in data.parents:
         raise ConfigError(f"--out {out} {'is' if where == data else 'holds'} the crops folder this run trains on "
