@@ -160,7 +160,7 @@ def _read_by(target: Path, reads) -> str | None:
             return f"this command's input {given}"
         if real.is_dir() and real in target.parents and target.exists() and (
                 target.name in READ_NAMES or target.suffix.lower() in READ_SUFFIXES):
-            return f"a file this command reads from {given}"
+            return f"part of {given}, which this command reads"
     return None
 
 

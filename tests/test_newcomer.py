@@ -173,7 +173,10 @@ def test_ctrl_c_during_crop_says_it_was_interrupted_and_that_a_rerun_resumes(tmp
     for p in range(30):
         make_person(tmp_path / "raw" / "images", f"{p:06d}_male_Asian_30")
     marker = tmp_path / "mid-crop"
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import preprocess.crop as C\n"
+    # SIGINT as a terminal gives it: a job started with `&` by a non-interactive shell (a script, some CI runners)
+    # inherits SIGINT ignored, and the crop then never heard the signal (this test hung in such a run).
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "sys.path.insert(0, sys.argv[1]); import preprocess.crop as C\n"
             "real, calls, marker = C.detect_and_choose, [], sys.argv[2]\n"
             "def held(*a, **k):\n"
             "    calls.append(1)\n"
