@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
 import re
 import time
 from pathlib import Path
@@ -117,8 +118,6 @@ def check_outputs(folders: dict | None = None, files: dict | None = None, reads=
     command reads (`reads`: the models, run folders and photo or crops folders it was given; `predict m.onnx
     eval --out m.onnx` replaced the model, `export RUN --out RUN/best.pt` the checkpoint); and, where the
     option writes no model (`model_out` False), an existing checkpoint or ONNX file."""
-    import os
-
     from classify.errors import ConfigError
 
     for kind, given in (("folder", folders or {}), ("file", files or {})):
@@ -152,8 +151,6 @@ def check_outputs(folders: dict | None = None, files: dict | None = None, reads=
 
 def _read_by(target: Path, reads) -> str | None:
     """What `target` (a real path) is among the inputs `reads`, or None when the command does not read it."""
-    import os
-
     for given in reads:
         real = Path(os.path.realpath(given))
         if target == real:

@@ -120,8 +120,8 @@ def crop_dataset(raw: Path, out: Path, config: CropConfig = CropConfig(), detect
     raw, out = Path(raw).resolve(), Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise LayoutError(f"--out {out} is a file, not a folder: give a folder for the crops")
-    made_from = read_meta(out).get("raw") if out.is_dir() else None
-    if made_from and Path(made_from) != raw and not overwrite:
+    made_from = crops_of_other_photos(out, raw)
+    if made_from and not overwrite:
         raise LayoutError(f"{out} holds the crops of {made_from}, not of {raw}: give another --out, or --overwrite "
                           "to replace them (runs trained on those crops would then point at other photos)")
     found = discover(raw)
@@ -283,6 +283,12 @@ def _ends_a_line(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def crops_of_other_photos(out: Path, raw: Path) -> str | None:
+    """The RAW whose crops the folder `out` holds, when that is not `raw` (None for a new folder or raw's own)."""
+    made_from = read_meta(out).get("raw") if Path(out).is_dir() else None
+    return made_from if made_from and Path(made_from) != Path(raw).resolve() else None
 
 
 def settings_key(config: CropConfig, detector: FaceDetector) -> str:

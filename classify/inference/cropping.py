@@ -11,10 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from preprocess.crop import CropConfig, crop_dataset
+from preprocess.crop import CropConfig, crop_dataset, crops_of_other_photos
 from preprocess.detector import FaceDetector, build_detector
 from preprocess.layouts import LayoutError, discover
-from preprocess.manifest import read_meta
 from preprocess.subject import Prior
 
 from classify.errors import CheckpointError
@@ -30,8 +29,8 @@ def crops_for(source: Path, crop_meta: dict, cache: Path | None, device: str, de
     if (source / "manifest.csv").is_file():
         return source, []
     discover(source)
-    made_from = read_meta(cache).get("raw") if cache is not None and Path(cache).is_dir() else None
-    if made_from and Path(made_from) != Path(source).resolve():  # crop's own words name its --out and --overwrite
+    made_from = crops_of_other_photos(cache, source) if cache is not None else None
+    if made_from:  # crop_dataset refuses it too, but in crop's words (its --out and --overwrite)
         raise LayoutError(f"--crops {cache} holds the crops of {made_from}, not of {source}: give another --crops "
                           "folder, where these photos are cropped")
     if not crop_meta.get("config"):
